@@ -1,0 +1,3 @@
+from sliceserve.cli import main
+
+raise SystemExit(main())
