@@ -1,0 +1,162 @@
+"""The runtime model: a plain PyTorch decoder over the canonical checkpoint tensors.
+
+Tensor names (``F.linear`` layout, out x in):
+  embed.weight (vocab, d_emb)          positions.weight (max_positions, d_emb), learned only
+  layers.{i}.attn.{q,k,v,o}.weight/.bias     layers.{i}.mlp.{gate,up,down}.weight/.bias
+  layers.{i}.attn_shortcut (d_mid, d_in)     layers.{i}.mlp_shortcut (d_out, d_mid)  sequential
+  layers.{i}.shortcut (d_out, d_in)          parallel blocks
+  head.weight (vocab, d_head), head.bias
+Shortcuts are absent in dense checkpoints: the skip connection is then the identity.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sliceserve.decoder_spec import DecoderSpec
+from sliceserve.runtime.rope import apply_rope, inverse_frequencies, rope_tables
+
+TensorGetter = Callable[[str], "torch.Tensor | None"]
+
+
+def rms_norm(x: torch.Tensor, original_width: int, eps: float) -> torch.Tensor:
+    """Weightless RMSNorm whose mean runs over the original width, even when x is sliced."""
+    xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    scale = torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) / original_width + eps)
+    return (xf * scale).to(x.dtype)
+
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu,
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+}
+
+
+def frozen_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    layer.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        layer.bias = nn.Parameter(bias, requires_grad=False)
+    return layer
+
+
+def optional_linear(get: TensorGetter, prefix: str) -> nn.Linear | None:
+    weight = get(f"{prefix}.weight")
+    return None if weight is None else frozen_linear(weight, get(f"{prefix}.bias"))
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: DecoderSpec, get: TensorGetter, prefix: str):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        self.sliding_window = spec.sliding_window
+        self.q = optional_linear(get, f"{prefix}.q")
+        self.k = optional_linear(get, f"{prefix}.k")
+        self.v = optional_linear(get, f"{prefix}.v")
+        self.o = optional_linear(get, f"{prefix}.o")
+
+    def forward(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        batch, length, _ = h.shape
+        q = self.q(h).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k(h).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v(h).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if self.num_kv_heads != self.num_heads:
+            repeat = self.num_heads // self.num_kv_heads
+            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+        if self.sliding_window is not None and length > self.sliding_window:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=sliding_causal_mask(length, self.sliding_window, h.device))
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o(out.transpose(1, 2).reshape(batch, length, -1))
+
+
+def sliding_causal_mask(length: int, window: int, device: torch.device) -> torch.Tensor:
+    i = torch.arange(length, device=device)
+    distance = i[:, None] - i[None, :]
+    return (distance >= 0) & (distance < window)
+
+
+class MLP(nn.Module):
+    def __init__(self, spec: DecoderSpec, get: TensorGetter, prefix: str):
+        super().__init__()
+        self.act = ACTIVATIONS[spec.activation]
+        self.gate = optional_linear(get, f"{prefix}.gate")
+        self.up = optional_linear(get, f"{prefix}.up")
+        self.down = optional_linear(get, f"{prefix}.down")
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self.gate is not None:
+            return self.down(self.act(self.gate(h)) * self.up(h))
+        return self.down(self.act(self.up(h)))
+
+
+def skip(x: torch.Tensor, shortcut: torch.Tensor | None) -> torch.Tensor:
+    """The residual path: x itself in a dense model, x rotated onto the next basis in a sliced one."""
+    return x if shortcut is None else F.linear(x, shortcut)
+
+
+class Block(nn.Module):
+    def __init__(self, spec: DecoderSpec, get: TensorGetter, index: int):
+        super().__init__()
+        prefix = f"layers.{index}"
+        self.original_width, self.eps, self.parallel = spec.original_width, spec.norm_eps, spec.parallel_block
+        self.attn = Attention(spec, get, f"{prefix}.attn")
+        self.mlp = MLP(spec, get, f"{prefix}.mlp")
+        # Buffers (None in dense models) so that .to(device) moves them with the weights.
+        names = ["shortcut"] if self.parallel else ["attn_shortcut", "mlp_shortcut"]
+        for name in names:
+            self.register_buffer(name, get(f"{prefix}.{name}"), persistent=False)
+
+    def norm(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.original_width, self.eps)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        if self.parallel:
+            h = self.norm(x)
+            return skip(x, self.shortcut) + self.attn(h, rope) + self.mlp(h)
+        x = skip(x, self.attn_shortcut) + self.attn(self.norm(x), rope)
+        return skip(x, self.mlp_shortcut) + self.mlp(self.norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, spec: DecoderSpec, get: TensorGetter, layer_range: range | None = None):
+        super().__init__()
+        self.spec = spec
+        self.embed = nn.Embedding.from_pretrained(get("embed.weight"), freeze=True)
+        positions = get("positions.weight")
+        self.positions = None if positions is None else nn.Embedding.from_pretrained(positions, freeze=True)
+        self.layers = nn.ModuleList(Block(spec, get, i) for i in (layer_range or range(spec.num_layers)))
+        self.head = frozen_linear(get("head.weight"), get("head.bias"))
+        if spec.rope is not None:
+            self.register_buffer("inv_freq", inverse_frequencies(spec.rope), persistent=False)
+
+    def rope_for(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.spec.rope is None:
+            return None
+        return rope_tables(self.inv_freq, positions, dtype)
+
+    def embed_tokens(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens)
+        if self.positions is not None:
+            x = x + self.positions(positions)
+        return x
+
+    def final_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(rms_norm(x, self.spec.original_width, self.spec.norm_eps))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits (B, T, vocab) for token ids (B, T) at positions 0..T-1."""
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        x = self.embed_tokens(tokens, positions)
+        rope = self.rope_for(positions, x.dtype)
+        for block in self.layers:
+            x = block(x, rope)
+        return self.final_logits(x)
