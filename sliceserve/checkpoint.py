@@ -58,7 +58,7 @@ class CheckpointWriter:
         self.shard_bytes = shard_bytes
         self.overwrite = overwrite
         # Checked now, before the caller spends hours slicing, and again in finish().
-        _check_destination(self.out_dir, overwrite)
+        check_destination(self.out_dir, overwrite)
 
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
         # A sibling, so the final rename stays on one filesystem and is atomic.
@@ -278,7 +278,7 @@ def _check_shard_holds(shard_path: Path, names: list[str]) -> None:
         )
 
 
-def _check_destination(out_dir: Path, overwrite: bool) -> None:
+def check_destination(out_dir: Path, overwrite: bool) -> None:
     if not out_dir.exists():
         return
     if not out_dir.is_dir():
@@ -286,12 +286,12 @@ def _check_destination(out_dir: Path, overwrite: bool) -> None:
     if not overwrite and any(out_dir.iterdir()):
         raise SliceserveError(
             f"output folder {out_dir} already exists and is not empty "
-            "(allow overwrite to replace it)"
+            "(use --overwrite to replace it)"
         )
 
 
 def _move_into_place(staging_dir: Path, out_dir: Path, overwrite: bool) -> None:
-    _check_destination(out_dir, overwrite)  # someone may have written there meanwhile
+    check_destination(out_dir, overwrite)  # someone may have written there meanwhile
     if not out_dir.exists():
         os.rename(staging_dir, out_dir)
     else:

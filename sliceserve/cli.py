@@ -1,0 +1,129 @@
+"""The `sliceserve` command: slice, export, ppl, info."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from sliceserve.errors import SliceserveError
+
+log = logging.getLogger("sliceserve")
+
+
+def add_calibration_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("calibration")
+    group.add_argument("--calibration", default="wikitext2",
+                       help="wikitext2 (valid split), generated (sampled from the model), or text file(s)/folder, comma-separated")
+    group.add_argument("--data-dir", help="folder holding wikitext-2-raw/ (else $SLICESERVE_DATA_DIR, else ../shared/data)")
+    group.add_argument("--nsamples", type=int, default=128, help="calibration sequences (default 128)")
+    group.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration sequence (default 2048)")
+    group.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass while slicing")
+    group.add_argument("--seed", type=int, default=42)
+
+
+def add_output_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, help="checkpoint folder to write")
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16", "float64"],
+                        help="weights dtype of the checkpoint (default: the source model's)")
+    parser.add_argument("--device", default="cpu", help="where the maths runs: cpu, cuda, cuda:1, ...")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sliceserve", description="Slice language models with SliceGPT and run them.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("slice", help="slice a model and write a compact checkpoint")
+    p.add_argument("model", help="Hugging Face folder, .gguf file, or smollm2-135m")
+    p.add_argument("--sparsity", type=float, required=True, help="fraction of the residual width to delete, in [0, 1)")
+    p.add_argument("--round-to", type=int, default=8, help="kept widths are multiples of this (default 8)")
+    add_output_options(p)
+    add_calibration_options(p)
+
+    p = sub.add_parser("export", help="write the dense model in the checkpoint format (no rotation)")
+    p.add_argument("model", help="Hugging Face folder, .gguf file, or smollm2-135m")
+    add_output_options(p)
+
+    p = sub.add_parser("ppl", help="WikiText-2 perplexity of a checkpoint or of a model")
+    p.add_argument("path", help="checkpoint folder, or a model (Hugging Face folder, .gguf, smollm2-135m)")
+    p.add_argument("--data", default="wikitext2", help="wikitext2 (test split) or text file(s), comma-separated")
+    p.add_argument("--data-dir")
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--max-windows", type=int, help="score at most this many windows")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16", "float64"], help="run in this dtype")
+    p.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
+
+    p = sub.add_parser("info", help="widths, parameters, bytes and provenance of a checkpoint")
+    p.add_argument("path")
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    try:
+        with logging_redirect_tqdm():
+            return COMMANDS[args.command](args)
+    except SliceserveError as error:
+        print(f"sliceserve: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sliceserve: interrupted (nothing was left half-written)", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("sliceserve: error: out of memory", file=sys.stderr)
+        return 2
+    except RuntimeError as error:
+        if "out of memory" in str(error):
+            print(f"sliceserve: error: out of memory on {getattr(args, 'device', 'cpu')}", file=sys.stderr)
+            return 2
+        raise
+
+
+def run_slice(args: argparse.Namespace) -> int:
+    from sliceserve.commands.slicing import slice_command
+
+    return slice_command(args)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from sliceserve.commands.slicing import export_command
+
+    return export_command(args)
+
+
+def run_ppl(args: argparse.Namespace) -> int:
+    from sliceserve.commands.evaluation import ppl_command
+
+    return ppl_command(args)
+
+
+def run_info(args: argparse.Namespace) -> int:
+    from sliceserve.commands.evaluation import info_command
+
+    return info_command(args)
+
+
+COMMANDS = {"slice": run_slice, "export": run_export, "ppl": run_ppl, "info": run_info}
+
+
+def print_json(data: dict) -> None:
+    print(json.dumps(data))
+
+
+def is_checkpoint(path: str) -> bool:
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        return json.loads(config.read_text()).get("format") == "sliceserve"
+    except (json.JSONDecodeError, AttributeError):
+        return False

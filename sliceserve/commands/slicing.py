@@ -1,0 +1,62 @@
+"""`sliceserve slice` and `sliceserve export`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from sliceserve.checkpoint import check_destination
+from sliceserve.errors import SliceserveError
+from sliceserve.slicing.calibration import load_calibration
+from sliceserve.slicing.pipeline import DTYPES, export_checkpoint, slice_checkpoint
+from sliceserve.slicing.slicer import kept_width
+from sliceserve.slicing.sources import open_source
+
+log = logging.getLogger("sliceserve")
+
+
+def check_device(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SliceserveError(f"--device {device} asked for, but no CUDA GPU is available")
+
+
+def slice_command(args: argparse.Namespace) -> int:
+    if args.round_to < 1:
+        raise SliceserveError(f"--round-to must be at least 1, got {args.round_to}")
+    check_device(args.device)
+    source = open_source(args.model)
+    kept_width(source.config.hidden_size, args.sparsity, args.round_to)  # validates --sparsity early
+    max_positions = getattr(source.config, "max_position_embeddings", None)
+    if max_positions is not None and args.seqlen > max_positions:
+        raise SliceserveError(f"--seqlen {args.seqlen} exceeds the model's {max_positions} positions")
+    check_destination(Path(args.out).absolute(), args.overwrite)  # fail before the long work
+    tokenizer = source.tokenizer()
+    if tokenizer is None:
+        raise SliceserveError("this model has no tokenizer, so calibration text cannot be tokenized")
+    log.info("calibration: %s, %d x %d tokens, seed %d", args.calibration, args.nsamples, args.seqlen, args.seed)
+    batches = load_calibration(
+        args.calibration, tokenizer, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+        batch_size=args.batch_size, data_dir=args.data_dir, model_loader=source.hf_model,
+    )
+    calibration = {"source": args.calibration, "nsamples": args.nsamples, "seqlen": args.seqlen,
+                   "batch_size": args.batch_size, "seed": args.seed}
+    out = slice_checkpoint(
+        source, args.out, batches, sparsity=args.sparsity, round_to=args.round_to,
+        dtype=DTYPES[args.dtype] if args.dtype else None, device=args.device,
+        calibration=calibration, overwrite=args.overwrite,
+    )
+    log.info("wrote %s", out)
+    return 0
+
+
+def export_command(args: argparse.Namespace) -> int:
+    check_device(args.device)
+    source = open_source(args.model)
+    check_destination(Path(args.out).absolute(), args.overwrite)
+    out = export_checkpoint(source, args.out, dtype=DTYPES[args.dtype] if args.dtype else None,
+                            device=args.device, overwrite=args.overwrite)
+    log.info("wrote %s", out)
+    return 0
