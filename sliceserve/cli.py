@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="Hugging Face folder, .gguf file, or smollm2-135m")
     p.add_argument("--sparsity", type=float, required=True, help="fraction of the residual width to delete, in [0, 1)")
     p.add_argument("--round-to", type=int, default=8, help="kept widths are multiples of this (default 8)")
+    p.add_argument("--compute-dtype", choices=["float32", "float16", "bfloat16", "float64"],
+                   help="activations while slicing (default float32; float64 for float64 checkpoints); PCA is always float64")
     add_output_options(p)
     add_calibration_options(p)
 

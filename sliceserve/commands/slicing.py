@@ -36,17 +36,19 @@ def slice_command(args: argparse.Namespace) -> int:
     tokenizer = source.tokenizer()
     if tokenizer is None:
         raise SliceserveError("this model has no tokenizer, so calibration text cannot be tokenized")
-    log.info("calibration: %s, %d x %d tokens, seed %d", args.calibration, args.nsamples, args.seqlen, args.seed)
     batches = load_calibration(
         args.calibration, tokenizer, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
         batch_size=args.batch_size, data_dir=args.data_dir, model_loader=source.hf_model,
     )
+    # Logged once the text is found, so a calibration error stays a one-line message.
+    log.info("calibration: %s, %d x %d tokens, seed %d", args.calibration, args.nsamples, args.seqlen, args.seed)
     calibration = {"source": args.calibration, "nsamples": args.nsamples, "seqlen": args.seqlen,
                    "batch_size": args.batch_size, "seed": args.seed}
     out = slice_checkpoint(
         source, args.out, batches, sparsity=args.sparsity, round_to=args.round_to,
         dtype=DTYPES[args.dtype] if args.dtype else None, device=args.device,
         calibration=calibration, overwrite=args.overwrite,
+        compute_dtype=DTYPES[args.compute_dtype] if args.compute_dtype else None,
     )
     log.info("wrote %s", out)
     return 0

@@ -50,13 +50,17 @@ def compute_dtype_for(dtype: torch.dtype) -> torch.dtype:
 def slice_checkpoint(
     source: ModelSource, out: str | Path, batches: Batches, *, sparsity: float, round_to: int = 8,
     dtype: torch.dtype | None = None, device: str = "cpu", calibration: dict | None = None,
-    overwrite: bool = False, progress: bool = True,
+    compute_dtype: torch.dtype | None = None, overwrite: bool = False, progress: bool = True,
 ) -> Path:
-    """Slice `source` with the calibration batches and write the checkpoint folder `out`."""
+    """Slice `source` with the calibration batches and write the checkpoint folder `out`.
+
+    `compute_dtype` is the activations' dtype while slicing (PCA is float64 regardless).
+    """
     dtype = dtype or source.dtype
+    compute_dtype = compute_dtype or compute_dtype_for(dtype)
     with CheckpointWriter(out, dtype=dtype, overwrite=overwrite) as writer:
         slicer = Slicer(source, writer, sparsity=sparsity, round_to=round_to, device=torch.device(device),
-                        compute_dtype=compute_dtype_for(dtype), progress=progress)
+                        compute_dtype=compute_dtype, progress=progress)
         result = slicer.run(batches)
         slicing = {
             "sparsity": sparsity,
@@ -66,6 +70,7 @@ def slice_checkpoint(
             "explained_variance": result.explained,
             "seconds": round(result.seconds, 2),
             "device": device,
+            "compute_dtype": str(compute_dtype).removeprefix("torch."),
         }
         return writer.finish(checkpoint_config(result.spec, dtype, source, slicing), source.tokenizer())
 
