@@ -80,6 +80,17 @@ def time_one(config, args, compute_dtype: str, work: Path) -> dict:
     }
 
 
+def markdown(result: dict) -> str:
+    lines = [f"# {result['what']}", "",
+             f"- device: {result['device']}", f"- versions: {result['versions']}", f"- date: {result['date']}", "",
+             "| activations | wall time (s, incl. writing) | slicing (s) | peak GPU memory (GiB) | checkpoint bytes | logits finite |",
+             "| --- | ---: | ---: | ---: | ---: | --- |"]
+    for run in result["runs"]:
+        lines.append(f"| {run['compute_dtype']} | {run['wall_seconds']} | {run['slicing_seconds']} | "
+                     f"{run['peak_gpu_memory_gib']} | {run['checkpoint_bytes']:,} | {run['logits_finite']} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shape", default="llama-2-7b", choices=sorted(SHAPES))
@@ -90,10 +101,14 @@ def main() -> None:
     parser.add_argument("--dtype", default="float16")
     parser.add_argument("--compute-dtypes", nargs="+", default=["float32"])
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--render", help="only write the markdown table of an earlier result JSON")
     parser.add_argument("--layers", type=int, help="keep only this many layers (peak memory is per layer)")
     parser.add_argument("--work-dir", default="/tmp/slice-timing")
     parser.add_argument("--out-dir", default="benchmarks/results")
     args = parser.parse_args()
+    if args.render:
+        Path(args.render).with_suffix(".md").write_text(markdown(json.loads(Path(args.render).read_text())))
+        return
 
     config = LlamaConfig(**SHAPES[args.shape])
     if args.layers:
@@ -115,6 +130,7 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     suffix = f"_{args.layers}layers" if args.layers else ""
     (out_dir / f"slice_timing_{args.shape}{suffix}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out_dir / f"slice_timing_{args.shape}{suffix}.md").write_text(markdown(result))
 
 
 if __name__ == "__main__":

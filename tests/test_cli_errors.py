@@ -108,7 +108,7 @@ def write_gguf(path: Path, array: np.ndarray, tensor_type) -> None:
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
     """A folder holding the tiny model, calibration texts, and broken models and files."""
-    from gguf import GGMLQuantizationType
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
     work = tmp_path_factory.mktemp("cli")
     rng = random.Random(0)
@@ -128,8 +128,6 @@ def work(tmp_path_factory) -> Path:
 
     write_gguf(work / "f64.gguf", np.ones((4, 8), dtype=np.float64), GGMLQuantizationType.F64)
     q8_1 = GGMLQuantizationType.Q8_1
-    from gguf import GGML_QUANT_SIZES
-
     block_bytes = GGML_QUANT_SIZES[q8_1][1]  # one block of 32 values per row
     write_gguf(work / "q8_1.gguf", np.zeros((4, block_bytes), dtype=np.uint8), q8_1)
     (work / "x.gguf").write_text("this is not a GGUF file\n")

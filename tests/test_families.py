@@ -48,8 +48,9 @@ from sliceserve.slicing.sources import FolderSource
 TOLERANCE = 1e-9  # max |runtime - reference| / max |reference|, float64 throughout
 TEST_LENGTH = 24  # longer than Mistral's window of 8
 
-# 25% of 80 is 60, rounded down to a multiple of 8.
-QUARTER_WIDTH = 56
+# The width a 25% slice keeps: int(0.75 * 80) = 60, rounded down to a multiple of 8.
+QUARTER_WIDTH = int(0.75 * WIDTH) // 8 * 8
+assert QUARTER_WIDTH == 56
 
 # What each variant's checkpoint is expected to hold, from what we know of the family
 # (not from the code under test). LayerNorm families gain reader biases where the norm's
@@ -157,7 +158,7 @@ def expected_parameters(variant: str, config, width: int, sliced: bool) -> int:
     """Parameters of a checkpoint whose every point has `width`, counted from the config."""
     facts = FAMILY_FACTS[variant]
     biases = facts["biases"]
-    head_dim = WIDTH // config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or WIDTH // config.num_attention_heads
     q_out = config.num_attention_heads * head_dim
     kv_out = (getattr(config, "num_key_value_heads", None) or config.num_attention_heads) * head_dim
     inter = INTERMEDIATE
@@ -190,8 +191,9 @@ def check_widths(spec: dict, variant: str, width: int, num_layers: int) -> None:
 
 
 def test_reference_is_float64_and_nontrivial(tiny):
-    """Guard the reference itself: float64 logits, and perturbed norms and biases."""
+    """Guard the reference itself: float64 logits through SDPA, and perturbed norm weights."""
     assert tiny.reference.dtype == torch.float64
+    assert tiny.model.config._attn_implementation == "sdpa"  # eager softmax runs in float32
     assert torch.isfinite(tiny.reference).all()
     norms = [p for n, p in tiny.model.named_parameters() if "norm" in n and n.endswith(".weight")]
     assert norms and all((p - 1).abs().max() > 0.1 for p in norms)

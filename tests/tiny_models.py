@@ -59,8 +59,8 @@ def tiny_config(name: str) -> PretrainedConfig:
     if name == "llama3":  # Llama 3.1 rope scaling and tied embeddings, as SmolLM2
         return LlamaConfig(**{**llama_like, "num_hidden_layers": 3, "tie_word_embeddings": True,
                               "max_position_embeddings": 128, "rope_parameters": dict(LLAMA3_ROPE)})
-    if name == "mistral":  # the window (8) is shorter than the test sequences
-        return MistralConfig(**llama_like, sliding_window=8)
+    if name == "mistral":  # the window (8) is shorter than the test sequences; heads * head_dim != width,
+        return MistralConfig(**llama_like, sliding_window=8, head_dim=16)  # as Mistral-Nemo
     if name == "qwen2":
         return Qwen2Config(**llama_like, use_sliding_window=False)
     if name == "opt":

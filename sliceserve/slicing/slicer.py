@@ -14,6 +14,7 @@ W <- Q_out_d^T W, b <- b Q_out_d. Shortcut between points: Q_out_d^T Q_in_d.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 
@@ -38,7 +39,7 @@ def kept_width(original_width: int, sparsity: float, round_to: int) -> int:
     """Width kept at a point: (1 - sparsity) D rounded down to a multiple of round_to."""
     if not 0 <= sparsity < 1:
         raise SliceserveError(f"--sparsity must be in [0, 1), got {sparsity}")
-    kept = int((1 - sparsity) * original_width)
+    kept = math.floor(round((1 - sparsity) * original_width, 6))  # 1 - 0.8 is 0.19999...: round first
     if kept < original_width:
         kept -= kept % round_to
     if kept <= 0:

