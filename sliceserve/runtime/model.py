@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sliceserve.decoder_spec import DecoderSpec
+from sliceserve.runtime.kv_cache import KVCache
 from sliceserve.runtime.rope import apply_rope, inverse_frequencies, rope_tables
 
 TensorGetter = Callable[[str], "torch.Tensor | None"]
@@ -61,21 +62,61 @@ class Attention(nn.Module):
         self.v = optional_linear(get, f"{prefix}.v")
         self.o = optional_linear(get, f"{prefix}.o")
 
-    def forward(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                cache: CacheView | None = None) -> torch.Tensor:
         batch, length, _ = h.shape
         q = self.q(h).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k(h).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v(h).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if self.num_kv_heads != self.num_heads:
-            repeat = self.num_heads // self.num_kv_heads
-            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-        if self.sliding_window is not None and length > self.sliding_window:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=sliding_causal_mask(length, self.sliding_window, h.device))
+        if cache is not None:
+            out = cache.attend(q, k, v, self.sliding_window)
+        elif self.sliding_window is not None and length > self.sliding_window:
+            out = attention(q, k, v, sliding_causal_mask(length, self.sliding_window, h.device))
         else:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            out = attention(q, k, v, None, causal=True)
         return self.o(out.transpose(1, 2).reshape(batch, length, -1))
+
+
+class CacheView:
+    """One layer's part of the KV cache for one forward step.
+
+    Writes the new keys and values at (slot, position), then attends row by row over that
+    row's own cached prefix (a view, no copy). Row by row keeps every request's numbers
+    independent of the other rows in the batch and of their lengths.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, rows: list[tuple[int, int, int]]):
+        self.keys, self.values = keys, values
+        self.rows = rows  # (slot, first position, last position) per row; positions are consecutive
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None) -> torch.Tensor:
+        """q (B, heads, T, hd); k, v (B, kv_heads, T, hd) for consecutive positions per row."""
+        outputs = []
+        for row, (slot, first, last) in enumerate(self.rows):
+            self.keys[slot, :, first : last + 1] = k[row]
+            self.values[slot, :, first : last + 1] = v[row]
+            start = 0 if window is None else max(0, last + 1 - window)
+            keys = self.keys[slot : slot + 1, :, start : last + 1]
+            values = self.values[slot : slot + 1, :, start : last + 1]
+            mask = None
+            if last > first:  # several queries: each sees up to its own position
+                query_pos = torch.arange(first, last + 1, device=q.device)[:, None]
+                key_pos = torch.arange(start, last + 1, device=q.device)[None, :]
+                distance = query_pos - key_pos
+                mask = distance >= 0 if window is None else (distance >= 0) & (distance < window)
+            outputs.append(attention(q[row : row + 1], keys, values, mask))
+        return torch.cat(outputs)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+              causal: bool = False) -> torch.Tensor:
+    """Scaled dot-product attention, with grouped key/value heads repeated to the query heads."""
+    if k.shape[1] != q.shape[1]:
+        repeat = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
 
 
 def sliding_causal_mask(length: int, window: int, device: torch.device) -> torch.Tensor:
@@ -118,11 +159,12 @@ class Block(nn.Module):
     def norm(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.original_width, self.eps)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                cache: CacheView | None = None) -> torch.Tensor:
         if self.parallel:
             h = self.norm(x)
-            return skip(x, self.shortcut) + self.attn(h, rope) + self.mlp(h)
-        x = skip(x, self.attn_shortcut) + self.attn(self.norm(x), rope)
+            return skip(x, self.shortcut) + self.attn(h, rope, cache) + self.mlp(h)
+        x = skip(x, self.attn_shortcut) + self.attn(self.norm(x), rope, cache)
         return skip(x, self.mlp_shortcut) + self.mlp(self.norm(x))
 
 
@@ -151,6 +193,20 @@ class Transformer(nn.Module):
 
     def final_logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(rms_norm(x, self.spec.original_width, self.spec.norm_eps))
+
+    def forward_cached(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                       cache: KVCache, last_only: bool = False) -> torch.Tensor:
+        """Logits for tokens (B, T) at positions (B, T), each row in its KV-cache slot.
+
+        Serves both a prefill chunk (one row, many tokens) and a decode step (many rows, one
+        token each). With last_only, only the last position's logits are computed.
+        """
+        x = self.embed_tokens(tokens, positions)
+        rope = self.rope_for(positions, x.dtype)
+        rows = [(s, p[0], p[-1]) for s, p in zip(slots.tolist(), positions.tolist())]
+        for i, block in enumerate(self.layers):
+            x = block(x, rope, CacheView(cache.keys[i], cache.values[i], rows))
+        return self.final_logits(x[:, -1:] if last_only else x)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """Logits (B, T, vocab) for token ids (B, T) at positions 0..T-1."""

@@ -1,0 +1,40 @@
+"""Turning a request's output tokens into text deltas, safely.
+
+The whole output is decoded again at each step (prefix-stable for byte-level and
+SentencePiece tokenizers), and only text that can no longer change is sent: never a
+trailing replacement character (a UTF-8 sequence still incomplete), never the first
+characters of what could become a stop string.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class TextStep:
+    delta: str
+    stopped: bool  # a stop string appeared: the output ends before it
+
+
+def text_step(text: str, emitted: int, stop: list[str], final: bool) -> TextStep:
+    """What to send now, given the decoded output `text` of which `emitted` chars were sent."""
+    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=-1)
+    if cut >= 0:
+        return TextStep(text[emitted:cut] if cut > emitted else "", True)
+    if final:
+        return TextStep(text[emitted:], False)
+    safe = len(text.rstrip("\ufffd"))
+    safe = min(safe, len(text) - stop_prefix_at_end(text, stop))
+    return TextStep(text[emitted:safe] if safe > emitted else "", False)
+
+
+def stop_prefix_at_end(text: str, stop: list[str]) -> int:
+    """Length of the longest end of `text` that begins some stop string (so may grow into it)."""
+    longest = 0
+    for s in stop:
+        for n in range(min(len(s) - 1, len(text)), longest, -1):
+            if text.endswith(s[:n]):
+                longest = n
+                break
+    return longest
