@@ -24,8 +24,8 @@ def text_step(text: str, emitted: int, stop: list[str], final: bool) -> TextStep
         return TextStep(text[emitted:cut] if cut > emitted else "", True)
     if final:
         return TextStep(text[emitted:], False)
-    safe = len(text.rstrip("\ufffd"))
-    safe = min(safe, len(text) - stop_prefix_at_end(text, stop))
+    stable = text.rstrip("\ufffd")  # an incomplete character may yet complete a stop string
+    safe = len(stable) - stop_prefix_at_end(stable, stop)
     return TextStep(text[emitted:safe] if safe > emitted else "", False)
 
 

@@ -182,7 +182,7 @@ class Engine:
             while self.waiting and (self.waiting[0].cancelled or self.free_slots):
                 request = self.waiting.popleft()
                 if request.cancelled:
-                    self.record_finish(request, "cancelled")
+                    self.finish(request, "cancelled")
                     continue
                 request.slot = self.free_slots.pop(0)
                 seed = request.params.seed if request.params.seed is not None else random.getrandbits(63)

@@ -97,7 +97,7 @@ class CacheView:
         for row, (slot, first, last) in enumerate(self.rows):
             self.keys[slot, :, first : last + 1] = k[row]
             self.values[slot, :, first : last + 1] = v[row]
-            start = 0 if window is None else max(0, last + 1 - window)
+            start = 0 if window is None else max(0, first + 1 - window)  # the first query's window
             keys = self.keys[slot : slot + 1, :, start : last + 1]
             values = self.values[slot : slot + 1, :, start : last + 1]
             mask = None
