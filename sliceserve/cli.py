@@ -1,4 +1,4 @@
-"""The `sliceserve` command: slice, export, ppl, info."""
+"""The `sliceserve` command: slice, export, ppl, info, serve, generate, demo."""
 
 from __future__ import annotations
 
@@ -63,6 +63,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="widths, parameters, bytes and provenance of a checkpoint")
     p.add_argument("path")
     p.add_argument("--json", action="store_true")
+
+    from sliceserve.commands.serving import add_engine_options, add_server_options
+
+    p = sub.add_parser("serve", help="serve a checkpoint (dense or sliced) over an OpenAI-style HTTP API")
+    p.add_argument("path", help="checkpoint folder")
+    add_server_options(p)
+
+    p = sub.add_parser("demo", help="slice SmolLM2-135M once (cached) and serve it on 127.0.0.1:8000")
+    p.add_argument("--sparsity", type=float, default=0.25)
+    p.add_argument("--nsamples", type=int, default=32, help="generated calibration sequences")
+    p.add_argument("--seqlen", type=int, default=256, help="tokens per generated calibration sequence")
+    add_server_options(p)
+
+    p = sub.add_parser("generate", help="generate text from a prompt with a checkpoint")
+    p.add_argument("path", help="checkpoint folder")
+    p.add_argument("prompt")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template as a user message")
+    add_engine_options(p)
     return parser
 
 
@@ -114,7 +138,15 @@ def run_info(args: argparse.Namespace) -> int:
     return info_command(args)
 
 
-COMMANDS = {"slice": run_slice, "export": run_export, "ppl": run_ppl, "info": run_info}
+def run_serving(args: argparse.Namespace) -> int:
+    from sliceserve.commands import serving
+
+    return {"serve": serving.serve_command, "demo": serving.demo_command,
+            "generate": serving.generate_command}[args.command](args)
+
+
+COMMANDS = {"slice": run_slice, "export": run_export, "ppl": run_ppl, "info": run_info,
+            "serve": run_serving, "demo": run_serving, "generate": run_serving}
 
 
 def print_json(data: dict) -> None:

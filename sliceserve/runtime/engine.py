@@ -95,6 +95,8 @@ class Engine:
         self.check(prompt_ids, params)
         request = Request(list(prompt_ids), params, on_event)
         with self.wakeup:
+            if self.stopped:
+                raise RequestRejected("the engine is shutting down")
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are already waiting")
             self.waiting.append(request)
@@ -143,12 +145,17 @@ class Engine:
             self.thread.start()
 
     def shutdown(self) -> None:
+        """Stop the loop; requests still running or waiting end as "cancelled"."""
         with self.wakeup:
             self.stopped = True
             self.wakeup.notify()
         if self.thread is not None:
             self.thread.join(timeout=10)
             self.thread = None
+        with self.wakeup:
+            for request in list(self.running) + list(self.waiting):
+                self.finish(request, "cancelled")
+            self.waiting.clear()
 
     def loop(self) -> None:
         while True:
@@ -188,6 +195,7 @@ class Engine:
                 seed = request.params.seed if request.params.seed is not None else random.getrandbits(63)
                 self.generators[request.id] = torch.Generator().manual_seed(seed)
                 self.running.append(request)
+            self.update_gauges()
 
     def prefill(self, request: Request) -> None:
         start = request.prefilled
@@ -198,7 +206,7 @@ class Engine:
         logits = self.model.forward_cached(tokens, positions, slots, self.cache, last_only=True)
         request.prefilled += len(chunk)
         if request.prefilled == len(request.prompt_ids):
-            self.accept(request, logits[0, -1])
+            self.accept_safely(request, logits[0, -1])
 
     def decode(self, requests: list[Request]) -> None:
         pad = self.max_batch - len(requests)
@@ -209,12 +217,20 @@ class Engine:
         logits = self.model.forward_cached(as_tensor(tokens)[:, None], as_tensor(positions)[:, None],
                                            as_tensor(slots), self.cache)
         for row, request in enumerate(requests):
-            self.accept(request, logits[row, 0])
+            self.accept_safely(request, logits[row, 0])
 
     # ---- output -----------------------------------------------------------------------
 
     def decode_text(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def accept_safely(self, request: Request, logits: torch.Tensor) -> None:
+        """One request's failure (in its sampling or detokenizing) ends that request alone."""
+        try:
+            self.accept(request, logits)
+        except Exception as error:
+            log.exception("request %d failed", request.id)
+            self.finish(request, "error", error=f"internal error: {error}")
 
     def accept(self, request: Request, logits: torch.Tensor) -> None:
         """Take the next token of a request from its logits, and send what is now final."""
@@ -222,7 +238,7 @@ class Engine:
         token = next_token(logits, params, self.generators[request.id])
         logprobs = []
         if params.logprobs is not None:
-            logprobs = [token_logprob(logits, token, params.logprobs, lambda t: self.decode_text([t]))]
+            logprobs = [token_logprob(logits, token, params.logprobs, lambda t: self.tokenizer.decode([t]))]
         self.record_token(request)
         request.output_ids.append(token)
         if token in self.eos and not params.ignore_eos:
@@ -252,6 +268,7 @@ class Engine:
             self.free_slots.sort()
             self.generators.pop(request.id, None)
         self.record_finish(request, reason)
+        self.update_gauges()
         self.send(request, GenerationEvent(delta, token_ids or [], logprobs or [], finish_reason=reason,
                                            prompt_tokens=len(request.prompt_ids),
                                            completion_tokens=len(request.output_ids), error=error))

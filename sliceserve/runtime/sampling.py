@@ -9,7 +9,7 @@ from sliceserve.runtime.requests import SamplingParams, TokenLogprob
 
 def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
     """Sample one token id from a row of logits (vocab,). Temperature 0 is greedy."""
-    if params.temperature == 0:
+    if params.temperature < 1e-5:  # below this, scores overflow: treat as greedy (as vLLM does)
         return int(torch.argmax(logits))
     scores = logits.float() / params.temperature
     if params.top_k > 0 and params.top_k < scores.numel():

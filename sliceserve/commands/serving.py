@@ -1,0 +1,129 @@
+"""`sliceserve serve`, `sliceserve generate` and `sliceserve demo`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from sliceserve.commands.slicing import check_device
+from sliceserve.errors import SliceserveError
+
+log = logging.getLogger("sliceserve")
+
+DEFAULT_MAX_MODEL_LEN = 2048  # the KV cache reserves this many positions per slot
+
+
+def add_engine_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--max-model-len", type=int, default=DEFAULT_MAX_MODEL_LEN,
+                        help=f"longest prompt + completion, in tokens (default {DEFAULT_MAX_MODEL_LEN}, capped by the model)")
+    parser.add_argument("--max-batch", type=int, default=8, help="requests decoded together (KV-cache slots)")
+
+
+def add_server_options(parser: argparse.ArgumentParser) -> None:
+    add_engine_options(parser)
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key", default=os.environ.get("SLICESERVE_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' (default $SLICESERVE_API_KEY)")
+    parser.add_argument("--max-queue", type=int, default=64, help="waiting requests beyond which 429 is answered")
+    parser.add_argument("--model-name", help="the model id clients name (default: the folder name)")
+
+
+def make_engine(path: str, args: argparse.Namespace, max_queue: int = 64):
+    from sliceserve.runtime.engine import load_engine
+
+    check_device(args.device)
+    for name in ("max_model_len", "max_batch"):
+        if getattr(args, name) < 1:
+            raise SliceserveError(f"--{name.replace('_', '-')} must be at least 1")
+    if max_queue < 1:
+        raise SliceserveError("--max-queue must be at least 1")
+    return load_engine(path, device=args.device, max_batch=args.max_batch, max_model_len=args.max_model_len,
+                       max_queue=max_queue)
+
+
+def serve_checkpoint(path: str, args: argparse.Namespace, banner: str = "") -> int:
+    from sliceserve.server.app import serve
+    from sliceserve.server.settings import ServerSettings
+
+    engine = make_engine(path, args, args.max_queue)
+    name = args.model_name or Path(path).resolve().name
+    settings = ServerSettings(host=args.host, port=args.port, api_key=args.api_key, model_name=name)
+    if banner:
+        print(banner.format(name=name, host=args.host, port=args.port), flush=True)
+    serve(engine, settings)
+    return 0
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    return serve_checkpoint(args.path, args)
+
+
+def generate_command(args: argparse.Namespace) -> int:
+    from sliceserve.runtime.engine import RequestRejected
+    from sliceserve.runtime.requests import SamplingParams
+
+    engine = make_engine(args.path, args)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed, stop=args.stop or [])
+    if args.chat:
+        if not getattr(engine.tokenizer, "chat_template", None):
+            raise SliceserveError("this checkpoint's tokenizer has no chat template: drop --chat")
+        ids = engine.tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}],
+                                                   add_generation_prompt=True, tokenize=True)
+        ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+    else:
+        ids = engine.tokenizer(args.prompt)["input_ids"]
+    engine.start()
+    try:
+        sys.stdout.write(args.prompt if not args.chat else "")
+        for event in engine.generate(ids, params):
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+            if event.finished:
+                print(f"\n[{event.finish_reason}: {event.prompt_tokens} prompt + {event.completion_tokens} "
+                      f"generated tokens]", file=sys.stderr)
+    except RequestRejected as error:
+        raise SliceserveError(str(error)) from None
+    finally:
+        engine.shutdown()
+    return 0
+
+
+def demo_cache_dir() -> Path:
+    root = os.environ.get("SLICESERVE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sliceserve"
+    return Path(root)
+
+
+def demo_command(args: argparse.Namespace) -> int:
+    from sliceserve.checkpoint import open_checkpoint
+    from sliceserve.slicing.calibration import load_calibration
+    from sliceserve.slicing.pipeline import slice_checkpoint
+    from sliceserve.slicing.sources import open_source
+
+    path = demo_cache_dir() / f"smollm2-135m-sliced-{round(args.sparsity * 100)}"
+    try:
+        open_checkpoint(path, verify=False)
+        log.info("using the cached demo checkpoint %s", path)
+    except SliceserveError:
+        log.info("slicing SmolLM2-135M at %.0f%% (calibration text sampled from the model itself; once, then cached)",
+                 args.sparsity * 100)
+        source = open_source("smollm2-135m")
+        batches = load_calibration("generated", source.tokenizer(), nsamples=args.nsamples, seqlen=args.seqlen,
+                                   seed=42, batch_size=8, model_loader=source.hf_model)
+        slice_checkpoint(source, path, batches, sparsity=args.sparsity, overwrite=True,
+                         calibration={"source": "generated", "nsamples": args.nsamples, "seqlen": args.seqlen,
+                                      "batch_size": 8, "seed": 42})
+    args.model_name = args.model_name or "sliced"
+    base = "http://{host}:{port}/v1"
+    auth = ' -H "Authorization: Bearer $SLICESERVE_API_KEY"' if args.api_key else ""
+    banner = ("\nsliceserve demo: SmolLM2-135M-Instruct sliced at " + f"{args.sparsity:.0%}" + f" ({path})\n"
+              "  OpenAI base URL: " + base + "\n"
+              "  try:  curl -s " + base + "/chat/completions -H 'Content-Type: application/json'" + auth +
+              " -d '{{\"model\": \"{name}\", \"messages\": [{{\"role\": \"user\", \"content\": \"What is the capital of France?\"}}], "
+              "\"max_tokens\": 32, \"temperature\": 0}}'\n")
+    return serve_checkpoint(str(path), args, banner)
