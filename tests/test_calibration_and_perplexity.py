@@ -12,10 +12,11 @@ import torch
 from sliceserve.errors import SliceserveError
 from sliceserve.perplexity import perplexity
 from sliceserve.slicing import calibration
+from sliceserve.slicing.self_calibration import dense_runtime_model, generated_token_windows
+from sliceserve.slicing.sources import FolderSource
 from sliceserve.slicing.calibration import (
     calibration_batches,
     find_wikitext2,
-    generated_token_windows,
     load_calibration,
     read_text_files,
     token_windows,
@@ -212,7 +213,8 @@ def test_perplexity_max_windows_and_too_short():
 
 
 @pytest.fixture(scope="module")
-def tiny_llama():
+def tiny_llama(tmp_path_factory):
+    """A tiny random Llama as our runtime's dense model (norms fused, in memory)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -220,10 +222,14 @@ def tiny_llama():
         vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2,
     )
-    return LlamaForCausalLM(config).eval()
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return dense_runtime_model(FolderSource(folder))
 
 
-TOKENIZER = SimpleNamespace(bos_token_id=1, eos_token_id=2, pad_token_id=0)
+# A stand-in for a tokenizer: the sampler needs its special ids, and decode for the engine's text.
+TOKENIZER = SimpleNamespace(bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                            decode=lambda ids, skip_special_tokens=True: " ".join(map(str, ids)))
 
 
 def test_generated_token_windows(tiny_llama):
@@ -246,7 +252,7 @@ def test_generated_mask_after_early_eos(tiny_llama):
     # raise the EOS logit so that rows stop early and the mask check means something
     eos_boost = torch.zeros(64)
     eos_boost[2] = 3.0
-    hook = tiny_llama.lm_head.register_forward_hook(lambda module, args, out: out + eos_boost)
+    hook = tiny_llama.head.register_forward_hook(lambda module, args, out: out + eos_boost)
     try:
         tokens, mask = generated_token_windows(tiny_llama, TOKENIZER, 8, 16, seed=0, batch_size=8, progress=False)
     finally:

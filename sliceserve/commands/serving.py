@@ -103,6 +103,7 @@ def demo_command(args: argparse.Namespace) -> int:
     from sliceserve.checkpoint import open_checkpoint
     from sliceserve.slicing.calibration import load_calibration
     from sliceserve.slicing.pipeline import slice_checkpoint
+    from sliceserve.slicing.self_calibration import dense_runtime_model
     from sliceserve.slicing.sources import open_source
 
     path = demo_cache_dir() / f"smollm2-135m-sliced-{round(args.sparsity * 100)}"
@@ -114,7 +115,7 @@ def demo_command(args: argparse.Namespace) -> int:
                  args.sparsity * 100)
         source = open_source("smollm2-135m")
         batches = load_calibration("generated", source.tokenizer(), nsamples=args.nsamples, seqlen=args.seqlen,
-                                   seed=42, batch_size=8, model_loader=source.hf_model)
+                                   seed=42, batch_size=8, model_loader=lambda: dense_runtime_model(source))
         slice_checkpoint(source, path, batches, sparsity=args.sparsity, overwrite=True,
                          calibration={"source": "generated", "nsamples": args.nsamples, "seqlen": args.seqlen,
                                       "batch_size": 8, "seed": 42})

@@ -12,6 +12,7 @@ from sliceserve.slicing.calibration import load_calibration
 from sliceserve.slicing.pipeline import DTYPES, export_checkpoint, slice_checkpoint
 from sliceserve.slicing.slicer import kept_width
 from sliceserve.slicing.sources import open_source
+from sliceserve.slicing.self_calibration import dense_runtime_model
 
 log = logging.getLogger("sliceserve")
 
@@ -38,7 +39,7 @@ def slice_command(args: argparse.Namespace) -> int:
         raise SliceserveError("this model has no tokenizer, so calibration text cannot be tokenized")
     batches = load_calibration(
         args.calibration, tokenizer, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
-        batch_size=args.batch_size, data_dir=args.data_dir, model_loader=source.hf_model,
+        batch_size=args.batch_size, data_dir=args.data_dir, model_loader=lambda: dense_runtime_model(source),
     )
     # Logged once the text is found, so a calibration error stays a one-line message.
     log.info("calibration: %s, %d x %d tokens, seed %d", args.calibration, args.nsamples, args.seqlen, args.seed)

@@ -111,62 +111,6 @@ def token_windows(token_ids: torch.Tensor, nsamples: int, seqlen: int, seed: int
     return torch.stack([token_ids[s : s + seqlen] for s in starts.tolist()])
 
 
-def _mask_after_eos(tokens: torch.Tensor, eos_token_id: int) -> torch.Tensor:
-    """True up to and including the first generated EOS; position 0 is the prompt."""
-    is_eos = tokens == eos_token_id
-    is_eos[:, 0] = False
-    ended_before = (is_eos.long().cumsum(dim=1) - is_eos.long()) > 0
-    return ~ended_before
-
-
-@torch.no_grad()
-def generated_token_windows(
-    model,
-    tokenizer,
-    nsamples: int,
-    seqlen: int,
-    seed: int,
-    batch_size: int = 16,
-    progress: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Calibration text sampled from the model itself (no data set needed).
-
-    Pure ancestral sampling (temperature 1, no top-k/top-p) from BOS (EOS if the tokenizer
-    has no BOS); each batch reseeds torch with ``seed + batch index``. Returns tokens
-    (n, seqlen) int64 and a mask that is False after a sequence's first EOS.
-    """
-    start_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    eos_id = tokenizer.eos_token_id
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
-    if start_id is None:
-        raise SliceserveError("the tokenizer has neither a BOS nor an EOS token to start generating from")
-    device = next(model.parameters()).device
-    tokens, masks = [], []
-    batch_starts = range(0, nsamples, batch_size)
-    for index, first in enumerate(tqdm(batch_starts, desc="generating calibration text", disable=not progress)):
-        b = min(batch_size, nsamples - first)
-        prompt = torch.full((b, 1), start_id, dtype=torch.long, device=device)
-        torch.manual_seed(seed + index)
-        out = model.generate(
-            prompt,
-            attention_mask=torch.ones_like(prompt),
-            do_sample=True,
-            temperature=1.0,
-            top_k=0,
-            top_p=1.0,
-            max_new_tokens=seqlen - 1,
-            min_new_tokens=0,
-            pad_token_id=pad_id,
-            eos_token_id=eos_id,
-        ).cpu()
-        # every sequence may stop early: right-pad to the full length
-        out = torch.nn.functional.pad(out, (0, seqlen - out.shape[1]), value=pad_id)
-        mask = _mask_after_eos(out, eos_id) if eos_id is not None else torch.ones_like(out, dtype=torch.bool)
-        tokens.append(out.masked_fill(~mask, pad_id))
-        masks.append(mask)
-    return torch.cat(tokens).long(), torch.cat(masks)
-
-
 def calibration_batches(
     tokens: torch.Tensor, mask: torch.Tensor | None, batch_size: int
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -194,7 +138,7 @@ def load_calibration(
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Calibration batches from ``source``: "wikitext2", "generated", or comma-separated paths.
 
-    ``model_loader`` returns the Hugging Face model; it is called only for "generated".
+    ``model_loader`` returns the dense runtime model; it is called only for "generated".
     """
     for name, value in (("nsamples", nsamples), ("seqlen", seqlen), ("batch_size", batch_size)):
         if value < 1:
@@ -202,6 +146,8 @@ def load_calibration(
     if source == "generated":
         if model_loader is None:
             raise SliceserveError("generated calibration needs the model (no model_loader given)")
+        from sliceserve.slicing.self_calibration import generated_token_windows
+
         tokens, mask = generated_token_windows(model_loader(), tokenizer, nsamples, seqlen, seed, batch_size)
         return calibration_batches(tokens, mask, batch_size)
     if source == "wikitext2":

@@ -1,0 +1,81 @@
+"""Calibration text sampled from the model itself, so slicing needs no data set.
+
+Sampling runs on our own engine over the dense model with its norms fused (the same
+canonical model the slicer starts from): continuous batching makes this several times
+faster on a CPU than Transformers' `generate` (measured: 8 x 32 tokens of SmolLM2-135M,
+14 s against 121 s on this project's 2-core machine, both under the same load).
+"""
+
+from __future__ import annotations
+
+import queue
+
+import torch
+from tqdm import tqdm
+
+from sliceserve.errors import SliceserveError
+from sliceserve.runtime.engine import Engine
+from sliceserve.runtime.model import Transformer
+from sliceserve.runtime.requests import SamplingParams
+from sliceserve.slicing.families import decoder_spec
+from sliceserve.slicing.fusion import fused_embeddings, fused_head, fused_layer
+from sliceserve.slicing.sources import ModelSource
+
+
+def dense_runtime_model(source: ModelSource, dtype: torch.dtype = torch.float32) -> Transformer:
+    """The source model as our runtime's dense model, in memory (norms fused, no rotation)."""
+    device = torch.device("cpu")
+    tensors = fused_embeddings(source, source.family, device, torch.float64)
+    spec = decoder_spec(source.family, source.config)
+    for index in range(spec.num_layers):
+        layer = fused_layer(source, source.family, index, device, torch.float64)
+        tensors.update({f"layers.{index}.{name}": t for name, t in layer.items()})
+    tensors.update(fused_head(source, source.family, device, torch.float64))
+    tensors = {name: t.to(dtype) for name, t in tensors.items()}
+    return Transformer(spec, tensors.get).eval()
+
+
+def generated_token_windows(
+    model: Transformer, tokenizer, nsamples: int, seqlen: int, seed: int, batch_size: int = 16, progress: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens (n, seqlen) int64, mask (n, seqlen) bool) of text sampled at temperature 1.
+
+    Each sequence starts from BOS (EOS if there is none) and is seeded with seed + its index,
+    so the result does not depend on batch_size. After a sequence's first EOS the mask is
+    False and the tokens are padding.
+    """
+    start_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if start_id is None:
+        raise SliceserveError("the tokenizer has neither a BOS nor an EOS token to start generating from")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
+    engine = Engine(model, tokenizer, max_batch=min(batch_size, nsamples), max_model_len=seqlen,
+                    max_queue=nsamples, prefill_chunk=seqlen)
+    if tokenizer.eos_token_id is not None:
+        engine.eos = {tokenizer.eos_token_id}
+    events: queue.Queue = queue.Queue()
+    outputs: list[list[int]] = [[start_id] for _ in range(nsamples)]
+    engine.start()
+    try:
+        for i in range(nsamples):
+            params = SamplingParams(max_tokens=seqlen - 1, temperature=1.0, seed=seed + i)
+            engine.submit([start_id], params, lambda event, i=i: events.put((i, event)))
+        with tqdm(total=nsamples * (seqlen - 1), desc="generating calibration text", unit="tok",
+                  disable=not progress) as bar:
+            done = 0
+            while done < nsamples:
+                i, event = events.get()
+                outputs[i] += event.token_ids
+                bar.update(len(event.token_ids))
+                if event.finished:
+                    if event.finish_reason not in ("stop", "length"):
+                        raise SliceserveError(f"generating calibration text failed: {event.error or event.finish_reason}")
+                    bar.update(seqlen - len(outputs[i]))
+                    done += 1
+    finally:
+        engine.shutdown()
+    tokens = torch.full((nsamples, seqlen), pad_id, dtype=torch.long)
+    mask = torch.zeros(nsamples, seqlen, dtype=torch.bool)
+    for i, ids in enumerate(outputs):
+        tokens[i, : len(ids)] = torch.tensor(ids)
+        mask[i, : len(ids)] = True
+    return tokens, mask
