@@ -115,10 +115,10 @@ def demo_command(args: argparse.Namespace) -> int:
                  args.sparsity * 100)
         source = open_source("smollm2-135m")
         batches = load_calibration("generated", source.tokenizer(), nsamples=args.nsamples, seqlen=args.seqlen,
-                                   seed=42, batch_size=8, model_loader=lambda: dense_runtime_model(source))
+                                   seed=42, batch_size=16, model_loader=lambda: dense_runtime_model(source))
         slice_checkpoint(source, path, batches, sparsity=args.sparsity, overwrite=True,
                          calibration={"source": "generated", "nsamples": args.nsamples, "seqlen": args.seqlen,
-                                      "batch_size": 8, "seed": 42})
+                                      "batch_size": 16, "seed": 42})
     args.model_name = args.model_name or "sliced"
     base = "http://{host}:{port}/v1"
     auth = ' -H "Authorization: Bearer $SLICESERVE_API_KEY"' if args.api_key else ""

@@ -35,17 +35,39 @@ def dense_runtime_model(source: ModelSource, dtype: torch.dtype = torch.float32)
     return Transformer(spec, tensors.get).eval()
 
 
+def chat_prefix_ids(tokenizer) -> list[int] | None:
+    """The chat template's text up to where a user's words begin, as token ids (None without a template).
+
+    Instruct models spend their life inside their chat format; calibration text that starts
+    there (and runs on through the turns the model writes itself) keeps that format's
+    statistics in the PCA.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    marker = "\u2063USER\u2063"
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False)
+    except Exception:  # a template that wants more than one user message: fall back to BOS
+        return None
+    if marker not in text:
+        return None
+    return list(tokenizer(text[: text.index(marker)], add_special_tokens=False)["input_ids"]) or None
+
+
 def generated_token_windows(
     model: Transformer, tokenizer, nsamples: int, seqlen: int, seed: int, batch_size: int = 16, progress: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(tokens (n, seqlen) int64, mask (n, seqlen) bool) of text sampled at temperature 1.
 
-    Each sequence starts from BOS (EOS if there is none) and is seeded with seed + its index,
-    so the result does not depend on batch_size. After a sequence's first EOS the mask is
-    False and the tokens are padding.
+    Each sequence starts from the chat template's user turn when the tokenizer has one (and
+    then samples through end-of-turn tokens), else from BOS (EOS if there is none), stopping
+    at EOS. Sequence i is seeded with seed + i, so the result does not depend on batch_size.
+    After a sequence ends the mask is False and the tokens are padding.
     """
     start_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    if start_id is None:
+    chat_prefix = chat_prefix_ids(tokenizer)
+    prompt = chat_prefix[: seqlen - 1] if chat_prefix else [start_id]
+    if prompt == [None]:
         raise SliceserveError("the tokenizer has neither a BOS nor an EOS token to start generating from")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
     engine = Engine(model, tokenizer, max_batch=min(batch_size, nsamples), max_model_len=seqlen,
@@ -53,13 +75,14 @@ def generated_token_windows(
     if tokenizer.eos_token_id is not None:
         engine.eos = {tokenizer.eos_token_id}
     events: queue.Queue = queue.Queue()
-    outputs: list[list[int]] = [[start_id] for _ in range(nsamples)]
+    outputs: list[list[int]] = [list(prompt) for _ in range(nsamples)]
     engine.start()
     try:
         for i in range(nsamples):
-            params = SamplingParams(max_tokens=seqlen - 1, temperature=1.0, seed=seed + i)
-            engine.submit([start_id], params, lambda event, i=i: events.put((i, event)))
-        with tqdm(total=nsamples * (seqlen - 1), desc="generating calibration text", unit="tok",
+            params = SamplingParams(max_tokens=seqlen - len(prompt), temperature=1.0, seed=seed + i,
+                                    ignore_eos=chat_prefix is not None)
+            engine.submit(prompt, params, lambda event, i=i: events.put((i, event)))
+        with tqdm(total=nsamples * (seqlen - len(prompt)), desc="generating calibration text", unit="tok",
                   disable=not progress) as bar:
             done = 0
             while done < nsamples:
