@@ -278,3 +278,29 @@ def test_load_calibration_generated_loads_model_only_when_needed(tiny_llama, tmp
     assert calls == []
     batches = load_calibration("generated", TOKENIZER, nsamples=3, seqlen=6, seed=0, batch_size=2, model_loader=loader)
     assert calls == [1] and [t.shape for t, _ in batches] == [(2, 6), (1, 6)]
+
+
+def test_generated_text_starts_in_the_chat_format_when_there_is_a_template(tmp_path):
+    from test_server_support import build_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sliceserve.slicing.self_calibration import chat_prefix_ids
+
+    tokenizer = build_tokenizer()
+    prefix = chat_prefix_ids(tokenizer)
+    assert tokenizer.decode(prefix) == "<|im_start|>user\n"
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    model = dense_runtime_model(FolderSource(tmp_path))
+    tokens, mask = generated_token_windows(model, tokenizer, nsamples=3, seqlen=16, seed=0, batch_size=3,
+                                           progress=False)
+    assert tokens[:, : len(prefix)].tolist() == [prefix] * 3
+    assert mask.all()  # end-of-turn tokens do not end chat-format samples
+
+
+def test_no_chat_prefix_without_a_template():
+    from sliceserve.slicing.self_calibration import chat_prefix_ids
+
+    assert chat_prefix_ids(TOKENIZER) is None
