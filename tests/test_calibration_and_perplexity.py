@@ -98,10 +98,7 @@ def test_wikitext2_text_joins_rows_like_the_dataset(tmp_path, no_default_data):
 
 
 def test_shared_wikitext2_test_split_starts_with_file():
-    try:
-        folder = find_wikitext2()
-    except SliceserveError:
-        pytest.skip("shared WikiText-2 not present")
+    folder = find_wikitext2()  # CI has ../shared/data, as this machine does
     text = wikitext2_text("test")
     assert text.startswith("\n\n = Robert Boulter = \n\n\n\n\n Robert Boulter is an English film")
     assert text.count("\n\n") > 1000
