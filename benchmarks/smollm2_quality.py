@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import tempfile
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from sliceserve.checkpoint import open_checkpoint
+from sliceserve.commands.evaluation import checkpoint_summary
 from sliceserve.perplexity import evaluation_tokens, perplexity
 from sliceserve.runtime.loader import load_model
 from sliceserve.slicing.calibration import load_calibration, wikitext2_text
@@ -30,14 +29,8 @@ from sliceserve.slicing.sources import open_source
 
 def checkpoint_size(path: Path) -> tuple[int, int]:
     """(parameters, bytes of the safetensors shards) of a checkpoint."""
-    from safetensors import safe_open
-
-    checkpoint = open_checkpoint(path, verify=False)
-    parameters = 0
-    for shard in sorted(set(checkpoint.weight_map.values())):
-        with safe_open(str(path / shard), framework="pt") as handle:
-            parameters += sum(math.prod(handle.get_slice(n).get_shape()) for n in handle.keys())
-    return parameters, checkpoint.total_bytes
+    summary = checkpoint_summary(str(path))
+    return summary["parameters"], summary["bytes"]
 
 
 @torch.inference_mode()
