@@ -5,6 +5,7 @@ Calibration: wiki.valid.raw, NSAMPLES x SEQLEN tokens (seed 42). Evaluation: the
 Runs on the CPU; writes benchmarks/results/smollm2_quality.{json,md}.
 
     python benchmarks/smollm2_quality.py [--data-dir DIR] [--sparsities 0 0.1 0.2 0.25 0.3]
+    python benchmarks/smollm2_quality.py --full-split-from /tmp/smollm2-quality-XXXX   # resume the whole-split column
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=2048)
     parser.add_argument("--windows", type=int, default=16)
     parser.add_argument("--out-dir", default="benchmarks/results")
+    parser.add_argument("--full-split-from", metavar="WORK_DIR",
+                        help="only score the whole split: read the rows from the results file and the checkpoints "
+                             "(dense/, sliced-S/) from a work folder an earlier run left behind")
     args = parser.parse_args()
 
     source = open_source("smollm2-135m")
@@ -84,6 +88,15 @@ def main() -> None:
         rows.append(row)
         print(row, flush=True)
         write()
+
+    if args.full_split_from:
+        rows.extend(json.loads((Path(args.out_dir) / "smollm2_quality.json").read_text())["rows"])
+        for row in rows:
+            if row["ppl_full"] is None and row["sparsity"] in args.full_split:
+                model = load_model(Path(args.full_split_from) / f"sliced-{row['sparsity']}", verify=True)
+                row["ppl_full"] = evaluate(model, test_tokens, args.seqlen, None)["ppl"]
+                write()
+        return
 
     hf = source.hf_model().eval()
     dense_row = {"model": "dense (Transformers, tied head)", "sparsity": None,

@@ -26,7 +26,6 @@ from typing import Any
 import torch
 
 from sliceserve.runtime.detokenizer import text_step
-from sliceserve.runtime.kv_cache import KVCache
 from sliceserve.runtime.model import Transformer
 from sliceserve.runtime.requests import GenerationEvent, Request, SamplingParams
 from sliceserve.runtime.sampling import next_token, token_logprob
@@ -60,9 +59,8 @@ class Engine:
         spec = model.spec
         self.max_model_len = min(max_model_len or spec.max_positions, spec.max_positions)
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
-        self.device = model.head.weight.device
-        self.cache = KVCache(spec, slots=max_batch, max_len=self.max_model_len, device=self.device,
-                             dtype=model.head.weight.dtype)
+        self.device = model.input_device
+        self.cache = model.new_cache(slots=max_batch, max_len=self.max_model_len)
         self.free_slots = list(range(max_batch))
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []

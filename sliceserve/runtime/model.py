@@ -180,6 +180,16 @@ class Transformer(nn.Module):
         if spec.rope is not None:
             self.register_buffer("inv_freq", inverse_frequencies(spec.rope), persistent=False)
 
+    @property
+    def input_device(self) -> torch.device:
+        """Where token ids and positions go in."""
+        return self.embed.weight.device
+
+    def new_cache(self, *, slots: int, max_len: int) -> KVCache:
+        """An empty KV cache for this model's layers, beside its weights."""
+        return KVCache(self.spec, slots=slots, max_len=max_len, device=self.head.weight.device,
+                       dtype=self.head.weight.dtype, layers=len(self.layers))
+
     def rope_for(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
         if self.spec.rope is None:
             return None
