@@ -1,0 +1,171 @@
+"""One matrix product with everything around it fused: the workhorse of the fast path.
+
+    out = act(r * (a @ w.T) + a2 @ w2.T + bias) + residual
+
+- `r` is the weightless RMSNorm's row scale of `a`, 1 / sqrt(sum(a^2) / width + eps),
+  computed from per-row partial sums of squares that the kernel which wrote `a` left
+  behind. The norm has no weight, so norm(a) @ w.T = r * (a @ w.T): the scale is applied
+  here, in the epilogue, and the normalised activations are never written (FlashNorm).
+- `a2 @ w2.T` lets one kernel compute a sliced layer's whole residual update: with
+  a = x, w = the shortcut matrix and a2 = attention output, w2 = the output projection,
+  out = x @ S + attn @ Wo is the new residual stream in one pass.
+- With `sumsq_out`, every program also writes the sum of squares of its output tile per
+  row, so the next kernel can apply the norm of `out` without another pass over it.
+
+Weights keep PyTorch's (out, in) layout. Rows never interact and the reduction order
+over the inner dimension does not depend on how many rows there are, so a request's
+numbers do not depend on its neighbours in a batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from sliceserve.kernels.activations import ACTIVATION_CODES, apply_activation, reference_activation
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+# Decode: few rows, so narrow column tiles to spread the weight read over every SM.
+DECODE_TILES = TileConfig(block_m=16, block_n=32, block_k=128, num_warps=4, num_stages=4)
+PREFILL_TILES = TileConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
+
+
+def tiles_for(rows: int) -> TileConfig:
+    return DECODE_TILES if rows <= 16 else PREFILL_TILES
+
+
+def sumsq_tiles(n: int, tiles: TileConfig) -> int:
+    """Columns of the partial sums of squares a product of width n leaves behind."""
+    return triton.cdiv(n, tiles.block_n)
+
+
+@triton.jit
+def row_scale_from_partials(partials_ptr, stride, offs_m, M, tiles, width, eps, TILES_P2: tl.constexpr):
+    """1/rms per row from the partial sums of squares of its tiles."""
+    t = tl.arange(0, TILES_P2)
+    p = tl.load(partials_ptr + offs_m[:, None] * stride + t[None, :],
+                mask=(offs_m[:, None] < M) & (t[None, :] < tiles), other=0.0)
+    return 1.0 / tl.sqrt(tl.sum(p, axis=1) / width + eps)
+
+
+@triton.jit
+def accumulate_product(acc, a_ptr, stride_a, w_ptr, stride_w, offs_m, offs_n, M, N, K,
+                       BLOCK_K: tl.constexpr):
+    offs_k = tl.arange(0, BLOCK_K)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + offs_k
+        a = tl.load(a_ptr + offs_m[:, None] * stride_a + k[None, :],
+                    mask=(offs_m[:, None] < M) & (k[None, :] < K), other=0.0)
+        w = tl.load(w_ptr + offs_n[None, :] * stride_w + k[:, None],
+                    mask=(offs_n[None, :] < N) & (k[:, None] < K), other=0.0)
+        acc += tl.dot(a, w)
+    return acc
+
+
+@triton.jit
+def fused_linear_kernel(
+    a_ptr, w_ptr, a2_ptr, w2_ptr, bias_ptr, res_ptr, out_ptr, norm_ptr, sumsq_ptr,
+    M, N, K, K2, norm_tiles, norm_width, eps,
+    stride_a, stride_w, stride_a2, stride_w2, stride_res, stride_out, stride_norm, stride_sumsq,
+    HAS_A2: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, NORM_IN: tl.constexpr,
+    SUMSQ_OUT: tl.constexpr, ACTIVATION: tl.constexpr, NORM_TILES_P2: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = accumulate_product(acc, a_ptr, stride_a, w_ptr, stride_w, offs_m, offs_n, M, N, K, BLOCK_K)
+    if NORM_IN:
+        r = row_scale_from_partials(norm_ptr, stride_norm, offs_m, M, norm_tiles, norm_width, eps, NORM_TILES_P2)
+        acc = acc * r[:, None]
+    if HAS_A2:
+        acc = accumulate_product(acc, a2_ptr, stride_a2, w2_ptr, stride_w2, offs_m, offs_n, M, N, K2, BLOCK_K)
+    n_ok = offs_n < N
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    acc = apply_activation(acc, ACTIVATION)
+    mask = (offs_m[:, None] < M) & n_ok[None, :]
+    if HAS_RES:
+        acc += tl.load(res_ptr + offs_m[:, None] * stride_res + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+    out = acc.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + offs_m[:, None] * stride_out + offs_n[None, :], out, mask=mask)
+    if SUMSQ_OUT:
+        # The squares of the values as stored: the next norm sees exactly what it reads.
+        v = tl.where(mask, out.to(tl.float32), 0.0)
+        tl.store(sumsq_ptr + offs_m * stride_sumsq + pid_n, tl.sum(v * v, axis=1), mask=offs_m < M)
+
+
+def fused_linear(
+    a: torch.Tensor, w: torch.Tensor, *, a2: torch.Tensor | None = None, w2: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+    norm: tuple[torch.Tensor, int, float] | None = None, activation: str = "none",
+    sumsq: bool = False, out: torch.Tensor | None = None, tiles: TileConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(out, partial sums of squares of out or None); see the module docstring.
+
+    a (M, K), w (N, K), a2 (M, K2), w2 (N, K2), bias (N,), residual (M, N);
+    norm = (partial sums of squares of a (M, T), original width, eps).
+    """
+    M, K = a.shape
+    N = w.shape[0]
+    tiles = tiles or tiles_for(M)
+    out = torch.empty((M, N), device=a.device, dtype=a.dtype) if out is None else out
+    n_tiles = sumsq_tiles(N, tiles)
+    partials = torch.empty((M, n_tiles), device=a.device, dtype=torch.float32) if sumsq else None
+    norm_partials, norm_width, eps = norm if norm is not None else (None, 1, 0.0)
+    dummy = out  # stands in for absent pointers; never read
+    grid = (n_tiles, triton.cdiv(M, tiles.block_m))
+    fused_linear_kernel[grid](
+        a, w, a2 if a2 is not None else dummy, w2 if w2 is not None else dummy,
+        bias if bias is not None else dummy, residual if residual is not None else dummy, out,
+        norm_partials if norm_partials is not None else dummy, partials if partials is not None else dummy,
+        M, N, K, a2.shape[1] if a2 is not None else 0,
+        norm_partials.shape[1] if norm_partials is not None else 1, float(norm_width), float(eps),
+        a.stride(0), w.stride(0), a2.stride(0) if a2 is not None else 0, w2.stride(0) if w2 is not None else 0,
+        residual.stride(0) if residual is not None else 0, out.stride(0),
+        norm_partials.stride(0) if norm_partials is not None else 0, partials.stride(0) if partials is not None else 0,
+        HAS_A2=a2 is not None, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
+        NORM_IN=norm_partials is not None, SUMSQ_OUT=sumsq, ACTIVATION=ACTIVATION_CODES[activation],
+        NORM_TILES_P2=triton.next_power_of_2(norm_partials.shape[1]) if norm_partials is not None else 1,
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+    )
+    return out, partials
+
+
+def row_scale_reference(partials: torch.Tensor, width: int, eps: float) -> torch.Tensor:
+    return torch.rsqrt(partials.float().sum(-1, keepdim=True) / width + eps)
+
+
+def fused_linear_reference(
+    a: torch.Tensor, w: torch.Tensor, *, a2: torch.Tensor | None = None, w2: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+    norm: tuple[torch.Tensor, int, float] | None = None, activation: str = "none", sumsq: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The same function in plain PyTorch, in float32; partial sums collapsed to one column."""
+    acc = a.float() @ w.float().T
+    if norm is not None:
+        acc = acc * row_scale_reference(*norm)
+    if a2 is not None:
+        acc = acc + a2.float() @ w2.float().T
+    if bias is not None:
+        acc = acc + bias.float()
+    acc = reference_activation(acc, activation)
+    if residual is not None:
+        acc = acc + residual.float()
+    out = acc.to(a.dtype)
+    return out, (out.float().pow(2).sum(-1, keepdim=True) if sumsq else None)
