@@ -1,4 +1,4 @@
-"""The `sliceserve` command: slice, export, ppl, info, serve, generate, demo."""
+"""The `sliceserve` command: slice, export, prune, ppl, info, serve, generate, demo."""
 
 from __future__ import annotations
 
@@ -49,6 +49,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="Hugging Face folder, .gguf file, or smollm2-135m")
     add_output_options(p)
 
+    p = sub.add_parser("prune", help="prune every decoder linear to an N:M sparsity pattern (SparseGPT or magnitude)")
+    p.add_argument("model", help="Hugging Face folder, .gguf file, or smollm2-135m")
+    p.add_argument("--pattern", default="2:4", help="N:M: at most N non-zeros in each group of M inputs (default 2:4)")
+    p.add_argument("--method", default="sparsegpt", help="sparsegpt (calibrated, default) or magnitude (no data needed)")
+    p.add_argument("--compute-dtype", choices=["float32", "float16", "bfloat16", "float64"],
+                   help="activations while pruning (default float32; float64 for float64 checkpoints); H is always float64")
+    add_output_options(p)
+    add_calibration_options(p)
+
     p = sub.add_parser("ppl", help="WikiText-2 perplexity of a checkpoint or of a model")
     p.add_argument("path", help="checkpoint folder, or a model (Hugging Face folder, .gguf, smollm2-135m)")
     p.add_argument("--data", default="wikitext2", help="wikitext2 (test split) or text file(s), comma-separated")
@@ -59,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16", "float64"], help="run in this dtype")
     p.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
+
+    from sliceserve.commands.planning import add_plan_options
+
+    p = sub.add_parser("plan", help="cards needed for a model, dense and sliced, with the layers of each card")
+    add_plan_options(p)
 
     p = sub.add_parser("info", help="widths, parameters, bytes and provenance of a checkpoint")
     p.add_argument("path")
@@ -126,10 +140,22 @@ def run_export(args: argparse.Namespace) -> int:
     return export_command(args)
 
 
+def run_prune(args: argparse.Namespace) -> int:
+    from sliceserve.commands.pruning import prune_command
+
+    return prune_command(args)
+
+
 def run_ppl(args: argparse.Namespace) -> int:
     from sliceserve.commands.evaluation import ppl_command
 
     return ppl_command(args)
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    from sliceserve.commands.planning import plan_command
+
+    return plan_command(args)
 
 
 def run_info(args: argparse.Namespace) -> int:
@@ -145,7 +171,7 @@ def run_serving(args: argparse.Namespace) -> int:
             "generate": serving.generate_command}[args.command](args)
 
 
-COMMANDS = {"slice": run_slice, "export": run_export, "ppl": run_ppl, "info": run_info,
+COMMANDS = {"slice": run_slice, "export": run_export, "prune": run_prune, "ppl": run_ppl, "info": run_info, "plan": run_plan,
             "serve": run_serving, "demo": run_serving, "generate": run_serving}
 
 

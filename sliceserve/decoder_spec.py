@@ -87,34 +87,45 @@ class DecoderSpec:
         return spec
 
 
+def embedding_parameter_count(spec: DecoderSpec) -> int:
+    """The token embedding, plus the learned position rows where the family has them."""
+    rows = spec.vocab_size + (spec.max_positions if spec.rope is None else 0)
+    return rows * spec.embedding_width
+
+
+def layer_parameter_count(spec: DecoderSpec, widths: LayerWidths, has_biases: dict[str, bool] | None = None) -> int:
+    """One block: its linears at the block's kept widths, flagged biases, and its shortcuts."""
+    b = has_biases or {}
+    hq = spec.num_heads * spec.head_dim
+    hkv = spec.num_kv_heads * spec.head_dim
+    inter = spec.intermediate_size
+    d_in, d_out = widths.input_width, widths.output_width
+    d_mlp_in = d_in if spec.parallel_block else widths.middle_width
+    d_attn_out = d_out if spec.parallel_block else widths.middle_width
+    total = (hq + 2 * hkv) * d_in + hq * d_attn_out
+    total += (2 if spec.gated_mlp else 1) * inter * d_mlp_in + inter * d_out
+    total += b.get("q", False) * hq + b.get("k", False) * hkv + b.get("v", False) * hkv
+    total += b.get("o", False) * d_attn_out
+    total += b.get("up", False) * inter + b.get("gate", False) * inter * spec.gated_mlp
+    total += b.get("down", False) * d_out
+    # shortcuts: only where the rotation changes between two points
+    if spec.has_shortcuts:
+        if spec.parallel_block:
+            total += d_in * d_out
+        else:
+            total += d_in * widths.middle_width + widths.middle_width * d_out
+    return total
+
+
+def head_parameter_count(spec: DecoderSpec, has_biases: dict[str, bool] | None = None) -> int:
+    return spec.vocab_size * spec.head_width + (has_biases or {}).get("head", False) * spec.vocab_size
+
+
 def parameter_count(spec: DecoderSpec, *, has_biases: dict[str, bool] | None = None) -> int:
     """Parameters implied by the widths (weights only; biases counted when flagged).
 
     ``has_biases`` maps canonical bias names ('q', 'k', 'v', 'o', 'up', 'gate', 'down',
     'head') to whether the checkpoint carries them.
     """
-    b = has_biases or {}
-    hq = spec.num_heads * spec.head_dim
-    hkv = spec.num_kv_heads * spec.head_dim
-    inter = spec.intermediate_size
-    total = spec.vocab_size * spec.embedding_width
-    if spec.rope is None:
-        total += spec.max_positions * spec.embedding_width
-    for w in spec.layers:
-        d_in, d_out = w.input_width, w.output_width
-        d_mlp_in = d_in if spec.parallel_block else w.middle_width
-        d_attn_out = d_out if spec.parallel_block else w.middle_width
-        total += (hq + 2 * hkv) * d_in + hq * d_attn_out
-        total += (2 if spec.gated_mlp else 1) * inter * d_mlp_in + inter * d_out
-        total += b.get("q", False) * hq + b.get("k", False) * hkv + b.get("v", False) * hkv
-        total += b.get("o", False) * d_attn_out
-        total += b.get("up", False) * inter + b.get("gate", False) * inter * spec.gated_mlp
-        total += b.get("down", False) * d_out
-        # shortcuts: only where the rotation changes between two points
-        if spec.has_shortcuts:
-            if spec.parallel_block:
-                total += d_in * d_out
-            else:
-                total += d_in * w.middle_width + w.middle_width * d_out
-    total += spec.vocab_size * spec.head_width + b.get("head", False) * spec.vocab_size
-    return total
+    layers = sum(layer_parameter_count(spec, w, has_biases) for w in spec.layers)
+    return embedding_parameter_count(spec) + layers + head_parameter_count(spec, has_biases)

@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from sliceserve.commands.placement import add_placement_options, is_stage_worker, placed_model, run_stage_worker
 from sliceserve.commands.slicing import check_device
 from sliceserve.errors import SliceserveError
 
@@ -21,6 +22,7 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-model-len", type=int, default=DEFAULT_MAX_MODEL_LEN,
                         help=f"longest prompt + completion, in tokens (default {DEFAULT_MAX_MODEL_LEN}, capped by the model)")
     parser.add_argument("--max-batch", type=int, default=8, help="requests decoded together (KV-cache slots)")
+    add_placement_options(parser)
 
 
 def add_server_options(parser: argparse.ArgumentParser) -> None:
@@ -34,7 +36,8 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
 
 
 def make_engine(path: str, args: argparse.Namespace, max_queue: int = 64):
-    from sliceserve.runtime.engine import load_engine
+    from sliceserve.runtime.engine import Engine, load_engine
+    from sliceserve.runtime.loader import load_tokenizer
 
     check_device(args.device)
     for name in ("max_model_len", "max_batch"):
@@ -42,8 +45,20 @@ def make_engine(path: str, args: argparse.Namespace, max_queue: int = 64):
             raise SliceserveError(f"--{name.replace('_', '-')} must be at least 1")
     if max_queue < 1:
         raise SliceserveError("--max-queue must be at least 1")
-    return load_engine(path, device=args.device, max_batch=args.max_batch, max_model_len=args.max_model_len,
-                       max_queue=max_queue)
+    model = placed_model(path, args)  # stages over several devices or processes, else None
+    if model is None:
+        return load_engine(path, device=args.device, max_batch=args.max_batch, max_model_len=args.max_model_len,
+                           max_queue=max_queue)
+    return Engine(model, load_tokenizer(path), max_batch=args.max_batch, max_model_len=args.max_model_len,
+                  max_queue=max_queue)
+
+
+def release(engine) -> None:
+    """Stop the engine, then the model's other stages (a --distributed front stops every rank)."""
+    engine.shutdown()
+    close = getattr(engine.model, "close", None)
+    if close is not None:
+        close()
 
 
 def serve_checkpoint(path: str, args: argparse.Namespace, banner: str = "") -> int:
@@ -55,11 +70,30 @@ def serve_checkpoint(path: str, args: argparse.Namespace, banner: str = "") -> i
     settings = ServerSettings(host=args.host, port=args.port, api_key=args.api_key, model_name=name)
     if banner:
         print(banner.format(name=name, host=args.host, port=args.port), flush=True)
-    serve(engine, settings)
+    if args.distributed:
+        stop_gracefully_on_sigterm()
+    try:
+        serve(engine, settings)
+    finally:
+        release(engine)
     return 0
 
 
+def stop_gracefully_on_sigterm() -> None:
+    """Uvicorn re-raises the SIGTERM it caught once it has shut down; by default that kills
+    the process before the other stages are told to stop. Turned into KeyboardInterrupt, it
+    ends `serve` normally (as Ctrl-C does), and `release` stops every rank."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def serve_command(args: argparse.Namespace) -> int:
+    if is_stage_worker(args):
+        return run_stage_worker(args.path, args)
     return serve_checkpoint(args.path, args)
 
 
@@ -67,6 +101,8 @@ def generate_command(args: argparse.Namespace) -> int:
     from sliceserve.runtime.engine import RequestRejected
     from sliceserve.runtime.requests import SamplingParams
 
+    if is_stage_worker(args):
+        return run_stage_worker(args.path, args)
     engine = make_engine(args.path, args)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, stop=args.stop or [])
@@ -90,7 +126,7 @@ def generate_command(args: argparse.Namespace) -> int:
     except RequestRejected as error:
         raise SliceserveError(str(error)) from None
     finally:
-        engine.shutdown()
+        release(engine)
     return 0
 
 
@@ -106,6 +142,9 @@ def demo_command(args: argparse.Namespace) -> int:
     from sliceserve.slicing.self_calibration import dense_runtime_model
     from sliceserve.slicing.sources import open_source
 
+    if args.distributed:
+        raise SliceserveError("demo does not run --distributed: run `sliceserve demo` once, then "
+                              "torchrun ... -m sliceserve serve CHECKPOINT --distributed")
     path = demo_cache_dir() / f"smollm2-135m-sliced-{round(args.sparsity * 100)}"
     try:
         open_checkpoint(path, verify=False)

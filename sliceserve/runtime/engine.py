@@ -207,7 +207,7 @@ class Engine:
             self.accept_safely(request, logits[0, -1])
 
     def decode(self, requests: list[Request]) -> None:
-        pad = self.max_batch - len(requests)
+        pad = self.model.decode_rows(len(requests), self.max_batch) - len(requests)
         tokens = [r.output_ids[-1] for r in requests] + [0] * pad
         positions = [r.length - 1 for r in requests] + [0] * pad
         slots = [r.slot for r in requests] + [self.cache.scratch_slot] * pad

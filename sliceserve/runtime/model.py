@@ -172,11 +172,13 @@ class Transformer(nn.Module):
     def __init__(self, spec: DecoderSpec, get: TensorGetter, layer_range: range | None = None):
         super().__init__()
         self.spec = spec
-        self.embed = nn.Embedding.from_pretrained(get("embed.weight"), freeze=True)
+        embed = get("embed.weight")  # absent on pipeline stages after the first
+        self.embed = None if embed is None else nn.Embedding.from_pretrained(embed, freeze=True)
         positions = get("positions.weight")
         self.positions = None if positions is None else nn.Embedding.from_pretrained(positions, freeze=True)
         self.layers = nn.ModuleList(Block(spec, get, i) for i in (layer_range or range(spec.num_layers)))
-        self.head = frozen_linear(get("head.weight"), get("head.bias"))
+        head = get("head.weight")  # absent on pipeline stages before the last
+        self.head = None if head is None else frozen_linear(head, get("head.bias"))
         if spec.rope is not None:
             self.register_buffer("inv_freq", inverse_frequencies(spec.rope), persistent=False)
 
@@ -189,6 +191,11 @@ class Transformer(nn.Module):
         """An empty KV cache for this model's layers, beside its weights."""
         return KVCache(self.spec, slots=slots, max_len=max_len, device=self.head.weight.device,
                        dtype=self.head.weight.dtype, layers=len(self.layers))
+
+    def decode_rows(self, rows: int, max_batch: int) -> int:
+        """Rows a decode step is padded to: always max_batch, so that a request's numbers never
+        depend on how many others run beside it (library matmuls pick kernels by row count)."""
+        return max_batch
 
     def rope_for(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
         if self.spec.rope is None:

@@ -1,0 +1,107 @@
+"""What a pipeline stage holds, in bytes: weights, KV cache, activations and a fixed reserve.
+
+Weights follow the parameter arithmetic of `decoder_spec` (per layer, at the layer's kept
+widths, with shortcuts and biases). The KV cache is the engine's: `batch` slots plus one
+scratch slot, each reserving `context` positions in every layer. Activations are an upper
+estimate of the transient peak of one forward step on the reference path (a prefill chunk
+of one request, or a decode step of the whole batch). The reserve covers what lives on a
+card outside the tensors we count: the CUDA context and kernels, library workspaces and
+allocator slack.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sliceserve.decoder_spec import (
+    DecoderSpec,
+    embedding_parameter_count,
+    head_parameter_count,
+    layer_parameter_count,
+)
+from sliceserve.errors import SliceserveError
+
+DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
+DEFAULT_RESERVE = 2**30  # 1 GiB a card: see the README's planner section for why
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What the cards must serve, besides holding the weights."""
+
+    dtype: str = "float16"
+    batch: int = 1  # requests decoded together (KV-cache slots)
+    context: int = 2048  # positions each slot reserves (prompt + completion)
+    prefill_chunk: int = 256  # prompt tokens one forward reads (the engine's default)
+    reserve: int = DEFAULT_RESERVE  # bytes a card keeps for the CUDA context, workspaces, slack
+
+    @property
+    def dtype_bytes(self) -> int:
+        return DTYPE_BYTES[self.dtype]
+
+    def check(self) -> None:
+        if self.dtype not in DTYPE_BYTES:
+            raise SliceserveError(f"unknown dtype {self.dtype!r} (known: {', '.join(DTYPE_BYTES)})")
+        for name in ("batch", "context", "prefill_chunk"):
+            if getattr(self, name) < 1:
+                raise SliceserveError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.reserve < 0:
+            raise SliceserveError("the reserve cannot be negative")
+
+
+@dataclass
+class StageCosts:
+    """Bytes of every part a stage may hold, for one model and one workload."""
+
+    layer_weights: list[int]
+    layer_kv_cache: list[int]
+    embedding: int  # first stage only
+    head: int  # last stage only
+    activations: int  # every stage: the transient peak of one forward step
+    logits: int  # last stage only
+    reserve: int  # every stage
+
+
+def stage_costs(spec: DecoderSpec, biases: dict[str, bool], work: Workload) -> StageCosts:
+    work.check()
+    b = work.dtype_bytes
+    kv = kv_cache_bytes_per_layer(spec, work)
+    return StageCosts(
+        layer_weights=[layer_parameter_count(spec, w, biases) * b for w in spec.layers],
+        layer_kv_cache=[kv] * spec.num_layers,
+        embedding=embedding_parameter_count(spec) * b,
+        head=head_parameter_count(spec, biases) * b,
+        activations=activation_bytes(spec, work),
+        logits=work.batch * spec.vocab_size * b,
+        reserve=work.reserve,
+    )
+
+
+def kv_cache_bytes_per_layer(spec: DecoderSpec, work: Workload) -> int:
+    """Keys and values of one layer: (batch + 1 scratch) slots x context positions."""
+    per_position = 2 * spec.num_kv_heads * spec.head_dim * work.dtype_bytes
+    return (work.batch + 1) * work.context * per_position
+
+
+def activation_bytes(spec: DecoderSpec, work: Workload) -> int:
+    """Upper estimate of one forward step's transient peak: the larger of a prefill chunk
+    (one request, `prefill_chunk` tokens, attending over `context` positions) and a decode
+    step (`batch` rows of one token each)."""
+    chunk = min(work.prefill_chunk, work.context)
+    prefill = forward_bytes(spec, tokens=chunk, rows=1, keys=work.context, dtype_bytes=work.dtype_bytes)
+    decode = forward_bytes(spec, tokens=1, rows=work.batch, keys=work.context, dtype_bytes=work.dtype_bytes)
+    return max(prefill, decode)
+
+
+def forward_bytes(spec: DecoderSpec, *, tokens: int, rows: int, keys: int, dtype_bytes: int) -> int:
+    """Transient bytes of one block over rows x tokens positions, at the original width (an
+    upper bound for sliced widths). Attention runs row by row, so its per-row terms count once."""
+    n = rows * tokens
+    q_width = spec.num_heads * spec.head_dim
+    kv_width = spec.num_kv_heads * spec.head_dim
+    stream = n * spec.original_width * (2 * dtype_bytes + 4)  # the stream, its update, its norm in float32
+    projections = 2 * n * (q_width + 2 * kv_width) * dtype_bytes  # q, k, v and their rotated copies
+    repeated = 2 * q_width * keys * dtype_bytes if kv_width < q_width else 0  # grouped k, v spread to every head
+    scores = spec.num_heads * tokens * keys * 4  # where the attention kernel materialises them (float32)
+    mlp = n * spec.intermediate_size * dtype_bytes * (3 if spec.gated_mlp else 2)
+    return stream + max(projections + repeated + scores, mlp)
