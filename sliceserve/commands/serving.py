@@ -22,6 +22,9 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-model-len", type=int, default=DEFAULT_MAX_MODEL_LEN,
                         help=f"longest prompt + completion, in tokens (default {DEFAULT_MAX_MODEL_LEN}, capped by the model)")
     parser.add_argument("--max-batch", type=int, default=8, help="requests decoded together (KV-cache slots)")
+    parser.add_argument("--runtime", choices=["auto", "fast", "reference"], default="auto",
+                        help="fast: Triton kernels + CUDA graphs (CUDA only); reference: plain PyTorch; "
+                             "auto (default): fast on CUDA, reference elsewhere")
     add_placement_options(parser)
 
 
@@ -48,7 +51,7 @@ def make_engine(path: str, args: argparse.Namespace, max_queue: int = 64):
     model = placed_model(path, args)  # stages over several devices or processes, else None
     if model is None:
         return load_engine(path, device=args.device, max_batch=args.max_batch, max_model_len=args.max_model_len,
-                           max_queue=max_queue)
+                           max_queue=max_queue, runtime=getattr(args, "runtime", "auto"))
     return Engine(model, load_tokenizer(path), max_batch=args.max_batch, max_model_len=args.max_model_len,
                   max_queue=max_queue)
 

@@ -108,6 +108,7 @@ def decode_attention(
     """q (M, heads, head_dim) of the token at positions (M,) in cache slots (M,); keys, values
     (slots, kv_heads, max_len, head_dim) already holding that token. Returns (M, heads * head_dim)."""
     M, num_heads, head_dim = q.shape
+    positions, slots = positions.contiguous(), slots.contiguous()  # read as flat arrays
     num_kv_heads = keys.shape[1]
     group = num_heads // num_kv_heads
     splits = splits or choose_splits(M, num_kv_heads)

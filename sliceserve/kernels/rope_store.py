@@ -71,6 +71,7 @@ def rope_store(
     positions, slots (M,); keys, values (slots, kv_heads, max_len, head_dim), written in place;
     cos, sin (max_positions, rotary_dim / 2) in float32, or None without rope."""
     M = qkv.shape[0]
+    positions, slots = positions.contiguous(), slots.contiguous()  # read as flat arrays
     q = torch.empty((M, num_heads, head_dim), device=qkv.device, dtype=qkv.dtype) if q_out is None else q_out
     rot_half = cos.shape[1] if cos is not None else 0
     table = cos if cos is not None else q  # stands in; never read without rope

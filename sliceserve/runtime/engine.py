@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from sliceserve.errors import SliceserveError
 from sliceserve.runtime.detokenizer import text_step
 from sliceserve.runtime.model import Transformer
 from sliceserve.runtime.requests import GenerationEvent, Request, SamplingParams
@@ -306,10 +307,33 @@ class Engine:
 
 
 def load_engine(path: str | Path, *, device: str = "cpu", max_batch: int = 8, max_model_len: int | None = None,
-                max_queue: int = 64, prefill_chunk: int = 256, dtype: torch.dtype | None = None) -> Engine:
-    """An engine over a checkpoint folder (dense or sliced), not yet started."""
+                max_queue: int = 64, prefill_chunk: int = 256, dtype: torch.dtype | None = None,
+                runtime: str = "auto") -> Engine:
+    """An engine over a checkpoint folder (dense or sliced), not yet started.
+
+    runtime: "fast" (Triton kernels and CUDA graphs; CUDA only), "reference" (plain PyTorch),
+    or "auto" (fast on CUDA, reference elsewhere).
+    """
     from sliceserve.runtime.loader import load_model, load_tokenizer
 
     model = load_model(path, device=device, dtype=dtype)
-    return Engine(model, load_tokenizer(path), max_batch=max_batch, max_model_len=max_model_len,
-                  max_queue=max_queue, prefill_chunk=prefill_chunk)
+    if use_fast_path(runtime, device):
+        from sliceserve.runtime.fast_model import FastTransformer
+
+        model = FastTransformer(model)
+    engine = Engine(model, load_tokenizer(path), max_batch=max_batch, max_model_len=max_model_len,
+                    max_queue=max_queue, prefill_chunk=prefill_chunk)
+    prepare = getattr(model, "prepare", None)
+    if prepare is not None:  # capture the decode graphs now, not during the first requests
+        prepare(engine.cache)
+    return engine
+
+
+def use_fast_path(runtime: str, device: str | torch.device) -> bool:
+    on_cuda = torch.device(device).type == "cuda"
+    if runtime not in ("auto", "fast", "reference"):
+        raise SliceserveError(f"unknown runtime {runtime!r}: auto, fast or reference")
+    if runtime == "fast" and not on_cuda:
+        raise SliceserveError("the fast runtime needs a CUDA device (on a CPU its Triton kernels only run "
+                              "interpreted, for tests); use --runtime reference or auto")
+    return runtime == "fast" or (runtime == "auto" and on_cuda)

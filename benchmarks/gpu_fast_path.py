@@ -1,0 +1,352 @@
+"""The GPU fast path against its rooflines, the reference path and Hugging Face `generate`.
+
+One run on one GPU: measures the copy bandwidth and matrix rate; builds Llama-2-7B-shaped
+models with random weights (dense, sliced 25%, sliced 30%) per dtype; checks the fast path
+against the reference path (relative error of logits, prefill and a graph-replayed decode
+step); times batch-1 and batch-16 decode (CUDA graphs, greedy, on-GPU argmax), prefill of
+2048 tokens, the fused kernels alone at decode sizes, and `generate` of Transformers on the
+same dense shapes. Writes JSON and a markdown table.
+
+    python benchmarks/gpu_fast_path.py --out-dir $OUT [--dtypes float16 bfloat16] [--sweep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+import triton
+import transformers
+
+from random_models import SHAPES, llama_spec, random_transformer, weight_bytes
+from sliceserve.kernels.fused_linear import DECODE_TILES, TileConfig, fused_linear
+from sliceserve.kernels.gated_linear import gated_linear
+from sliceserve.runtime.decode_graphs import DecodeGraphs
+from sliceserve.runtime.fast_model import FastTransformer
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+VARIANTS = {"dense": 0.0, "sliced 25%": 0.25, "sliced 30%": 0.30}
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    actual, expected = actual.double(), expected.double()
+    return float((actual - expected).norm() / expected.norm())
+
+
+def gpu_ms(fn, repeats: int = 20, warmup: int = 3) -> float:
+    """Median milliseconds of fn() by CUDA events."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def graph_ms(fn, inner: int = 50, repeats: int = 10) -> float:
+    """Median milliseconds of one fn() call, replayed `inner` times from a CUDA graph (no launch gaps)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(inner):
+            fn()
+    return gpu_ms(graph.replay, repeats=repeats) / inner
+
+
+def ceilings() -> dict:
+    n = 1 << 30  # 2 GiB of fp16 each way
+    src = torch.randn(n // 2, device="cuda", dtype=torch.float16).repeat(2)
+    dst = torch.empty_like(src)
+    copy_ms = gpu_ms(lambda: dst.copy_(src))
+    del src, dst
+    rates = {}
+    for name, dtype in DTYPES.items():
+        a = torch.randn(8192, 8192, device="cuda", dtype=dtype)
+        b = torch.randn(8192, 8192, device="cuda", dtype=dtype)
+        rates[name] = 2 * 8192**3 / (gpu_ms(lambda: a @ b) / 1e3) / 1e12
+    return {"copy_GBps": 2 * 2 * n / (copy_ms / 1e3) / 1e9, "matmul_TFLOPs": rates}
+
+
+def rotating(make, copies: int):
+    """Several copies of an operand, so a timed loop reads HBM rather than the 50 MB L2."""
+    return [make() for _ in range(copies)]
+
+
+def kernel_timings(dtype: torch.dtype, copy_gbps: float, width: int, inter: int, tiles: TileConfig) -> list[dict]:
+    """The fused kernels alone at decode sizes (sliced widths), and cuBLAS on the same products."""
+    def randn(*shape):
+        return torch.randn(*shape, device="cuda", dtype=dtype) * shape[-1] ** -0.5
+
+    rows_out = []
+    for rows in (1, 16):
+        x = torch.randn(rows, width, device="cuda", dtype=dtype)
+        partials = x.float().pow(2).sum(-1, keepdim=True)
+        y = torch.randn(rows, width, device="cuda", dtype=dtype)
+        attn = torch.randn(rows, 4096, device="cuda", dtype=dtype)
+        act = torch.randn(rows, inter, device="cuda", dtype=dtype)
+        cases = {  # name: (weights per copy, ours, cuBLAS)
+            "shortcut step x@S+y, with norm partials": (
+                lambda: [randn(width, width)],
+                lambda s: fused_linear(x, s, residual=y, sumsq=True, tiles=tiles),
+                lambda s: torch.addmm(y, x, s.T)),
+            "x@S+attn@Wo (shortcut+o-proj+residual)": (
+                lambda: [randn(width, width), randn(width, 4096)],
+                lambda s, w: fused_linear(x, s, a2=attn, w2=w, sumsq=True, tiles=tiles),
+                lambda s, w: torch.addmm(x @ s.T, attn, w.T)),
+            "qkv, norm in epilogue": (
+                lambda: [randn(3 * 4096, width)],
+                lambda w: fused_linear(x, w, norm=(partials, 4096, 1e-5), tiles=tiles),
+                lambda w: x @ w.T),
+            "gate*up, norm in epilogue": (
+                lambda: [randn(inter, width), randn(inter, width)],
+                lambda g, u: gated_linear(x, g, u, norm=(partials, 4096, 1e-5), tiles=tiles),
+                lambda g, u: torch.nn.functional.silu(x @ g.T) * (x @ u.T)),
+            "x@S+act@Wd (shortcut+down+residual)": (
+                lambda: [randn(width, width), randn(width, inter)],
+                lambda s, w: fused_linear(x, s, a2=act, w2=w, sumsq=True, tiles=tiles),
+                lambda s, w: torch.addmm(x @ s.T, act, w.T)),
+        }
+        for name, (make, ours_fn, cublas_fn) in cases.items():
+            bytes_read = sum(w.numel() * w.element_size() for w in make())
+            copies = max(2, int(400e6 // bytes_read) + 1)  # rotate through more than the L2 holds
+            weights = [make() for _ in range(copies)]
+            ours = graph_ms(lambda: [ours_fn(*w) for w in weights], inner=5) / copies
+            theirs = graph_ms(lambda: [cublas_fn(*w) for w in weights], inner=5) / copies
+            gbps = bytes_read / (ours / 1e3) / 1e9
+            rows_out.append({"kernel": name, "rows": rows, "weights": [list(w.shape) for w in weights[0]],
+                             "dtype": str(dtype).split(".")[-1], "ms": ours, "GBps": gbps,
+                             "fraction_of_copy_bw": gbps / copy_gbps, "cublas_ms": theirs, "speedup_vs_cublas": theirs / ours})
+            del weights
+    return rows_out
+
+
+def tile_sweep(dtype: torch.dtype, copy_gbps: float) -> list[dict]:
+    """Decode-size fused_linear at several tile shapes: which one reads fastest."""
+    results = []
+    for n, k in ((4096, 4096), (11008, 4096), (4096, 11008), (3072, 3072)):
+        copies = max(2, int(400e6 // (n * k * 2)) + 1)
+        ws = rotating(lambda: torch.randn(n, k, device="cuda", dtype=dtype), copies)
+        x = torch.randn(1, k, device="cuda", dtype=dtype)
+        for block_n in (16, 32, 64):
+            for block_k in (128, 256):
+                for warps, stages in ((4, 3), (4, 5)):
+                    tiles = TileConfig(16, block_n, block_k, warps, stages)
+                    try:
+                        ms = graph_ms(lambda: [fused_linear(x, w, tiles=tiles) for w in ws], inner=5) / copies
+                    except Exception as error:  # out of shared memory, say
+                        results.append({"n": n, "k": k, "tiles": tiles.__dict__, "error": str(error)[:100]})
+                        continue
+                    results.append({"n": n, "k": k, "tiles": tiles.__dict__, "ms": ms,
+                                    "fraction_of_copy_bw": n * k * 2 / (ms / 1e3) / 1e9 / copy_gbps})
+        cublas = graph_ms(lambda: [x @ w.T for w in ws], inner=5) / copies
+        results.append({"n": n, "k": k, "tiles": "cublas", "ms": cublas,
+                        "fraction_of_copy_bw": n * k * 2 / (cublas / 1e3) / 1e9 / copy_gbps})
+        del ws
+    return results
+
+
+def check_fast_path(model, fast) -> dict:
+    generator = torch.Generator(device="cuda").manual_seed(1)
+    tokens = torch.randint(0, 32000, (1, 96), device="cuda", generator=generator)
+    with torch.inference_mode():
+        expected = model(tokens)
+        prefill_error = relative_error(fast(tokens[:, :-1]), expected[:, :-1])
+        cache = fast.new_cache(slots=2, max_len=128)
+        slot = torch.tensor([1], device="cuda")
+        fast.forward_cached(tokens[:, :-1], torch.arange(95, device="cuda")[None], slot, cache, last_only=True)
+        step = fast.forward_cached(tokens[:, -1:], torch.tensor([[95]], device="cuda"), slot, cache)
+        decode_error = relative_error(step[0, 0], expected[0, -1])
+    return {"prefill_rel_error": prefill_error, "decode_rel_error": decode_error}
+
+
+def time_decode(fast, spec, batch: int, prompt: int, steps: int, weight_b: int, copy_gbps: float) -> dict:
+    cache = fast.new_cache(slots=batch, max_len=prompt + steps + 8)
+    graphs = DecodeGraphs(fast, cache)
+    slots = torch.arange(batch, device="cuda")
+    with torch.inference_mode():
+        tokens = torch.randint(0, 32000, (batch, prompt), device="cuda")
+        for row in range(batch):
+            fast.forward_cached(tokens[row : row + 1], torch.arange(prompt, device="cuda")[None], slots[row : row + 1],
+                                cache, last_only=True)
+        graphs.graph(batch)  # capture outside the timed region
+        next_tokens = tokens[:, -1]
+        positions = torch.full((batch,), prompt, device="cuda")
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for i in range(steps):
+            logits = graphs.run(next_tokens, positions + i, slots)
+            next_tokens = logits.argmax(-1)
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+    kv_per_token = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * cache.keys[0].element_size()
+    kv_bytes = batch * kv_per_token * (prompt + steps / 2)  # the mean prefix read per step
+    step_bytes = weight_b + kv_bytes
+    roofline = batch / (step_bytes / (copy_gbps * 1e9))
+    tok_s = batch * steps / seconds
+    return {"batch": batch, "prompt": prompt, "new_tokens": steps, "tok_s": tok_s, "ms_per_step": seconds / steps * 1e3,
+            "bytes_per_step": step_bytes, "roofline_tok_s": roofline, "fraction_of_roofline": tok_s / roofline}
+
+
+def time_prefill(fast, spec, length: int, matmul_tflops: float) -> dict:
+    cache = fast.new_cache(slots=1, max_len=length)
+    tokens = torch.randint(0, 32000, (1, length), device="cuda")
+    positions = torch.arange(length, device="cuda")[None]
+    slot = torch.tensor([0], device="cuda")
+    with torch.inference_mode():
+        ms = gpu_ms(lambda: fast.forward_cached(tokens, positions, slot, cache, last_only=True), repeats=5, warmup=2)
+    per_token = 0
+    for w in spec.layers:
+        per_token += w.input_width * (spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim
+        per_token += spec.num_heads * spec.head_dim * w.middle_width + 3 * spec.intermediate_size * w.middle_width
+        if spec.has_shortcuts:
+            per_token += w.input_width * w.middle_width + w.middle_width * w.output_width
+    flops = 2 * per_token * length + spec.num_layers * 2 * spec.num_heads * spec.head_dim * length * length  # causal QK and PV
+    tflops = flops / (ms / 1e3) / 1e12
+    return {"tokens": length, "ms": ms, "tok_s": length / (ms / 1e3), "TFLOPs": tflops,
+            "fraction_of_matmul_rate": tflops / matmul_tflops}
+
+
+def time_hf_generate(dtype: torch.dtype, batch: int, prompt: int, new_tokens: int) -> dict:
+    s = SHAPES["llama-2-7b"]
+    config = transformers.LlamaConfig(hidden_size=s["width"], intermediate_size=s["intermediate"],
+                                      num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
+                                      num_key_value_heads=s["kv_heads"], vocab_size=32000, max_position_embeddings=4096)
+    with torch.device("cuda"):
+        model = transformers.LlamaForCausalLM(config).to(dtype).eval()
+    tokens = torch.randint(0, 32000, (batch, prompt), device="cuda")
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    with torch.inference_mode():
+        model.generate(tokens, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)  # warm up
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        model.generate(tokens, **kwargs)
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+    del model
+    return {"batch": batch, "prompt": prompt, "new_tokens": new_tokens, "tok_s": batch * new_tokens / seconds}
+
+
+def markdown(result: dict) -> str:
+    c = result["conditions"]
+    lines = ["# GPU fast path: Llama-2-7B shapes, random weights", ""]
+    lines += [f"- {k}: {v}" for k, v in c.items()] + [""]
+    lines += ["| dtype | model | check: prefill / decode rel. error | batch-1 tok/s (of roofline) | batch-16 tok/s (of roofline) "
+              "| prefill 2048 tok/s (of matmul rate) |", "| --- | --- | --- | ---: | ---: | ---: |"]
+    for r in result["models"]:
+        d1, d16, p = r["decode"]["1"], r["decode"]["16"], r["prefill"]
+        lines.append(f"| {r['dtype']} | {r['model']} | {r['check']['prefill_rel_error']:.1e} / {r['check']['decode_rel_error']:.1e} "
+                     f"| {d1['tok_s']:.1f} ({d1['fraction_of_roofline']:.0%}) | {d16['tok_s']:.0f} ({d16['fraction_of_roofline']:.0%}) "
+                     f"| {p['tok_s']:.0f} ({p['fraction_of_matmul_rate']:.0%}) |")
+    lines += ["", "Ratios in the same run:", ""]
+    for dtype in {r["dtype"] for r in result["models"]}:
+        rows = {r["model"]: r for r in result["models"] if r["dtype"] == dtype}
+        if "dense" not in rows:
+            continue
+        for name, r in rows.items():
+            if name != "dense":
+                for b in ("1", "16"):
+                    lines.append(f"- {dtype}, {name} / dense, batch {b}: "
+                                 f"{r['decode'][b]['tok_s'] / rows['dense']['decode'][b]['tok_s']:.3f}x")
+        for hf in result.get("hf_generate", []):
+            if hf["dtype"] == dtype:
+                ours = rows["dense"]["decode"][str(hf["batch"])]["tok_s"]
+                lines.append(f"- {dtype}, ours dense / Transformers generate, batch {hf['batch']}: {ours / hf['tok_s']:.1f}x "
+                             f"({ours:.1f} vs {hf['tok_s']:.1f} tok/s)")
+    if result.get("kernels"):
+        lines += ["", "| kernel (decode sizes) | dtype | rows | weights | ms | GB/s | of copy bw | vs cuBLAS |",
+                  "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: |"]
+        for k in result["kernels"]:
+            lines.append(f"| {k['kernel']} | {k['dtype']} | {k['rows']} | {k['weights']} | {k['ms']:.4f} | {k['GBps']:.0f} "
+                         f"| {k['fraction_of_copy_bw']:.0%} | {k['speedup_vs_cublas']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out-dir", default="benchmarks/results")
+    parser.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16"])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--sweep", action="store_true", help="also sweep decode tile shapes")
+    parser.add_argument("--hf-new-tokens", type=int, default=64)
+    parser.add_argument("--skip-hf", action="store_true")
+    args = parser.parse_args()
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    result = {"conditions": {
+        "device": torch.cuda.get_device_name(), "shape": "Llama-2-7B (32 layers, width 4096, 32 heads, MLP 11008, vocab 32000)",
+        "weights": "random N(0, 1/fan_in)", "decode": f"greedy, prompt {args.prompt}, {args.steps} new tokens, CUDA graphs, argmax on GPU",
+        "prefill": "one sequence of 2048 tokens, Triton projections + SDPA (flash) attention",
+        "decode_tiles": DECODE_TILES.__dict__,
+        "versions": {"torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__,
+                     "python": platform.python_version()},
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }, "models": [], "hf_generate": [], "kernels": []}
+
+    def save() -> None:
+        (out_dir / "gpu_fast_path.json").write_text(json.dumps(result, indent=2) + "\n")
+        (out_dir / "gpu_fast_path.md").write_text(markdown(result))
+
+    result["ceilings"] = ceilings()
+    copy_gbps = result["ceilings"]["copy_GBps"]
+    result["conditions"]["measured_copy_GBps"] = round(copy_gbps)
+    result["conditions"]["measured_matmul_TFLOPs"] = {k: round(v) for k, v in result["ceilings"]["matmul_TFLOPs"].items()}
+    print(result["ceilings"], flush=True)
+    if args.sweep:
+        result["tile_sweep"] = tile_sweep(torch.float16, copy_gbps)
+        best = sorted((r for r in result["tile_sweep"] if "ms" in r and r["tiles"] != "cublas"),
+                      key=lambda r: -r["fraction_of_copy_bw"])[:8]
+        print("best tiles:", json.dumps(best), flush=True)
+        save()
+
+    for dtype_name in args.dtypes:
+        dtype = DTYPES[dtype_name]
+        for variant in args.variants:
+            spec = llama_spec("llama-2-7b", VARIANTS[variant])
+            model = random_transformer(spec, dtype=dtype)
+            fast = FastTransformer(model)
+            row = {"dtype": dtype_name, "model": variant, "weight_bytes": weight_bytes(model), "check": check_fast_path(model, fast)}
+            del model  # the fast model keeps what it reads
+            gc.collect()
+            torch.cuda.empty_cache()
+            row["decode"] = {str(b): time_decode(fast, spec, b, args.prompt, args.steps, row["weight_bytes"], copy_gbps)
+                             for b in (1, 16)}
+            row["prefill"] = time_prefill(fast, spec, 2048, result["ceilings"]["matmul_TFLOPs"][dtype_name])
+            result["models"].append(row)
+            print(json.dumps(row), flush=True)
+            del fast
+            gc.collect()
+            torch.cuda.empty_cache()
+            save()
+        width_25 = llama_spec("llama-2-7b", 0.25).layers[0].input_width
+        result["kernels"] += kernel_timings(dtype, copy_gbps, width_25, 11008, DECODE_TILES)
+        save()
+        if not args.skip_hf:
+            for batch in (1, 16):
+                hf = time_hf_generate(dtype, batch, args.prompt, args.hf_new_tokens)
+                result["hf_generate"].append({"dtype": dtype_name, **hf})
+                print(hf, flush=True)
+                gc.collect()
+                torch.cuda.empty_cache()
+                save()
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()

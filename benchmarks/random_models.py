@@ -1,0 +1,75 @@
+"""Runtime models of real shapes (Llama-2-7B/13B/70B) with random weights, built on the GPU.
+
+Benchmarks time kernels and decoding, which do not depend on the weights' values, only on
+their shapes; random weights of the right shapes need no download and build in seconds.
+A sliced variant has the widths our slicer writes at that sparsity (uniform, rounded to
+8) and random shortcut matrices.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sliceserve.decoder_spec import DecoderSpec, LayerWidths, RopeSpec
+from sliceserve.runtime.model import Transformer
+from sliceserve.slicing.slicer import kept_width
+
+SHAPES = {
+    "llama-2-7b": dict(width=4096, layers=32, heads=32, kv_heads=32, intermediate=11008),
+    "llama-2-13b": dict(width=5120, layers=40, heads=40, kv_heads=40, intermediate=13824),
+    "llama-2-70b": dict(width=8192, layers=80, heads=64, kv_heads=8, intermediate=28672),
+    "tiny": dict(width=256, layers=2, heads=4, kv_heads=2, intermediate=512),
+}
+
+
+def llama_spec(shape: str, sparsity: float = 0.0, layers: int | None = None) -> DecoderSpec:
+    s = SHAPES[shape]
+    spec = DecoderSpec(
+        family="llama", vocab_size=32000, original_width=s["width"], num_layers=layers or s["layers"],
+        num_heads=s["heads"], num_kv_heads=s["kv_heads"], head_dim=s["width"] // s["heads"],
+        intermediate_size=s["intermediate"], activation="silu", gated_mlp=True, parallel_block=False,
+        norm_eps=1e-5, max_positions=4096, rope=RopeSpec(theta=10000.0, rotary_dim=s["width"] // s["heads"]),
+    )
+    kept = kept_width(s["width"], sparsity, 8)
+    spec.layers = [LayerWidths(kept, kept, kept) for _ in range(spec.num_layers)]
+    spec.embedding_width = spec.head_width = kept
+    spec.has_shortcuts = sparsity > 0
+    return spec
+
+
+def weight_shapes(spec: DecoderSpec) -> dict[str, tuple[int, ...]]:
+    hq, hkv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+    shapes = {"embed.weight": (spec.vocab_size, spec.embedding_width), "head.weight": (spec.vocab_size, spec.head_width)}
+    for i, w in enumerate(spec.layers):
+        p = f"layers.{i}"
+        shapes |= {f"{p}.attn.q.weight": (hq, w.input_width), f"{p}.attn.k.weight": (hkv, w.input_width),
+                   f"{p}.attn.v.weight": (hkv, w.input_width), f"{p}.attn.o.weight": (w.middle_width, hq),
+                   f"{p}.mlp.gate.weight": (spec.intermediate_size, w.middle_width),
+                   f"{p}.mlp.up.weight": (spec.intermediate_size, w.middle_width),
+                   f"{p}.mlp.down.weight": (w.output_width, spec.intermediate_size)}
+        if spec.has_shortcuts:
+            shapes |= {f"{p}.attn_shortcut": (w.middle_width, w.input_width),
+                       f"{p}.mlp_shortcut": (w.output_width, w.middle_width)}
+    return shapes
+
+
+def random_transformer(spec: DecoderSpec, *, dtype: torch.dtype, device: str = "cuda", seed: int = 0) -> Transformer:
+    """Weights ~ N(0, 1/fan_in) (embeddings N(0, 1)), generated on `device`."""
+    shapes = weight_shapes(spec)
+    generator = torch.Generator(device=device).manual_seed(seed)
+
+    def get(name: str) -> torch.Tensor | None:
+        if name not in shapes:
+            return None
+        shape = shapes[name]
+        scale = 1.0 if name == "embed.weight" else shape[1] ** -0.5
+        return (torch.randn(shape, generator=generator, device=device, dtype=torch.float32) * scale).to(dtype)
+
+    return Transformer(spec, get).eval()
+
+
+def weight_bytes(model: Transformer) -> int:
+    """Bytes a decode step reads from weights: every matrix except the embedding table."""
+    total = sum(t.numel() * t.element_size() for name, t in model.state_dict().items() if not name.startswith("embed"))
+    total += sum(b.numel() * b.element_size() for block in model.layers for b in block.buffers() if b is not None)
+    return total
