@@ -78,6 +78,7 @@ def checkpoint_summary(path: str) -> dict:
         "dtype": config.get("dtype"),
         "source": config.get("source"),
         "slicing": config.get("slicing"),
+        "sparsity": config.get("sparsity"),
         "versions": config.get("versions"),
         "created": config.get("created"),
     }
@@ -92,8 +93,10 @@ def info_command(args: argparse.Namespace) -> int:
     widths = sorted({w for layer in summary["layer_widths"] for w in layer if w is not None})
     print(f"checkpoint   {summary['path']}")
     print(f"family       {summary['family']}, {summary['layers']} layers, {summary['dtype']}")
+    sparsity = summary["sparsity"] or {}
     print(f"kind         {'sliced' if summary['sliced'] else 'dense'}"
-          + (f" at sparsity {slicing.get('sparsity')}" if slicing else ""))
+          + (f" at sparsity {slicing.get('sparsity')}" if slicing else "")
+          + (f", {sparsity['pattern']} sparse ({sparsity['method']})" if sparsity else ""))
     print(f"widths       original {summary['original_width']}, kept {', '.join(map(str, widths))}"
           f" (embedding {summary['embedding_width']}, head {summary['head_width']})")
     print(f"parameters   {summary['parameters']:,}")
@@ -107,5 +110,24 @@ def info_command(args: argparse.Namespace) -> int:
         outputs = [layer["output"] for layer in explained.get("layers", [])]
         if outputs:
             print(f"explained    variance kept at layer outputs: min {min(outputs):.4f}, mean {sum(outputs) / len(outputs):.4f}")
+    for line in sparsity_lines(sparsity) if sparsity else []:
+        print(line)
     print(f"versions     {summary['versions']}")
     return 0
+
+
+def sparsity_lines(sparsity: dict) -> list[str]:
+    """What `info` says of an N:M pruned checkpoint: pattern, method, linears, calibration, error."""
+    lines = [f"sparsity     {sparsity['pattern']} ({sparsity['method']}) in {', '.join(sparsity.get('pruned', []))}"
+             f" of every layer; embeddings and head dense"]
+    cal = sparsity.get("calibration")
+    if cal:
+        lines.append(f"calibration  {cal.get('source')}, {cal.get('nsamples')} x {cal.get('seqlen')}, seed {cal.get('seed')}"
+                     f"; {sparsity.get('calibration_tokens')} tokens; pruned in {sparsity.get('seconds')} s"
+                     f" on {sparsity.get('device')}")
+    layers = sparsity.get("relative_error", {}).get("layers", [])
+    errors = [e for layer in layers for e in layer.values()]
+    if errors:
+        measure = sparsity["relative_error"]["measure"].split(",")[0]
+        lines.append(f"error        relative {measure}: mean {sum(errors) / len(errors):.4f}, max {max(errors):.4f}")
+    return lines

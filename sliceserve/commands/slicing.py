@@ -11,7 +11,7 @@ from sliceserve.errors import SliceserveError
 from sliceserve.slicing.calibration import load_calibration
 from sliceserve.slicing.pipeline import DTYPES, export_checkpoint, slice_checkpoint
 from sliceserve.slicing.slicer import kept_width
-from sliceserve.slicing.sources import open_source
+from sliceserve.slicing.sources import ModelSource, open_source
 from sliceserve.slicing.self_calibration import dense_runtime_model
 
 log = logging.getLogger("sliceserve")
@@ -24,16 +24,14 @@ def check_device(device: str) -> None:
         raise SliceserveError(f"--device {device} asked for, but no CUDA GPU is available")
 
 
-def slice_command(args: argparse.Namespace) -> int:
-    if args.round_to < 1:
-        raise SliceserveError(f"--round-to must be at least 1, got {args.round_to}")
-    check_device(args.device)
-    source = open_source(args.model)
-    kept_width(source.config.hidden_size, args.sparsity, args.round_to)  # validates --sparsity early
+def check_seqlen(source: ModelSource, seqlen: int) -> None:
     max_positions = getattr(source.config, "max_position_embeddings", None)
-    if max_positions is not None and args.seqlen > max_positions:
-        raise SliceserveError(f"--seqlen {args.seqlen} exceeds the model's {max_positions} positions")
-    check_destination(Path(args.out).absolute(), args.overwrite)  # fail before the long work
+    if max_positions is not None and seqlen > max_positions:
+        raise SliceserveError(f"--seqlen {seqlen} exceeds the model's {max_positions} positions")
+
+
+def calibration_from_args(args: argparse.Namespace, source: ModelSource) -> tuple[list, dict]:
+    """The calibration batches the options of `add_calibration_options` ask for, and their record."""
     tokenizer = source.tokenizer()
     if tokenizer is None:
         raise SliceserveError("this model has no tokenizer, so calibration text cannot be tokenized")
@@ -45,6 +43,18 @@ def slice_command(args: argparse.Namespace) -> int:
     log.info("calibration: %s, %d x %d tokens, seed %d", args.calibration, args.nsamples, args.seqlen, args.seed)
     calibration = {"source": args.calibration, "nsamples": args.nsamples, "seqlen": args.seqlen,
                    "batch_size": args.batch_size, "seed": args.seed}
+    return batches, calibration
+
+
+def slice_command(args: argparse.Namespace) -> int:
+    if args.round_to < 1:
+        raise SliceserveError(f"--round-to must be at least 1, got {args.round_to}")
+    check_device(args.device)
+    source = open_source(args.model)
+    kept_width(source.config.hidden_size, args.sparsity, args.round_to)  # validates --sparsity early
+    check_seqlen(source, args.seqlen)
+    check_destination(Path(args.out).absolute(), args.overwrite)  # fail before the long work
+    batches, calibration = calibration_from_args(args, source)
     out = slice_checkpoint(
         source, args.out, batches, sparsity=args.sparsity, round_to=args.round_to,
         dtype=DTYPES[args.dtype] if args.dtype else None, device=args.device,
