@@ -20,6 +20,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from sliceserve.kernels.fused_linear import dot_precision
+
 
 @triton.jit
 def decode_attention_kernel(
@@ -27,7 +29,7 @@ def decode_attention_kernel(
     stride_q_row, stride_q_head, stride_slot, stride_head, stride_pos,
     group, head_dim, window, scale,
     SPLITS: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_P2: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_P2: tl.constexpr, PRECISION: tl.constexpr,
 ):
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -55,14 +57,14 @@ def decode_attention_kernel(
         kv_mask = (n[:, None] < hi) & (d[None, :] < head_dim)
         offsets = base + n[:, None] * stride_pos + d[None, :]
         k = tl.load(keys_ptr + offsets, mask=kv_mask, other=0.0)
-        scores = tl.dot(q, tl.trans(k)) * scale
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         scores = tl.where((n < hi)[None, :], scores, float("-inf"))
         new_max = tl.maximum(running_max, tl.max(scores, axis=1))
         p = tl.exp(scores - new_max[:, None])
         alpha = tl.exp(running_max - new_max)
         running_sum = running_sum * alpha + tl.sum(p, axis=1)
         v = tl.load(values_ptr + offsets, mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         running_max = new_max
 
     num_heads = tl.num_programs(1) * group
@@ -121,7 +123,8 @@ def decode_attention(
         q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
         group, head_dim, window or 0, 1.0 / math.sqrt(head_dim),
         SPLITS=splits, HAS_WINDOW=window is not None,
-        BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, HEAD_P2=head_p2, num_warps=4,
+        BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, HEAD_P2=head_p2,
+        PRECISION=dot_precision(q.dtype), num_warps=4,
     )
     out = torch.empty((M, num_heads * head_dim), device=q.device, dtype=q.dtype) if out is None else out
     combine_splits_kernel[(M, num_heads)](part_out, part_max, part_sum, out, out.stride(0), head_dim,

@@ -46,6 +46,12 @@ def tiles_for(rows: int) -> TileConfig:
     return DECODE_TILES if rows <= 16 else PREFILL_TILES
 
 
+def dot_precision(dtype: torch.dtype) -> str:
+    """float32 operands multiply exactly (ieee), not in TF32: float32 runs are for checking,
+    where exactness matters and speed does not. Half-precision operands ignore this."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
 def sumsq_tiles(n: int, tiles: TileConfig) -> int:
     """Columns of the partial sums of squares a product of width n leaves behind."""
     return triton.cdiv(n, tiles.block_n)
@@ -62,7 +68,7 @@ def row_scale_from_partials(partials_ptr, stride, offs_m, M, tiles, width, eps, 
 
 @triton.jit
 def accumulate_product(acc, a_ptr, stride_a, w_ptr, stride_w, offs_m, offs_n, M, N, K,
-                       BLOCK_K: tl.constexpr):
+                       BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     offs_k = tl.arange(0, BLOCK_K)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + offs_k
@@ -70,7 +76,7 @@ def accumulate_product(acc, a_ptr, stride_a, w_ptr, stride_w, offs_m, offs_n, M,
                     mask=(offs_m[:, None] < M) & (k[None, :] < K), other=0.0)
         w = tl.load(w_ptr + offs_n[None, :] * stride_w + k[:, None],
                     mask=(offs_n[None, :] < N) & (k[:, None] < K), other=0.0)
-        acc += tl.dot(a, w)
+        acc += tl.dot(a, w, input_precision=PRECISION)
     return acc
 
 
@@ -81,19 +87,19 @@ def fused_linear_kernel(
     stride_a, stride_w, stride_a2, stride_w2, stride_res, stride_out, stride_norm, stride_sumsq,
     HAS_A2: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, NORM_IN: tl.constexpr,
     SUMSQ_OUT: tl.constexpr, ACTIVATION: tl.constexpr, NORM_TILES_P2: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc = accumulate_product(acc, a_ptr, stride_a, w_ptr, stride_w, offs_m, offs_n, M, N, K, BLOCK_K)
+    acc = accumulate_product(acc, a_ptr, stride_a, w_ptr, stride_w, offs_m, offs_n, M, N, K, BLOCK_K, PRECISION)
     if NORM_IN:
         r = row_scale_from_partials(norm_ptr, stride_norm, offs_m, M, norm_tiles, norm_width, eps, NORM_TILES_P2)
         acc = acc * r[:, None]
     if HAS_A2:
-        acc = accumulate_product(acc, a2_ptr, stride_a2, w2_ptr, stride_w2, offs_m, offs_n, M, N, K2, BLOCK_K)
+        acc = accumulate_product(acc, a2_ptr, stride_a2, w2_ptr, stride_w2, offs_m, offs_n, M, N, K2, BLOCK_K, PRECISION)
     n_ok = offs_n < N
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -141,7 +147,7 @@ def fused_linear(
         HAS_A2=a2 is not None, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
         NORM_IN=norm_partials is not None, SUMSQ_OUT=sumsq, ACTIVATION=ACTIVATION_CODES[activation],
         NORM_TILES_P2=triton.next_power_of_2(norm_partials.shape[1]) if norm_partials is not None else 1,
-        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, PRECISION=dot_precision(a.dtype),
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     return out, partials

@@ -12,7 +12,13 @@ import triton
 import triton.language as tl
 
 from sliceserve.kernels.activations import ACTIVATION_CODES, apply_activation, reference_activation
-from sliceserve.kernels.fused_linear import TileConfig, row_scale_from_partials, row_scale_reference, tiles_for
+from sliceserve.kernels.fused_linear import (
+    TileConfig,
+    dot_precision,
+    row_scale_from_partials,
+    row_scale_reference,
+    tiles_for,
+)
 
 
 @triton.jit
@@ -21,7 +27,7 @@ def gated_linear_kernel(
     M, N, K, norm_tiles, norm_width, eps,
     stride_a, stride_w, stride_out, stride_norm,
     HAS_BIAS: tl.constexpr, NORM_IN: tl.constexpr, ACTIVATION: tl.constexpr, NORM_TILES_P2: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -36,8 +42,8 @@ def gated_linear_kernel(
                     mask=(offs_m[:, None] < M) & (k[None, :] < K), other=0.0)
         w_mask = (offs_n[None, :] < N) & (k[:, None] < K)
         w_offsets = offs_n[None, :] * stride_w + k[:, None]
-        gate += tl.dot(a, tl.load(gate_ptr + w_offsets, mask=w_mask, other=0.0))
-        up += tl.dot(a, tl.load(up_ptr + w_offsets, mask=w_mask, other=0.0))
+        gate += tl.dot(a, tl.load(gate_ptr + w_offsets, mask=w_mask, other=0.0), input_precision=PRECISION)
+        up += tl.dot(a, tl.load(up_ptr + w_offsets, mask=w_mask, other=0.0), input_precision=PRECISION)
     if NORM_IN:
         r = row_scale_from_partials(norm_ptr, stride_norm, offs_m, M, norm_tiles, norm_width, eps, NORM_TILES_P2)
         gate = gate * r[:, None]
@@ -73,7 +79,7 @@ def gated_linear(
         a.stride(0), gate.stride(0), out.stride(0), norm_partials.stride(0) if norm_partials is not None else 0,
         HAS_BIAS=gate_bias is not None, NORM_IN=norm_partials is not None, ACTIVATION=ACTIVATION_CODES[activation],
         NORM_TILES_P2=triton.next_power_of_2(norm_partials.shape[1]) if norm_partials is not None else 1,
-        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, PRECISION=dot_precision(a.dtype),
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     return out

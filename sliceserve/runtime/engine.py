@@ -320,13 +320,22 @@ def load_engine(path: str | Path, *, device: str = "cpu", max_batch: int = 8, ma
     if use_fast_path(runtime, device):
         from sliceserve.runtime.fast_model import FastTransformer
 
-        model = FastTransformer(model)
+        model = FastTransformer(model, semi_structured=uses_sparse_tensor_cores(path, device))
     engine = Engine(model, load_tokenizer(path), max_batch=max_batch, max_model_len=max_model_len,
                     max_queue=max_queue, prefill_chunk=prefill_chunk)
     prepare = getattr(model, "prepare", None)
     if prepare is not None:  # capture the decode graphs now, not during the first requests
         prepare(engine.cache)
     return engine
+
+
+def uses_sparse_tensor_cores(path: str | Path, device: str | torch.device) -> bool:
+    """A 2:4-pruned checkpoint on a GPU with sparse tensor cores (else its zeros run dense)."""
+    from sliceserve.checkpoint import read_config
+    from sliceserve.runtime.semi_structured import supports_semi_structured
+
+    pattern = (read_config(path).get("sparsity") or {}).get("pattern")
+    return pattern == "2:4" and supports_semi_structured(torch.device(device))
 
 
 def use_fast_path(runtime: str, device: str | torch.device) -> bool:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sliceserve.errors import SliceserveError
 from sliceserve.kernels.decode_attention import choose_splits, decode_attention
 from sliceserve.kernels.fused_linear import fused_linear
 from sliceserve.kernels.gated_linear import gated_linear
@@ -28,6 +29,7 @@ from sliceserve.kernels.rms_norm import rms_norm
 from sliceserve.kernels.rope_store import rope_half_tables, rope_store
 from sliceserve.runtime.kv_cache import KVCache
 from sliceserve.runtime.model import Block, Transformer, attention
+from sliceserve.runtime.semi_structured import SparseLayer, sparse_layer_forward
 
 
 def concatenated_bias(parts: list[torch.nn.Linear], widths: list[int]) -> torch.Tensor | None:
@@ -87,10 +89,16 @@ class FastLayer:
 class FastTransformer:
     """Drop-in for Transformer in the Engine (same forward_cached/forward/new_cache)."""
 
-    def __init__(self, model: Transformer):
+    def __init__(self, model: Transformer, *, semi_structured: bool = False):
+        """semi_structured: the decoder linears are 2:4 sparse; multiply them with sparse tensor
+        cores (runtime/semi_structured.py) instead of the dense kernels."""
         self.spec = model.spec
         self.embed, self.positions, self.head = model.embed, model.positions, model.head
         self.layers = [FastLayer.from_block(block) for block in model.layers]
+        self.sparse_layers = None
+        if semi_structured:
+            self.sparse_layers = semi_structured_layers(self.spec, self.layers)
+            self.layers = [None] * len(self.layers)  # the compressed copies replace the dense ones
         spec = self.spec
         self.width, self.eps = spec.original_width, spec.norm_eps
         self.activation = spec.activation
@@ -140,6 +148,8 @@ class FastTransformer:
     def layer(self, i: int, x: torch.Tensor, px: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
               cache: KVCache, decode: bool, splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(residual stream after layer i, its partial sums of squares)."""
+        if self.sparse_layers is not None:
+            return sparse_layer_forward(self, i, x, positions, slots, cache, decode, splits), None
         spec, layer = self.spec, self.layers[i]
         norm = (px, self.width, self.eps)
         qkv, _ = fused_linear(x, layer.qkv_weight, bias=layer.qkv_bias, norm=norm)
@@ -170,6 +180,8 @@ class FastTransformer:
         x, px = self.embed_rows(tokens, positions)
         for i in range(len(self.layers)):
             x, px = self.layer(i, x, px, positions, slots, cache, decode, splits)
+        if px is None:  # the semi-structured layers leave no partial sums
+            px = rms_norm(x, self.width, self.eps, sumsq_only=True)
         if last_rows is not None:
             x, px = x[last_rows], px[last_rows]
         logits, _ = fused_linear(x, self.head.weight, bias=self.head.bias, norm=(px, self.width, self.eps))
@@ -212,6 +224,12 @@ class FastTransformer:
         return self.forward_cached(tokens, positions, slots, cache)
 
     __call__ = forward
+
+
+def semi_structured_layers(spec, layers: list[FastLayer]) -> list[SparseLayer]:
+    if spec.parallel_block:
+        raise SliceserveError("2:4 sparse tensor cores are supported for sequential blocks only")
+    return [SparseLayer.from_fast_layer(i, layer) for i, layer in enumerate(layers)]
 
 
 def residual_update(x: torch.Tensor, shortcut: torch.Tensor | None, y: torch.Tensor, weight: torch.Tensor,
