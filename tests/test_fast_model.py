@@ -62,8 +62,19 @@ def test_whole_sequence_logits_match_the_reference(models):
 
 
 @torch.no_grad()
-def test_prefill_then_decode_rows_of_different_lengths(models):
+def test_library_products_compute_the_same_model(models):
+    """The cuBLAS variant of the fast path (same layer code, library products)."""
+    reference, _ = models
+    tokens = random_tokens(2, 19, seed=6).to(DEVICE)
+    assert relative_error(FastTransformer(reference, products="library")(tokens), reference(tokens)) < 1e-5
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("products", ["triton", "library"])
+def test_prefill_then_decode_rows_of_different_lengths(models, products):
     reference, fast = models
+    if products == "library":
+        fast = FastTransformer(reference, products="library")
     prompts = [random_tokens(1, n, seed=n)[0].to(DEVICE) for n in (13, 5, 9)]
     steps = 2
     caches = {name: model.new_cache(slots=4, max_len=32) for name, model in (("ref", reference), ("fast", fast))}

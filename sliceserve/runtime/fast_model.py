@@ -28,6 +28,7 @@ from sliceserve.kernels.gated_linear import gated_linear
 from sliceserve.kernels.rms_norm import rms_norm
 from sliceserve.kernels.rope_store import rope_half_tables, rope_store
 from sliceserve.runtime.kv_cache import KVCache
+from sliceserve.runtime.library_products import library_gated, library_linear
 from sliceserve.runtime.model import Block, Transformer, attention
 from sliceserve.runtime.semi_structured import SparseLayer, sparse_layer_forward
 
@@ -89,9 +90,13 @@ class FastLayer:
 class FastTransformer:
     """Drop-in for Transformer in the Engine (same forward_cached/forward/new_cache)."""
 
-    def __init__(self, model: Transformer, *, semi_structured: bool = False):
+    def __init__(self, model: Transformer, *, semi_structured: bool = False, products: str = "triton"):
         """semi_structured: the decoder linears are 2:4 sparse; multiply them with sparse tensor
-        cores (runtime/semi_structured.py) instead of the dense kernels."""
+        cores (runtime/semi_structured.py) instead of the dense kernels.
+        products: "triton" (our fused kernels) or "library" (cuBLAS products, separate epilogues)."""
+        if products not in PRODUCTS:
+            raise SliceserveError(f"unknown products backend {products!r}: {' or '.join(PRODUCTS)}")
+        self.linear, self.gated = PRODUCTS[products]
         self.spec = model.spec
         self.embed, self.positions, self.head = model.embed, model.positions, model.head
         self.layers = [FastLayer.from_block(block) for block in model.layers]
@@ -152,26 +157,33 @@ class FastTransformer:
             return sparse_layer_forward(self, i, x, positions, slots, cache, decode, splits), None
         spec, layer = self.spec, self.layers[i]
         norm = (px, self.width, self.eps)
-        qkv, _ = fused_linear(x, layer.qkv_weight, bias=layer.qkv_bias, norm=norm)
+        qkv, _ = self.linear(x, layer.qkv_weight, bias=layer.qkv_bias, norm=norm)
         q = rope_store(qkv, positions, slots, cache.keys[i], cache.values[i], self.cos, self.sin,
                        num_heads=spec.num_heads, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim)
         attn = self.attend(q, positions, slots, cache.keys[i], cache.values[i], decode, splits)
         if spec.parallel_block:
             act = self.mlp_up(layer, x, norm)
             if layer.shortcut is None:
-                return fused_linear(attn, layer.o_weight, a2=act, w2=layer.down_weight, bias=layer.parallel_bias,
-                                    residual=x, sumsq=True)
-            update, _ = fused_linear(attn, layer.o_weight, a2=act, w2=layer.down_weight, bias=layer.parallel_bias)
-            return fused_linear(x, layer.shortcut, residual=update, sumsq=True)
-        x_mid, p_mid = residual_update(x, layer.attn_shortcut, attn, layer.o_weight, layer.o_bias)
+                return self.linear(attn, layer.o_weight, a2=act, w2=layer.down_weight, bias=layer.parallel_bias,
+                                   residual=x, sumsq=True)
+            update, _ = self.linear(attn, layer.o_weight, a2=act, w2=layer.down_weight, bias=layer.parallel_bias)
+            return self.linear(x, layer.shortcut, residual=update, sumsq=True)
+        x_mid, p_mid = self.residual_update(x, layer.attn_shortcut, attn, layer.o_weight, layer.o_bias)
         act = self.mlp_up(layer, x_mid, (p_mid, self.width, self.eps))
-        return residual_update(x_mid, layer.mlp_shortcut, act, layer.down_weight, layer.down_bias)
+        return self.residual_update(x_mid, layer.mlp_shortcut, act, layer.down_weight, layer.down_bias)
+
+    def residual_update(self, x: torch.Tensor, shortcut: torch.Tensor | None, y: torch.Tensor, weight: torch.Tensor,
+                        bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x @ S + y @ W.T + b (sliced) or x + y @ W.T + b (dense), with its partial sums of squares."""
+        if shortcut is None:
+            return self.linear(y, weight, bias=bias, residual=x, sumsq=True)
+        return self.linear(x, shortcut, a2=y, w2=weight, bias=bias, sumsq=True)
 
     def mlp_up(self, layer: FastLayer, x: torch.Tensor, norm) -> torch.Tensor:
         if layer.gate_weight is not None:
-            return gated_linear(x, layer.gate_weight, layer.up_weight, activation=self.activation,
-                                gate_bias=layer.gate_bias, up_bias=layer.up_bias, norm=norm)
-        out, _ = fused_linear(x, layer.up_weight, bias=layer.up_bias, activation=self.activation, norm=norm)
+            return self.gated(x, layer.gate_weight, layer.up_weight, activation=self.activation,
+                              gate_bias=layer.gate_bias, up_bias=layer.up_bias, norm=norm)
+        out, _ = self.linear(x, layer.up_weight, bias=layer.up_bias, activation=self.activation, norm=norm)
         return out
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, cache: KVCache,
@@ -184,7 +196,7 @@ class FastTransformer:
             px = rms_norm(x, self.width, self.eps, sumsq_only=True)
         if last_rows is not None:
             x, px = x[last_rows], px[last_rows]
-        logits, _ = fused_linear(x, self.head.weight, bias=self.head.bias, norm=(px, self.width, self.eps))
+        logits, _ = self.linear(x, self.head.weight, bias=self.head.bias, norm=(px, self.width, self.eps))
         return logits
 
     # ---- the Engine's interface --------------------------------------------------------------
@@ -226,18 +238,14 @@ class FastTransformer:
     __call__ = forward
 
 
+PRODUCTS = {"triton": (fused_linear, gated_linear), "library": (library_linear, library_gated)}
+
+
 def semi_structured_layers(spec, layers: list[FastLayer]) -> list[SparseLayer]:
     if spec.parallel_block:
         raise SliceserveError("2:4 sparse tensor cores are supported for sequential blocks only")
     return [SparseLayer.from_fast_layer(i, layer) for i, layer in enumerate(layers)]
 
-
-def residual_update(x: torch.Tensor, shortcut: torch.Tensor | None, y: torch.Tensor, weight: torch.Tensor,
-                    bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """x @ S + y @ W.T + b (sliced) or x + y @ W.T + b (dense), with its partial sums of squares."""
-    if shortcut is None:
-        return fused_linear(y, weight, bias=bias, residual=x, sumsq=True)
-    return fused_linear(x, shortcut, a2=y, w2=weight, bias=bias, sumsq=True)
 
 
 def prefill_attention(q: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, keys: torch.Tensor,
