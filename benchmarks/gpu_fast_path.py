@@ -240,32 +240,62 @@ def time_hf_generate(dtype: torch.dtype, batch: int, prompt: int, new_tokens: in
     return {"batch": batch, "prompt": prompt, "new_tokens": new_tokens, "tok_s": batch * new_tokens / seconds}
 
 
+def target_lines(result: dict) -> list[str]:
+    """The issue's targets (fp16) against the measurements: met, or missed by how much."""
+    lines = []
+
+    def judge(what: str, value: float, target: float, unit: str = "x") -> None:
+        verdict = "met" if value >= target else f"MISSED by {target - value:.3g}{unit} ({value / target:.1%} of the target)"
+        lines.append(f"- {what}: {value:.3g}{unit} (target >= {target:g}{unit}): {verdict}")
+
+    models = [r for r in result["models"] if r["dtype"] == "float16"]
+    for products in sorted({r["products"] for r in models}):
+        rows = {r["model"]: r for r in models if r["products"] == products}
+        dense = rows.get("dense")
+        if dense is None:
+            continue
+        judge(f"[{products}] dense batch-1 decode, fraction of roofline", dense["decode"]["1"]["fraction_of_roofline"], 0.90, "")
+        if "sliced 25%" in rows:
+            judge(f"[{products}] sliced 25% / dense at batch 1",
+                  rows["sliced 25%"]["decode"]["1"]["tok_s"] / dense["decode"]["1"]["tok_s"], 1.15)
+        judge(f"[{products}] dense prefill 2048, fraction of the fp16 matmul rate", dense["prefill"]["fraction_of_matmul_rate"], 0.60, "")
+        for hf in result.get("hf_generate", []):
+            if hf["dtype"] == "float16":
+                judge(f"[{products}] dense / Transformers generate at batch {hf['batch']}",
+                      dense["decode"][str(hf["batch"])]["tok_s"] / hf["tok_s"], 15.0 if hf["batch"] == 1 else 5.0)
+    for k in result.get("kernels", []):
+        if k["dtype"] == "float16" and k["kernel"].startswith("shortcut step"):
+            judge(f"fused shortcut kernel, {k['rows']} row(s), fraction of copy bandwidth", k["fraction_of_copy_bw"], 0.85, "")
+    return lines
+
+
 def markdown(result: dict) -> str:
     c = result["conditions"]
     lines = ["# GPU fast path: Llama-2-7B shapes, random weights", ""]
     lines += [f"- {k}: {v}" for k, v in c.items()] + [""]
-    lines += ["| dtype | model | check: prefill / decode rel. error | batch-1 tok/s (of roofline) | batch-16 tok/s (of roofline) "
-              "| prefill 2048 tok/s (of matmul rate) |", "| --- | --- | --- | ---: | ---: | ---: |"]
+    lines += ["| dtype | model | products | check: prefill / decode rel. error | batch-1 tok/s (of roofline) | batch-16 tok/s (of roofline) "
+              "| prefill 2048 tok/s (of matmul rate) |", "| --- | --- | --- | --- | ---: | ---: | ---: |"]
     for r in result["models"]:
         d1, d16, p = r["decode"]["1"], r["decode"]["16"], r["prefill"]
-        lines.append(f"| {r['dtype']} | {r['model']} | {r['check']['prefill_rel_error']:.1e} / {r['check']['decode_rel_error']:.1e} "
+        lines.append(f"| {r['dtype']} | {r['model']} | {r['products']} | {r['check']['prefill_rel_error']:.1e} / {r['check']['decode_rel_error']:.1e} "
                      f"| {d1['tok_s']:.1f} ({d1['fraction_of_roofline']:.0%}) | {d16['tok_s']:.0f} ({d16['fraction_of_roofline']:.0%}) "
                      f"| {p['tok_s']:.0f} ({p['fraction_of_matmul_rate']:.0%}) |")
     lines += ["", "Ratios in the same run:", ""]
-    for dtype in {r["dtype"] for r in result["models"]}:
-        rows = {r["model"]: r for r in result["models"] if r["dtype"] == dtype}
+    for dtype, products in sorted({(r["dtype"], r["products"]) for r in result["models"]}):
+        rows = {r["model"]: r for r in result["models"] if r["dtype"] == dtype and r["products"] == products}
         if "dense" not in rows:
             continue
         for name, r in rows.items():
             if name != "dense":
                 for b in ("1", "16"):
-                    lines.append(f"- {dtype}, {name} / dense, batch {b}: "
+                    lines.append(f"- {dtype}, {products}: {name} / dense, batch {b}: "
                                  f"{r['decode'][b]['tok_s'] / rows['dense']['decode'][b]['tok_s']:.3f}x")
         for hf in result.get("hf_generate", []):
             if hf["dtype"] == dtype:
                 ours = rows["dense"]["decode"][str(hf["batch"])]["tok_s"]
-                lines.append(f"- {dtype}, ours dense / Transformers generate, batch {hf['batch']}: {ours / hf['tok_s']:.1f}x "
-                             f"({ours:.1f} vs {hf['tok_s']:.1f} tok/s)")
+                lines.append(f"- {dtype}, {products}: ours dense / Transformers generate, batch {hf['batch']}: "
+                             f"{ours / hf['tok_s']:.1f}x ({ours:.1f} vs {hf['tok_s']:.1f} tok/s)")
+    lines += ["", "Targets (issue 4, fp16):", ""] + target_lines(result)
     if result.get("kernels"):
         lines += ["", "| kernel (decode sizes) | dtype | rows | weights | ms | GB/s | of copy bw | vs cuBLAS |",
                   "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: |"]
@@ -280,6 +310,8 @@ def main() -> None:
     parser.add_argument("--out-dir", default="benchmarks/results")
     parser.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16"])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    parser.add_argument("--products", nargs="+", default=["triton", "library"],
+                        help="the fast path's matrix products: our Triton kernels, cuBLAS, or both side by side")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--sweep", action="store_true", help="also sweep decode tile shapes")
@@ -320,20 +352,22 @@ def main() -> None:
         for variant in args.variants:
             spec = llama_spec("llama-2-7b", VARIANTS[variant])
             model = random_transformer(spec, dtype=dtype)
-            fast = FastTransformer(model)
-            row = {"dtype": dtype_name, "model": variant, "weight_bytes": weight_bytes(model), "check": check_fast_path(model, fast)}
-            del model  # the fast model keeps what it reads
+            for products in args.products:
+                fast = FastTransformer(model, products=products)
+                row = {"dtype": dtype_name, "model": variant, "products": products, "weight_bytes": weight_bytes(model),
+                       "check": check_fast_path(model, fast)}
+                row["decode"] = {str(b): time_decode(fast, spec, b, args.prompt, args.steps, row["weight_bytes"], copy_gbps)
+                                 for b in (1, 16)}
+                row["prefill"] = time_prefill(fast, spec, 2048, result["ceilings"]["matmul_TFLOPs"][dtype_name])
+                result["models"].append(row)
+                print(json.dumps(row), flush=True)
+                del fast
+                gc.collect()
+                torch.cuda.empty_cache()
+                save()
+            del model
             gc.collect()
             torch.cuda.empty_cache()
-            row["decode"] = {str(b): time_decode(fast, spec, b, args.prompt, args.steps, row["weight_bytes"], copy_gbps)
-                             for b in (1, 16)}
-            row["prefill"] = time_prefill(fast, spec, 2048, result["ceilings"]["matmul_TFLOPs"][dtype_name])
-            result["models"].append(row)
-            print(json.dumps(row), flush=True)
-            del fast
-            gc.collect()
-            torch.cuda.empty_cache()
-            save()
         width_25 = llama_spec("llama-2-7b", 0.25).layers[0].input_width
         result["kernels"] += kernel_timings(dtype, copy_gbps, width_25, 11008, DECODE_TILES)
         save()
