@@ -1,0 +1,62 @@
+"""The SmolLM2 quality results (benchmarks/results/smollm2_quality.{json,md}): read them, add or
+replace rows, and rewrite both files in the format benchmarks/smollm2_quality.py writes.
+
+Shared by the scripts that add rows to the one table (slicing, pruning), so that each can run
+on its own without dropping the others' rows.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+JSON_FILE = "smollm2_quality.json"
+MARKDOWN_FILE = "smollm2_quality.md"
+
+
+def read_results(out_dir: str | Path) -> dict:
+    """{"conditions": {...}, "rows": [...]}, empty when there are no results yet."""
+    path = Path(out_dir) / JSON_FILE
+    return json.loads(path.read_text()) if path.is_file() else {"conditions": {}, "rows": []}
+
+
+def merge_rows(rows: list[dict], new_rows: list[dict]) -> list[dict]:
+    """`rows` with each new row replacing the row of the same model label, or appended."""
+    merged = list(rows)
+    for new in new_rows:
+        labels = [row["model"] for row in merged]
+        if new["model"] in labels:
+            merged[labels.index(new["model"])] = new
+        else:
+            merged.append(new)
+    return merged
+
+
+def write_results(out_dir: str | Path, conditions: dict, rows: list[dict], windows: int) -> str:
+    """Write the JSON and the markdown table; returns the markdown."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / JSON_FILE).write_text(json.dumps({"conditions": conditions, "rows": rows}, indent=2) + "\n")
+    pruned = any(row.get("pattern") for row in rows)
+    title = "dense, sliced and 2:4-pruned" if pruned else "dense and sliced"
+    lines = [f"# SmolLM2-135M: WikiText-2 perplexity, {title}", ""]
+    lines += [f"- {k}: {v}" for k, v in conditions.items()] + [""]
+    fmt = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
+    if pruned:
+        lines += [f"| model | parameters | non-zero parameters | checkpoint bytes | slicing / pruning s "
+                  f"| ppl (first {windows} windows) | ppl (whole test split) |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for r in rows:
+            lines.append(f"| {r['model']} | {r['parameters']:,} | {fmt(r.get('nonzero_parameters'), ',')} | "
+                         f"{fmt(r['checkpoint_bytes'], ',')} | {fmt(r['slicing_seconds'], '')} | {r['ppl_16']:.3f} | "
+                         f"{fmt(r['ppl_full'], '.3f')} |")
+    else:
+        lines += [f"| model | parameters | checkpoint bytes | slicing s | ppl (first {windows} windows) "
+                  f"| ppl (whole test split) |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        for r in rows:
+            lines.append(f"| {r['model']} | {r['parameters']:,} | {fmt(r['checkpoint_bytes'], ',')} | "
+                         f"{fmt(r['slicing_seconds'], '')} | {r['ppl_16']:.3f} | {fmt(r['ppl_full'], '.3f')} |")
+    markdown = "\n".join(lines) + "\n"
+    (out_dir / MARKDOWN_FILE).write_text(markdown)
+    return markdown
