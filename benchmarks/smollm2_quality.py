@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 import transformers
 
+from quality_results import merge_rows, read_results, write_results
+
 from sliceserve.commands.evaluation import checkpoint_summary
 from sliceserve.perplexity import evaluation_tokens, perplexity
 from sliceserve.runtime.loader import load_model
@@ -70,19 +72,9 @@ def main() -> None:
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()},
             "date": time.strftime("%Y-%m-%d"),
         }
-        out_dir = Path(args.out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "smollm2_quality.json").write_text(json.dumps({"conditions": conditions, "rows": rows}, indent=2) + "\n")
-        lines = ["# SmolLM2-135M: WikiText-2 perplexity, dense and sliced", ""]
-        lines += [f"- {k}: {v}" for k, v in conditions.items()] + [""]
-        lines += [f"| model | parameters | checkpoint bytes | slicing s | ppl (first {args.windows} windows) | ppl (whole test split) |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
-        fmt = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
-        for r in rows:
-            lines.append(f"| {r['model']} | {r['parameters']:,} | {fmt(r['checkpoint_bytes'], ',')} | "
-                         f"{fmt(r['slicing_seconds'], '')} | {r['ppl_16']:.3f} | {fmt(r['ppl_full'], '.3f')} |")
-        (out_dir / "smollm2_quality.md").write_text("\n".join(lines) + "\n")
-        print("\n".join(lines))
+        # Merged into what is there: the pruned rows (smollm2_pruning_quality.py) stay.
+        existing = read_results(args.out_dir)["rows"]
+        print(write_results(args.out_dir, conditions, merge_rows(existing, rows), args.windows))
 
     def add_row(row: dict) -> None:
         rows.append(row)
