@@ -73,3 +73,50 @@ def weight_bytes(model: Transformer) -> int:
     total = sum(t.numel() * t.element_size() for name, t in model.state_dict().items() if not name.startswith("embed"))
     total += sum(b.numel() * b.element_size() for block in model.layers for b in block.buffers() if b is not None)
     return total
+
+
+DECODER_LINEARS = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down")
+
+
+def two_four_by_magnitude(weight: torch.Tensor) -> torch.Tensor:
+    """Keep the 2 largest |w| of every group of 4 consecutive inputs (rows of an (out, in) weight)."""
+    groups = weight.reshape(weight.shape[0], -1, 4)
+    keep = groups.abs().topk(2, dim=-1).indices
+    mask = torch.zeros(groups.shape, dtype=torch.bool, device=weight.device).scatter_(-1, keep, True)
+    return (groups * mask).reshape(weight.shape)
+
+
+@torch.no_grad()
+def prune_decoder_two_four(model: Transformer) -> None:
+    """Magnitude 2:4 pruning, in place, of every decoder linear (embedding and head stay dense):
+    the cheap stand-in for SparseGPT 2:4, whose speed is the same for the same pattern."""
+    for block in model.layers:
+        for name in DECODER_LINEARS:
+            part, projection = name.split(".")
+            linear = getattr(getattr(block, part), projection, None)  # ungated MLPs have no gate
+            if linear is not None:
+                linear.weight.copy_(two_four_by_magnitude(linear.weight))
+
+
+def random_stage(spec: DecoderSpec, layers: range, *, dtype: torch.dtype, device: str | torch.device,
+                 seed: int = 0) -> Transformer:
+    """Layers `layers` of a random model, generated directly on `device` (the embedding too when
+    the range starts at layer 0, the head when it ends at the last layer): a pipeline stage of a
+    model too large for one device (dense Llama-2-70B is ~138 GB) is built on its own GPU, never
+    whole. Same distributions as `random_transformer`; other values (a seed of its own)."""
+    shapes = weight_shapes(spec)
+    generator = torch.Generator(device=device).manual_seed(seed + layers.start)
+
+    def belongs(name: str) -> bool:
+        if name.startswith("layers."):
+            return int(name.split(".")[1]) in layers
+        return layers.start == 0 if name.startswith("embed.") else layers.stop == spec.num_layers
+
+    def get(name: str) -> torch.Tensor | None:
+        if name not in shapes or not belongs(name):
+            return None
+        shape = shapes[name]
+        scale = 1.0 if name == "embed.weight" else shape[1] ** -0.5
+        return (torch.randn(shape, generator=generator, device=device, dtype=torch.float32) * scale).to(dtype)
+
+    return Transformer(spec, get, layers).eval()
