@@ -1,25 +1,33 @@
 """Run by tests/test_distributed.py under torchrun: one stage per process, over gloo.
 
-    python -m torch.distributed.run --nproc-per-node 2 tests/distributed_stages.py CHECKPOINT OUT.pt
+    python -m torch.distributed.run --nproc-per-node 2 tests/distributed_stages.py CHECKPOINT OUT.pt [fast]
 
 Every rank joins through the same functions `sliceserve serve/generate --distributed` use;
 rank 0 then records what the pipeline computes (torch.save to OUT.pt) for the test to compare
 with the single-device model: logits without a cache, cached prefill logits, micro-batched
-decode logits, and greedy texts from an engine over the pipeline.
+decode logits, and greedy texts from an engine over the pipeline. With `fast`, every stage
+runs the fast path (as on GPUs), its kernels in Triton's interpreter, and the slow engine
+part is left out.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
-import torch
+FAST = sys.argv[3:] == ["fast"]
+if FAST:
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
 
-from sliceserve.commands.placement import is_stage_worker, placed_model, run_stage_worker
-from sliceserve.runtime.engine import Engine
-from sliceserve.runtime.loader import load_tokenizer
-from sliceserve.runtime.requests import SamplingParams
+import torch  # noqa: E402
+
+from sliceserve.commands import placement  # noqa: E402
+from sliceserve.commands.placement import is_stage_worker, placed_model, run_stage_worker  # noqa: E402
+from sliceserve.runtime.engine import Engine  # noqa: E402
+from sliceserve.runtime.loader import load_tokenizer  # noqa: E402
+from sliceserve.runtime.requests import SamplingParams  # noqa: E402
 
 MAX_BATCH, MAX_LEN = 4, 64
 PROMPTS = ["ka lo mi ra", "ten sul or", "ve an dis po que", "stra ni el bu"]
@@ -47,6 +55,8 @@ def record(model, tokenizer) -> dict:
                                           torch.arange(MAX_BATCH), cache)
             result["decode"].append(logits)
             last, lengths = [int(row.argmax()) for row in logits[:, 0]], [n + 1 for n in lengths]
+    if FAST:
+        return result
     engine = Engine(model, tokenizer, max_batch=2, max_model_len=MAX_LEN, prefill_chunk=5)
     engine.start()
     try:
@@ -61,6 +71,8 @@ def main(checkpoint: str, out: str) -> int:
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = options()
+    if FAST:  # what `--runtime auto` chooses on a GPU, here on the CPU
+        placement.runs_fast_path = lambda args, device: True
     if is_stage_worker(args):
         return run_stage_worker(checkpoint, args)
     model = placed_model(checkpoint, args)

@@ -86,15 +86,29 @@ def placed_model(path: str, args: argparse.Namespace):
 
     for i, (device, layers) in enumerate(zip(devices, ranges)):
         log.info("stage %d: layers %s on %s", i, describe_layers(layers), device)
-    return load_pipeline(path, devices, ranges)
+    return load_pipeline(path, devices, ranges, runtime=runtime_option(args))
+
+
+def runtime_option(args: argparse.Namespace) -> str:
+    return getattr(args, "runtime", "auto")
+
+
+def runs_fast_path(args: argparse.Namespace, device: torch.device) -> bool:
+    """Whether this process's stage runs the fast path (--runtime; auto: on a GPU)."""
+    from sliceserve.runtime.engine import use_fast_path
+
+    return use_fast_path(runtime_option(args), device)
 
 
 def own_stage(path: str, args: argparse.Namespace, process, budget: int | None):
-    """This process's stage of a --distributed run: its share of the layers, on its device."""
+    """This process's stage of a --distributed run: its share of the layers, on its device,
+    on the fast path when `runs_fast_path` says so (eager: no CUDA graphs across processes)."""
     from sliceserve.checkpoint import open_checkpoint
+    from sliceserve.runtime.engine import uses_sparse_tensor_cores
     from sliceserve.runtime.loader import checkpoint_spec
     from sliceserve.runtime.memory_budget import apply_memory_budget
     from sliceserve.runtime.pipeline import build_stage
+    from sliceserve.runtime.stages import make_stage
 
     ranges = checkpoint_stage_ranges(path, process.world_size, max_batch=args.max_batch,
                                      max_model_len=args.max_model_len, budget=budget)
@@ -102,10 +116,13 @@ def own_stage(path: str, args: argparse.Namespace, process, budget: int | None):
         apply_memory_budget([process.device], budget)
     layers = ranges[process.rank]
     checkpoint = open_checkpoint(path)
-    stage = build_stage(checkpoint, checkpoint_spec(checkpoint.config), layers, first=process.rank == 0,
+    model = build_stage(checkpoint, checkpoint_spec(checkpoint.config), layers, first=process.rank == 0,
                         last=process.is_last, device=process.device)
-    log.info("stage %d of %d: layers %s on %s (%s)", process.rank, process.world_size, describe_layers(layers),
-             process.device, process.backend)
+    fast = runs_fast_path(args, process.device)
+    stage = make_stage(model, process.device, fast=fast,
+                       semi_structured=fast and uses_sparse_tensor_cores(path, process.device))
+    log.info("stage %d of %d: layers %s on %s (%s), %s path", process.rank, process.world_size,
+             describe_layers(layers), process.device, process.backend, "fast" if fast else "reference")
     return stage, layers
 
 

@@ -52,8 +52,12 @@ def make_engine(path: str, args: argparse.Namespace, max_queue: int = 64):
     if model is None:
         return load_engine(path, device=args.device, max_batch=args.max_batch, max_model_len=args.max_model_len,
                            max_queue=max_queue, runtime=getattr(args, "runtime", "auto"))
-    return Engine(model, load_tokenizer(path), max_batch=args.max_batch, max_model_len=args.max_model_len,
-                  max_queue=max_queue)
+    engine = Engine(model, load_tokenizer(path), max_batch=args.max_batch, max_model_len=args.max_model_len,
+                    max_queue=max_queue)
+    prepare = getattr(model, "prepare", None)
+    if prepare is not None:  # a fast-path pipeline captures its decode graphs now, as load_engine does
+        prepare(engine.cache)
+    return engine
 
 
 def release(engine) -> None:

@@ -5,6 +5,7 @@ A decode batch of several rows is cut into micro-batches: micro-batch 1 is sent 
 this rank computes micro-batch 2, so the stages work at the same time. A prefill chunk
 (one row) goes through whole. Row splits change the row count each matmul sees, so a
 split step matches the single-device run to rounding, not bit for bit (see the tests).
+On GPUs every stage runs the fast path's layers, eagerly (runtime/stages.py).
 """
 
 from __future__ import annotations
@@ -23,8 +24,7 @@ from sliceserve.distributed.messages import (
 )
 from sliceserve.distributed.process_group import StageProcess, stop_stage_process
 from sliceserve.runtime.kv_cache import KVCache
-from sliceserve.runtime.model import Transformer
-from sliceserve.runtime.pipeline import cache_rows, run_blocks, stage_cache
+from sliceserve.runtime.stages import FastStage, ReferenceStage, Stream
 
 
 class FrontCache:
@@ -49,11 +49,11 @@ def micro_batches(rows: int, count: int) -> list[slice]:
 
 
 class DistributedPipeline:
-    def __init__(self, stage: Transformer, process: StageProcess, micro_batch_count: int):
+    def __init__(self, stage: ReferenceStage | FastStage, process: StageProcess, micro_batch_count: int):
         self.stage, self.process = stage, process
         self.spec: DecoderSpec = stage.spec
         self.micro_batch_count = micro_batch_count
-        self.dtype = next(stage.parameters()).dtype
+        self.dtype = stage.dtype
         self.closed = False
 
     @property
@@ -71,42 +71,41 @@ class DistributedPipeline:
         if not self.alone:
             header = Header(Kind.ALLOCATE, slots=slots, max_len=max_len)
             wait_all(send_all([header.tensor(self.process.device)], 1))
-        local = stage_cache(self.stage, self.process.device, slots=slots, max_len=max_len)
+        local = self.stage.new_cache(slots=slots, max_len=max_len)
         return FrontCache(local, self.spec.num_layers)
 
     def forward_cached(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                        cache: FrontCache, last_only: bool = False) -> torch.Tensor:
         """As `Transformer.forward_cached`, through every stage."""
         if self.alone:
-            x = self.first_stage(tokens, positions, slots, cache)
-            return self.stage.final_logits(x[:, -1:] if last_only else x)
+            return self.stage.logits(self.first_stage(tokens, positions, slots, cache), last_only)
         pieces = micro_batches(tokens.shape[0], self.micro_batch_count)
         in_flight: InFlight = []
         for piece in pieces:  # each piece is sent on before the next is computed
             piece_positions, piece_slots = positions[piece], slots[piece]
-            x = self.first_stage(tokens[piece], piece_positions, piece_slots, cache)
-            header = Header(Kind.STEP, x.shape[0], x.shape[1], last_only, x.shape[-1])
+            stream = self.first_stage(tokens[piece], piece_positions, piece_slots, cache)
+            header = Header.for_stream(Kind.STEP, stream, last_only)
             device = self.process.device
-            in_flight += send_all([header.tensor(device), step_metadata(piece_positions, piece_slots, device), x], 1)
+            metadata = step_metadata(piece_positions, piece_slots, device)
+            in_flight += send_all([header.tensor(device), metadata, *stream], 1)
         length = 1 if last_only else tokens.shape[1]
         logits = [self.receive_logits(p.stop - p.start, length) for p in pieces]
         wait_all(in_flight)
         return torch.cat(logits)
 
     def first_stage(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-                    cache: FrontCache) -> torch.Tensor:
-        x = self.stage.embed_tokens(tokens, positions)
-        return run_blocks(self.stage, x, positions, cache_rows(slots, positions), cache.local)
+                    cache: FrontCache) -> Stream:
+        return self.stage.advance(self.stage.embed(tokens, positions), positions, slots, cache.local)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """Logits for positions 0..T-1 without a cache, through every stage."""
         positions = torch.arange(tokens.shape[1], device=tokens.device)
-        x = run_blocks(self.stage, self.stage.embed_tokens(tokens, positions), positions)
+        stream = self.stage.advance(self.stage.embed(tokens, positions), positions)
         if self.alone:
-            return self.stage.final_logits(x)
-        header = Header(Kind.FORWARD, x.shape[0], x.shape[1], False, x.shape[-1])
-        in_flight = send_all([header.tensor(self.process.device), x], 1)
-        logits = self.receive_logits(x.shape[0], x.shape[1])
+            return self.stage.logits(stream)
+        header = Header.for_stream(Kind.FORWARD, stream)
+        in_flight = send_all([header.tensor(self.process.device), *stream], 1)
+        logits = self.receive_logits(tokens.shape[0], tokens.shape[1])
         wait_all(in_flight)
         return logits
 

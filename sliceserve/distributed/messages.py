@@ -2,9 +2,12 @@
 positions and slots, then the stream itself.
 
     ALLOCATE  slots, max_len                  every stage makes its KV cache
-    STEP      rows, length, last_only, width  + int64 [positions (rows*length), slots (rows)]
+    STEP      rows, length, last_only, width, partials
+                                              + int64 [positions (rows*length), slots (rows)]
                                               + activations (rows, length, width)
-    FORWARD   rows, length, width             + activations (no cache, positions 0..length-1)
+                                              + on the fast path, their partial sums of
+                                                squares (rows, length, partials), float32
+    FORWARD   rows, length, width, partials   + the same stream (no cache, positions 0..length-1)
     STOP                                      every stage ends its loop
 
 The last stage answers a STEP or FORWARD with the logits, sent to rank 0 through the
@@ -40,15 +43,24 @@ class Header:
     width: int = 0
     slots: int = 0
     max_len: int = 0
+    partials: int = 0  # columns of the partial sums of squares sent after the stream (fast path), else 0
 
     def tensor(self, device: torch.device) -> torch.Tensor:
-        values = [int(self.kind), self.rows, self.length, int(self.last_only), self.width, self.slots, self.max_len]
-        return torch.tensor(values + [0] * (HEADER_SIZE - len(values)), dtype=torch.int64, device=device)
+        values = [int(self.kind), self.rows, self.length, int(self.last_only), self.width, self.slots, self.max_len,
+                  self.partials]
+        return torch.tensor(values, dtype=torch.int64, device=device)
 
     @classmethod
     def from_tensor(cls, tensor: torch.Tensor) -> Header:
-        kind, rows, length, last_only, width, slots, max_len, _ = tensor.tolist()
-        return cls(Kind(kind), rows, length, bool(last_only), width, slots, max_len)
+        kind, rows, length, last_only, width, slots, max_len, partials = tensor.tolist()
+        return cls(Kind(kind), rows, length, bool(last_only), width, slots, max_len, partials)
+
+    @classmethod
+    def for_stream(cls, kind: Kind, stream: list[torch.Tensor], last_only: bool = False) -> Header:
+        """The header announcing a stream (rows, length, width[, partial sums' columns])."""
+        x = stream[0]
+        partials = stream[1].shape[-1] if len(stream) > 1 else 0
+        return cls(kind, x.shape[0], x.shape[1], last_only, x.shape[-1], partials=partials)
 
 
 InFlight = list[tuple[dist.Work, torch.Tensor]]  # sends under way, with the tensors they read
@@ -78,6 +90,14 @@ def receive(shape: tuple[int, ...], dtype: torch.dtype, src: int, device: torch.
 
 def receive_header(src: int, device: torch.device) -> Header:
     return Header.from_tensor(receive((HEADER_SIZE,), torch.int64, src, device))
+
+
+def receive_stream(header: Header, width: int, dtype: torch.dtype, src: int, device: torch.device) -> list[torch.Tensor]:
+    """The activations a header announces, and their partial sums of squares when it says so."""
+    stream = [receive((header.rows, header.length, width), dtype, src, device)]
+    if header.partials:
+        stream.append(receive((header.rows, header.length, header.partials), torch.float32, src, device))
+    return stream
 
 
 def step_metadata(positions: torch.Tensor, slots: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -98,7 +98,11 @@ class FastTransformer:
             raise SliceserveError(f"unknown products backend {products!r}: {' or '.join(PRODUCTS)}")
         self.linear, self.gated = PRODUCTS[products]
         self.spec = model.spec
+        # A pipeline stage's Transformer holds a range of layers: the embedding only on the
+        # first stage, the head only on the last (None elsewhere).
         self.embed, self.positions, self.head = model.embed, model.positions, model.head
+        weight = next(model.parameters())
+        self.device, self.weights_dtype = weight.device, weight.dtype
         self.layers = [FastLayer.from_block(block) for block in model.layers]
         self.sparse_layers = None
         if semi_structured:
@@ -109,19 +113,19 @@ class FastTransformer:
         self.activation = spec.activation
         self.cos = self.sin = None
         if spec.rope is not None:
-            self.cos, self.sin = rope_half_tables(model.inv_freq, spec.max_positions, self.input_device)
+            self.cos, self.sin = rope_half_tables(model.inv_freq, spec.max_positions, self.device)
         self.graphs = None  # DecodeGraphs, made on the first CUDA decode step
 
     @property
     def input_device(self) -> torch.device:
-        return self.embed.weight.device
+        return self.embed.weight.device if self.embed is not None else self.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.head.weight.dtype
+        return self.head.weight.dtype if self.head is not None else self.weights_dtype
 
     def new_cache(self, *, slots: int, max_len: int) -> KVCache:
-        return KVCache(self.spec, slots=slots, max_len=max_len, device=self.input_device, dtype=self.dtype,
+        return KVCache(self.spec, slots=slots, max_len=max_len, device=self.device, dtype=self.dtype,
                        layers=len(self.layers))
 
     def decode_rows(self, rows: int, max_batch: int) -> int:
@@ -190,10 +194,21 @@ class FastTransformer:
              decode: bool, last_rows: torch.Tensor | None = None, splits: int | None = None) -> torch.Tensor:
         """Logits (M or len(last_rows), vocab) for M tokens, each at its own position and slot."""
         x, px = self.embed_rows(tokens, positions)
+        x, px = self.run_layers(x, px, positions, slots, cache, decode, splits)
+        return self.head_logits(x, px, last_rows)
+
+    def run_layers(self, x: torch.Tensor, px: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                   cache: KVCache, decode: bool, splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(stream, its partial sums of squares) after every layer this model holds: all of them,
+        or a pipeline stage's range (`cache` then holds that range's layers only)."""
         for i in range(len(self.layers)):
             x, px = self.layer(i, x, px, positions, slots, cache, decode, splits)
         if px is None:  # the semi-structured layers leave no partial sums
             px = rms_norm(x, self.width, self.eps, sumsq_only=True)
+        return x, px
+
+    def head_logits(self, x: torch.Tensor, px: torch.Tensor, last_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of the final norm of x (of its `last_rows` only, when given)."""
         if last_rows is not None:
             x, px = x[last_rows], px[last_rows]
         logits, _ = self.linear(x, self.head.weight, bias=self.head.bias, norm=(px, self.width, self.eps))

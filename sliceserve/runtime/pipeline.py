@@ -4,7 +4,8 @@ Each stage is an ordinary `Transformer` built over its own layer range (the firs
 holds the embedding, the last the head), with its KV cache on its own device; the stream
 moves to the next device between stages. Every stage runs the very modules and the very
 operations a single-device model runs, so the logits are the same, bit for bit.
-`PipelineModel` offers the interface the engine uses on `Transformer`.
+`PipelineModel` offers the interface the engine uses on `Transformer`. On GPUs,
+`load_pipeline` returns the fast path's counterpart instead (runtime/fast_pipeline.py).
 """
 
 from __future__ import annotations
@@ -133,15 +134,28 @@ def check_ranges(ranges: list[range], num_layers: int) -> None:
 
 
 def load_pipeline(path: str | Path, devices: list[str | torch.device], ranges: list[range], *,
-                  dtype: torch.dtype | None = None, verify: bool = True) -> PipelineModel:
-    """A checkpoint's layers split over `devices`, `ranges[i]` on `devices[i]`."""
+                  dtype: torch.dtype | None = None, verify: bool = True, runtime: str = "auto"):
+    """A checkpoint's layers split over `devices`, `ranges[i]` on `devices[i]`: a `FastPipeline`
+    (runtime/fast_pipeline.py) when every device is a GPU (runtime "auto" or "fast"), else a
+    `PipelineModel` of reference stages."""
+    from sliceserve.runtime.engine import use_fast_path, uses_sparse_tensor_cores
+
     if len(devices) != len(ranges):
         raise SliceserveError(f"{len(devices)} devices for {len(ranges)} stages")
+    devices = [torch.device(d) for d in devices]
+    fast = all([use_fast_path(runtime, device) for device in devices])
     checkpoint = open_checkpoint(path, verify=verify)
     spec = checkpoint_spec(checkpoint.config)
     check_ranges(ranges, spec.num_layers)
-    devices = [torch.device(d) for d in devices]
     last = len(ranges) - 1
-    stages = [build_stage(checkpoint, spec, layers, first=i == 0, last=i == last, device=device, dtype=dtype)
-              for i, (device, layers) in enumerate(zip(devices, ranges))]
-    return PipelineModel(stages, devices).eval()
+    built = (build_stage(checkpoint, spec, layers, first=i == 0, last=i == last, device=device, dtype=dtype)
+             for i, (device, layers) in enumerate(zip(devices, ranges)))
+    if not fast:
+        return PipelineModel(list(built), devices).eval()
+    from sliceserve.runtime.fast_pipeline import FastPipeline
+    from sliceserve.runtime.stages import FastStage
+
+    semi_structured = uses_sparse_tensor_cores(path, devices[0])
+    # One stage at a time: each reference stage is dropped once wrapped (its q, k, v are copied).
+    return FastPipeline([FastStage(stage, device, semi_structured=semi_structured)
+                         for stage, device in zip(built, devices)])
