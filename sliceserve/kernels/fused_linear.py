@@ -19,6 +19,8 @@ numbers do not depend on its neighbours in a batch.
 
 from __future__ import annotations
 
+import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -37,13 +39,32 @@ class TileConfig:
     num_stages: int = 3
 
 
-# Decode: few rows, so narrow column tiles to spread the weight read over every SM.
-DECODE_TILES = TileConfig(block_m=16, block_n=32, block_k=128, num_warps=4, num_stages=4)
+# Decode: few rows, so narrow column tiles to spread the weight read over every SM, and a
+# deep pipeline of long K steps to keep enough loads in flight (the H100 sweep in
+# benchmarks/results/gpu_fast_path.json: best or near-best on all four 7B shapes).
+DECODE_TILES = TileConfig(block_m=16, block_n=32, block_k=256, num_warps=4, num_stages=5)
 PREFILL_TILES = TileConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
 
 
 def tiles_for(rows: int) -> TileConfig:
     return DECODE_TILES if rows <= 16 else PREFILL_TILES
+
+
+@functools.cache
+def shared_memory_bytes(device_index: int) -> int:
+    return triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
+
+
+def fitting_stages(tiles: TileConfig, weights: int, element_size: int, device: torch.device) -> int:
+    """The pipeline depth that fits the GPU's shared memory: five stages of the decode tiles
+    fit an H100 (227 KiB) but not a consumer card (100 KiB), where fewer still run well.
+    `weights` counts the weight tiles loaded per step (2 for gate and up, or for a second
+    product whose buffers may live at the same time as the first's)."""
+    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return tiles.num_stages
+    per_stage = (tiles.block_m + weights * tiles.block_n) * tiles.block_k * element_size
+    spare = shared_memory_bytes(device.index if device.index is not None else torch.cuda.current_device()) - 16 * 1024
+    return max(2, min(tiles.num_stages, spare // per_stage))
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -148,7 +169,7 @@ def fused_linear(
         NORM_IN=norm_partials is not None, SUMSQ_OUT=sumsq, ACTIVATION=ACTIVATION_CODES[activation],
         NORM_TILES_P2=triton.next_power_of_2(norm_partials.shape[1]) if norm_partials is not None else 1,
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, PRECISION=dot_precision(a.dtype),
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        num_warps=tiles.num_warps, num_stages=fitting_stages(tiles, 2 if a2 is not None else 1, a.element_size(), a.device),
     )
     return out, partials
 

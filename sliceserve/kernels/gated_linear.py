@@ -15,6 +15,7 @@ from sliceserve.kernels.activations import ACTIVATION_CODES, apply_activation, r
 from sliceserve.kernels.fused_linear import (
     TileConfig,
     dot_precision,
+    fitting_stages,
     row_scale_from_partials,
     row_scale_reference,
     tiles_for,
@@ -80,7 +81,7 @@ def gated_linear(
         HAS_BIAS=gate_bias is not None, NORM_IN=norm_partials is not None, ACTIVATION=ACTIVATION_CODES[activation],
         NORM_TILES_P2=triton.next_power_of_2(norm_partials.shape[1]) if norm_partials is not None else 1,
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, PRECISION=dot_precision(a.dtype),
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        num_warps=tiles.num_warps, num_stages=fitting_stages(tiles, 2, a.element_size(), a.device),
     )
     return out
 

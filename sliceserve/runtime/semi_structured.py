@@ -75,7 +75,9 @@ class SparseLayer:
 
 
 def sparse_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    out = F.linear(x, weight)
+    # cuSPARSELt computes (W @ x.T).T and hands back the transposed view; our kernels
+    # read rows as contiguous, so the result is made row-major here.
+    out = F.linear(x, weight).contiguous()
     return out if bias is None else out + bias
 
 
@@ -93,7 +95,7 @@ def sparse_layer_forward(model, i: int, x: torch.Tensor, positions, slots, cache
     x = x + sparse_linear(attn, layer.o, layer.biases["o"])
     h = rms_norm(x, model.width, model.eps)
     if layer.gate_up is not None:
-        gate, up = F.linear(h, layer.gate_up).chunk(2, dim=-1)
+        gate, up = sparse_linear(h, layer.gate_up, None).chunk(2, dim=-1)
         if layer.biases["gate"] is not None:
             gate, up = gate + layer.biases["gate"], up + layer.biases["up"]
         act = reference_activation(gate, model.activation) * up
