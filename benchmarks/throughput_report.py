@@ -32,7 +32,8 @@ def joules_per_token(energy: dict | None) -> float | None:
 
 
 def stem(result: dict) -> str:
-    return f"throughput_{result['conditions']['shape']}"
+    tag = result["conditions"].get("tag")
+    return f"throughput_{result['conditions']['shape']}" + (f"_{tag}" if tag else "")
 
 
 def budget_rows(result: dict, budget: str) -> dict[str, dict]:

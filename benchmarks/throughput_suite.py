@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import sys
 import threading
@@ -34,7 +35,11 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+# Grow segments in place instead of carving fixed ones: building a model leaves freed
+# temporaries between its weights, and under a 24 GiB cap those holes decide what fits.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+import torch  # noqa: E402
 
 # The GPU machine runs a plain checkout where the package may not be installed.
 ROOT = Path(__file__).resolve().parent.parent
@@ -492,6 +497,8 @@ def conditions(args, device: torch.device, nvml: Nvml | None, nvml_missing: str 
                        "the prompt's prefill",
         "versions": {"torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__,
                      "python": platform.python_version()},
+        "allocator": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "default"),
+        "tag": args.tag,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     c |= nvml_facts(nvml)
@@ -522,7 +529,7 @@ def run_variant(variant: Variant, args, result: dict, device: torch.device, mete
         return
     print(f"   {json.dumps(info)}", flush=True)
     rows_per_call = max(1, args.prefill_tokens // args.prompt)
-    budgets = {"whole card": None}
+    budgets = {} if args.skip_whole_card else {"whole card": None}
     if args.budget_gib > 0:
         budgets[f"{args.budget_gib:g} GiB"] = int(args.budget_gib * GIB)
     for label, budget_bytes in budgets.items():
@@ -639,6 +646,8 @@ def parse_args(argv: list[str] | None = None):
                         help="cap of the doubling; on an 80 GB card the 7B/13B shapes run out of memory before it")
     parser.add_argument("--prefill-tokens", type=int, default=4096, help="prompt tokens per prefill forward")
     parser.add_argument("--budget-gib", type=float, default=24.0, help="the emulated card's memory; 0 skips it")
+    parser.add_argument("--skip-whole-card", action="store_true", help="only the capped budget")
+    parser.add_argument("--tag", help="appended to the output files' names, e.g. 24gib")
     parser.add_argument("--energy-seconds", type=float, default=1.0, help="shortest decode window for power readings")
     parser.add_argument("--hf-batches", type=int, nargs="*", default=[1, 16, 64])
     parser.add_argument("--hf-new-tokens", type=int, default=128)
