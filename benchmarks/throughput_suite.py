@@ -245,7 +245,8 @@ class PowerMeter:
 
 # ---- models ------------------------------------------------------------------------------------
 
-def build_fast_model(shape: str, variant: Variant, dtype: torch.dtype, device: torch.device, check_len: int = 64):
+def build_fast_model(shape: str, variant: Variant, dtype: torch.dtype, device: torch.device, products: str = "auto",
+                     check_len: int = 64):
     """The variant's FastTransformer (the plain model is dropped: only the fast path stays on
     the GPU) and facts about it. A 2:4 model is checked against our dense kernels on the same
     pruned weights, so that a broken sparse path cannot post a fast number."""
@@ -257,10 +258,10 @@ def build_fast_model(shape: str, variant: Variant, dtype: torch.dtype, device: t
     info = {"residual_width": spec.layers[0].input_width, "dense_format_weight_bytes": weight_bytes(model)}
     if variant.two_four:
         prune_decoder_two_four(model)
-        fast = FastTransformer(model, semi_structured=True)
+        fast = FastTransformer(model, semi_structured=True, products=products)
         info["check"] = {"vs_dense_kernels_rel_error": two_four_check(model, fast, spec.vocab_size, check_len)}
     else:
-        fast = FastTransformer(model)
+        fast = FastTransformer(model, products=products)
     del model
     free_memory(device)
     sync(device)
@@ -497,6 +498,7 @@ def conditions(args, device: torch.device, nvml: Nvml | None, nvml_missing: str 
                        "the prompt's prefill",
         "versions": {"torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__,
                      "python": platform.python_version()},
+        "products": args.products,
         "allocator": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "default"),
         "tag": args.tag,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -516,7 +518,7 @@ def run_variant(variant: Variant, args, result: dict, device: torch.device, mete
         return
     print(f"== {variant.label}: building", flush=True)
     try:
-        fast, info = build_fast_model(args.shape, variant, DTYPES[args.dtype], device)
+        fast, info = build_fast_model(args.shape, variant, DTYPES[args.dtype], device, args.products)
     except Exception as error:
         entry["error"] = f"could not build: {describe(error)}"
         entry["traceback"] = traceback.format_exc()
@@ -647,6 +649,8 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--prefill-tokens", type=int, default=4096, help="prompt tokens per prefill forward")
     parser.add_argument("--budget-gib", type=float, default=24.0, help="the emulated card's memory; 0 skips it")
     parser.add_argument("--skip-whole-card", action="store_true", help="only the capped budget")
+    parser.add_argument("--products", default="auto", choices=["auto", "triton", "library"],
+                        help="the fast path's matrix products (sliceserve/runtime/products.py)")
     parser.add_argument("--tag", help="appended to the output files' names, e.g. 24gib")
     parser.add_argument("--energy-seconds", type=float, default=1.0, help="shortest decode window for power readings")
     parser.add_argument("--hf-batches", type=int, nargs="*", default=[1, 16, 64])

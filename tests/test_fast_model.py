@@ -51,7 +51,7 @@ def checkpoint(request, variant_folder) -> Path:
 @pytest.fixture(scope="module")
 def models(checkpoint):
     reference = load_model(checkpoint, device=DEVICE)
-    return reference, FastTransformer(reference)
+    return reference, FastTransformer(reference, products="triton")
 
 
 @torch.no_grad()
@@ -67,6 +67,24 @@ def test_library_products_compute_the_same_model(models):
     reference, _ = models
     tokens = random_tokens(2, 19, seed=6).to(DEVICE)
     assert relative_error(FastTransformer(reference, products="library")(tokens), reference(tokens)) < 1e-5
+
+
+@torch.no_grad()
+def test_auto_products_switch_backends_by_rows_within_one_request(models):
+    """"auto" (the default): a 24-token prefill runs on library products, while its last row's
+    head and the decode step run on our kernels, reading norms the library's layers left."""
+    reference, _ = models
+    fast = FastTransformer(reference)
+    prompt = random_tokens(1, 24, seed=3).to(DEVICE)
+    slot = torch.tensor([1], device=DEVICE)
+    results = []
+    for model in (reference, fast):
+        cache = model.new_cache(slots=2, max_len=32)
+        first = model.forward_cached(prompt, torch.arange(24, device=DEVICE)[None], slot, cache, last_only=True)
+        step = model.forward_cached(prompt[:, :1], torch.tensor([[24]], device=DEVICE), slot, cache)
+        results.append((first, step))
+    for actual, expected in zip(results[1], results[0]):
+        assert relative_error(actual, expected) < 1e-5
 
 
 @torch.no_grad()

@@ -11,7 +11,13 @@ import torch
 from kernel_support import DEVICE, DTYPES, randn, relative_error, tolerance  # sets TRITON_INTERPRET first
 
 from sliceserve.kernels.decode_attention import decode_attention, decode_attention_reference
-from sliceserve.kernels.fused_linear import DECODE_TILES, PREFILL_TILES, TileConfig, fused_linear, fused_linear_reference
+from sliceserve.kernels.fused_linear import (
+    DECODE_TILES,
+    MIDDLE_TILES,
+    TileConfig,
+    fused_linear,
+    fused_linear_reference,
+)
 from sliceserve.kernels.gated_linear import gated_linear, gated_linear_reference
 from sliceserve.kernels.rms_norm import rms_norm, rms_norm_reference
 from sliceserve.kernels.rope_store import rope_half_tables, rope_store, rope_store_reference
@@ -19,7 +25,7 @@ from sliceserve.kernels.shortcut import row_scale, shortcut_step, shortcut_step_
 
 ROWS = [1, 3, 17]
 SMALL_PREFILL = TileConfig(block_m=32, block_n=32, block_k=32)  # prefill-style tiles at test sizes
-TILES = {"decode": DECODE_TILES, "prefill": SMALL_PREFILL}
+TILES = {"decode": DECODE_TILES, "middle": MIDDLE_TILES, "prefill": SMALL_PREFILL}
 
 
 @pytest.fixture
@@ -61,7 +67,7 @@ def test_shortcut_step_and_its_norm(dtype, rows, variant, generator):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", ROWS)
-@pytest.mark.parametrize("variant", ["decode", "prefill"])
+@pytest.mark.parametrize("variant", ["decode", "middle", "prefill"])
 def test_fused_linear_with_norm_second_product_bias_activation_residual(dtype, rows, variant, generator):
     k, k2, n = 56, 40, 104
     a = randn(rows, k, dtype=dtype, generator=generator)

@@ -43,11 +43,17 @@ class TileConfig:
 # deep pipeline of long K steps to keep enough loads in flight (the H100 sweep in
 # benchmarks/results/gpu_fast_path.json: best or near-best on all four 7B shapes).
 DECODE_TILES = TileConfig(block_m=16, block_n=32, block_k=256, num_warps=4, num_stages=5)
+# 17-64 rows (decode of batches 32-64): the prefill tiles waste most of each tile there;
+# these read 55-82% of copy bandwidth on the 7B shapes where those read 23-70%
+# (benchmarks/results/middle_tiles_sweep.md, H100).
+MIDDLE_TILES = TileConfig(block_m=64, block_n=32, block_k=128, num_warps=4, num_stages=4)
 PREFILL_TILES = TileConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
 
 
 def tiles_for(rows: int) -> TileConfig:
-    return DECODE_TILES if rows <= 16 else PREFILL_TILES
+    if rows <= DECODE_TILES.block_m:
+        return DECODE_TILES
+    return MIDDLE_TILES if rows <= MIDDLE_TILES.block_m else PREFILL_TILES
 
 
 @functools.cache

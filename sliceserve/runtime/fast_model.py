@@ -23,13 +23,11 @@ import torch
 
 from sliceserve.errors import SliceserveError
 from sliceserve.kernels.decode_attention import choose_splits, decode_attention
-from sliceserve.kernels.fused_linear import fused_linear
-from sliceserve.kernels.gated_linear import gated_linear
 from sliceserve.kernels.rms_norm import rms_norm
 from sliceserve.kernels.rope_store import rope_half_tables, rope_store
 from sliceserve.runtime.kv_cache import KVCache
-from sliceserve.runtime.library_products import library_gated, library_linear
 from sliceserve.runtime.model import Block, Transformer, attention
+from sliceserve.runtime.products import PRODUCTS
 from sliceserve.runtime.semi_structured import SparseLayer, sparse_layer_forward
 
 
@@ -90,10 +88,11 @@ class FastLayer:
 class FastTransformer:
     """Drop-in for Transformer in the Engine (same forward_cached/forward/new_cache)."""
 
-    def __init__(self, model: Transformer, *, semi_structured: bool = False, products: str = "triton"):
+    def __init__(self, model: Transformer, *, semi_structured: bool = False, products: str = "auto"):
         """semi_structured: the decoder linears are 2:4 sparse; multiply them with sparse tensor
         cores (runtime/semi_structured.py) instead of the dense kernels.
-        products: "triton" (our fused kernels) or "library" (cuBLAS products, separate epilogues)."""
+        products: "triton" (our fused kernels), "library" (cuBLAS products, separate epilogues)
+        or "auto" (ours up to 16 rows, the library above: runtime/products.py)."""
         if products not in PRODUCTS:
             raise SliceserveError(f"unknown products backend {products!r}: {' or '.join(PRODUCTS)}")
         self.linear, self.gated = PRODUCTS[products]
@@ -252,8 +251,6 @@ class FastTransformer:
 
     __call__ = forward
 
-
-PRODUCTS = {"triton": (fused_linear, gated_linear), "library": (library_linear, library_gated)}
 
 
 def semi_structured_layers(spec, layers: list[FastLayer]) -> list[SparseLayer]:

@@ -61,7 +61,7 @@ class FastStage:
     fast = True
 
     def __init__(self, model: Transformer, device: torch.device, *, semi_structured: bool = False,
-                 products: str = "triton"):
+                 products: str = "auto"):
         from sliceserve.runtime.fast_model import FastTransformer
 
         # Keeps no reference to `model`: the fast layers hold the tensors they use (q, k and v
