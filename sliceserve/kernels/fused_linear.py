@@ -12,9 +12,10 @@
 - With `sumsq_out`, every program also writes the sum of squares of its output tile per
   row, so the next kernel can apply the norm of `out` without another pass over it.
 
-Weights keep PyTorch's (out, in) layout. Rows never interact and the reduction order
-over the inner dimension does not depend on how many rows there are, so a request's
-numbers do not depend on its neighbours in a batch.
+Weights keep PyTorch's (out, in) layout. Rows never interact and, for one tile
+configuration, the reduction order over the inner dimension does not depend on how many
+rows there are: within the decode tiles' range (up to 16 rows) a request's numbers do not
+depend on its neighbours in a batch.
 """
 
 from __future__ import annotations
