@@ -310,7 +310,7 @@ def main() -> None:
     parser.add_argument("--out-dir", default="benchmarks/results")
     parser.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16"])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
-    parser.add_argument("--products", nargs="+", default=["triton", "library"],
+    parser.add_argument("--products", nargs="+", default=["auto", "triton", "library"],
                         help="the fast path's matrix products: our Triton kernels, cuBLAS, or both side by side")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--prompt", type=int, default=128)

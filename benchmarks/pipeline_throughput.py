@@ -457,7 +457,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--prefill-tokens", type=int, default=4096, help="prompt tokens per prefill forward")
     parser.add_argument("--time-budget", type=float, default=520, help="seconds from the start for the whole run")
     parser.add_argument("--table11-budget", type=float, default=110, help="seconds of batch doubling per configuration")
-    parser.add_argument("--products", nargs="+", default=["triton", "library"],
+    parser.add_argument("--products", nargs="+", default=["auto", "library"],
                         help="fast-path products to try in order (a configuration that fails is retried with the next)")
     parser.add_argument("--quick", action="store_true", help="tiny shape, two stages on whatever GPUs exist: seconds")
     parser.add_argument("--cpu", action="store_true", help="with --quick: on the CPU (set TRITON_INTERPRET=1)")

@@ -21,12 +21,15 @@ def read_results(out_dir: str | Path) -> dict:
 
 
 def merge_rows(rows: list[dict], new_rows: list[dict]) -> list[dict]:
-    """`rows` with each new row replacing the row of the same model label, or appended."""
+    """`rows` with each new row replacing the row of the same model label, or appended. A column
+    the new row did not measure (None or absent) keeps the earlier figure: rerunning some
+    sparsities without the whole split must not erase a whole-split score."""
     merged = list(rows)
     for new in new_rows:
         labels = [row["model"] for row in merged]
         if new["model"] in labels:
-            merged[labels.index(new["model"])] = new
+            i = labels.index(new["model"])
+            merged[i] = merged[i] | {k: v for k, v in new.items() if v is not None}
         else:
             merged.append(new)
     return merged

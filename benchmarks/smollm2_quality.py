@@ -72,9 +72,11 @@ def main() -> None:
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()},
             "date": time.strftime("%Y-%m-%d"),
         }
-        # Merged into what is there: the pruned rows (smollm2_pruning_quality.py) stay.
-        existing = read_results(args.out_dir)["rows"]
-        print(write_results(args.out_dir, conditions, merge_rows(existing, rows), args.windows))
+        # Merged into what is there: the pruned rows (smollm2_pruning_quality.py) and their
+        # conditions stay.
+        existing = read_results(args.out_dir)
+        print(write_results(args.out_dir, existing["conditions"] | conditions, merge_rows(existing["rows"], rows),
+                            args.windows))
 
     def add_row(row: dict) -> None:
         rows.append(row)
