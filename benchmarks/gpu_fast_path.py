@@ -13,7 +13,6 @@ same dense shapes. Writes JSON and a markdown table.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import platform
@@ -25,7 +24,6 @@ import triton
 import transformers
 
 from random_models import SHAPES, llama_spec, random_transformer, weight_bytes
-import sliceserve.kernels.fused_linear as fused_linear_module
 from sliceserve.kernels.fused_linear import DECODE_TILES, TileConfig, fused_linear
 from sliceserve.kernels.gated_linear import gated_linear
 from sliceserve.runtime.decode_graphs import DecodeGraphs
@@ -33,20 +31,6 @@ from sliceserve.runtime.fast_model import FastTransformer
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 VARIANTS = {"dense": 0.0, "sliced 25%": 0.25, "sliced 30%": 0.30}
-# Benchmark-only product choice: our Triton kernels with split-K turned off, to measure
-# what splitting the narrow decode products gains, side by side in one run.
-WHOLE_K = "triton-whole-k"
-
-
-class whole_inner_dimension:
-    """Within this block no product splits its inner dimension (split-K off)."""
-
-    def __enter__(self):
-        self.saved = fused_linear_module.SPLIT_MIN_INNER
-        fused_linear_module.SPLIT_MIN_INNER = float("inf")
-
-    def __exit__(self, *exc):
-        fused_linear_module.SPLIT_MIN_INNER = self.saved
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -141,14 +125,11 @@ def kernel_timings(dtype: torch.dtype, copy_gbps: float, width: int, inter: int,
             copies = max(2, int(400e6 // bytes_read) + 1)  # rotate through more than the L2 holds
             weights = [make() for _ in range(copies)]
             ours = graph_ms(lambda: [ours_fn(*w) for w in weights], inner=5) / copies
-            with whole_inner_dimension():
-                whole = graph_ms(lambda: [ours_fn(*w) for w in weights], inner=5) / copies
             theirs = graph_ms(lambda: [cublas_fn(*w) for w in weights], inner=5) / copies
             gbps = bytes_read / (ours / 1e3) / 1e9
             rows_out.append({"kernel": name, "rows": rows, "weights": [list(w.shape) for w in weights[0]],
                              "dtype": str(dtype).split(".")[-1], "ms": ours, "GBps": gbps,
-                             "fraction_of_copy_bw": gbps / copy_gbps, "cublas_ms": theirs, "speedup_vs_cublas": theirs / ours,
-                             "whole_k_ms": whole, "whole_k_fraction_of_copy_bw": bytes_read / (whole / 1e3) / 1e9 / copy_gbps})
+                             "fraction_of_copy_bw": gbps / copy_gbps, "cublas_ms": theirs, "speedup_vs_cublas": theirs / ours})
             del weights
     return rows_out
 
@@ -316,13 +297,11 @@ def markdown(result: dict) -> str:
                              f"{ours / hf['tok_s']:.1f}x ({ours:.1f} vs {hf['tok_s']:.1f} tok/s)")
     lines += ["", "Targets (issue 4, fp16):", ""] + target_lines(result)
     if result.get("kernels"):
-        lines += ["", "Kernels alone (split-K where the rule picks it; \"whole K\": the same kernel with split-K off):", "",
-                  "| kernel (decode sizes) | dtype | rows | weights | ms | GB/s | of copy bw | whole K: of copy bw | vs cuBLAS |",
-                  "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+        lines += ["", "| kernel (decode sizes) | dtype | rows | weights | ms | GB/s | of copy bw | vs cuBLAS |",
+                  "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: |"]
         for k in result["kernels"]:
-            whole = f"{k['whole_k_fraction_of_copy_bw']:.0%}" if "whole_k_fraction_of_copy_bw" in k else ""
             lines.append(f"| {k['kernel']} | {k['dtype']} | {k['rows']} | {k['weights']} | {k['ms']:.4f} | {k['GBps']:.0f} "
-                         f"| {k['fraction_of_copy_bw']:.0%} | {whole} | {k['speedup_vs_cublas']:.2f}x |")
+                         f"| {k['fraction_of_copy_bw']:.0%} | {k['speedup_vs_cublas']:.2f}x |")
     return "\n".join(lines) + "\n"
 
 
@@ -332,8 +311,7 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16"])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
     parser.add_argument("--products", nargs="+", default=["auto", "triton", "library"],
-                        help="the fast path's matrix products: auto, our Triton kernels, cuBLAS, or "
-                             f"{WHOLE_K} (Triton with split-K off), side by side")
+                        help="the fast path's matrix products: our Triton kernels, cuBLAS, or both side by side")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--sweep", action="store_true", help="also sweep decode tile shapes")
@@ -348,8 +326,6 @@ def main() -> None:
         "weights": "random N(0, 1/fan_in)", "decode": f"greedy, prompt {args.prompt}, {args.steps} new tokens, CUDA graphs, argmax on GPU",
         "prefill": "one sequence of 2048 tokens, Triton projections + SDPA (flash) attention",
         "decode_tiles": DECODE_TILES.__dict__,
-        "split_k": f"{fused_linear_module.SPLIT_K} halves for decode products with at most one column tile per SM "
-                   f"and an inner dimension of at least {fused_linear_module.SPLIT_MIN_INNER}",
         "versions": {"torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__,
                      "python": platform.python_version()},
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -377,14 +353,12 @@ def main() -> None:
             spec = llama_spec("llama-2-7b", VARIANTS[variant])
             model = random_transformer(spec, dtype=dtype)
             for products in args.products:
-                split = whole_inner_dimension() if products == WHOLE_K else contextlib.nullcontext()
-                with split:  # the graphs are captured inside, so the choice sticks to them
-                    fast = FastTransformer(model, products="triton" if products == WHOLE_K else products)
-                    row = {"dtype": dtype_name, "model": variant, "products": products, "weight_bytes": weight_bytes(model),
-                           "check": check_fast_path(model, fast)}
-                    row["decode"] = {str(b): time_decode(fast, spec, b, args.prompt, args.steps, row["weight_bytes"], copy_gbps)
-                                     for b in (1, 16)}
-                    row["prefill"] = time_prefill(fast, spec, 2048, result["ceilings"]["matmul_TFLOPs"][dtype_name])
+                fast = FastTransformer(model, products=products)
+                row = {"dtype": dtype_name, "model": variant, "products": products, "weight_bytes": weight_bytes(model),
+                       "check": check_fast_path(model, fast)}
+                row["decode"] = {str(b): time_decode(fast, spec, b, args.prompt, args.steps, row["weight_bytes"], copy_gbps)
+                                 for b in (1, 16)}
+                row["prefill"] = time_prefill(fast, spec, 2048, result["ceilings"]["matmul_TFLOPs"][dtype_name])
                 result["models"].append(row)
                 print(json.dumps(row), flush=True)
                 del fast

@@ -17,9 +17,6 @@ from sliceserve.kernels.fused_linear import (
     TileConfig,
     fused_linear,
     fused_linear_reference,
-    split_k_for,
-    split_workspace,
-    workspace_columns,
 )
 from sliceserve.kernels.gated_linear import gated_linear, gated_linear_reference
 from sliceserve.kernels.rms_norm import rms_norm, rms_norm_reference
@@ -92,46 +89,6 @@ def test_fused_linear_with_norm_second_product_bias_activation_residual(dtype, r
         assert relative_error(out, expected) < tolerance(dtype), options.keys()
         if expected_sums is not None:
             assert relative_error(sums.sum(-1, keepdim=True), expected_sums) < 1e-5
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_split_k_halves_add_up_to_the_whole_product(dtype, generator):
-    k, k2, n = 600, 520, 104  # both halves of both inner dimensions non-empty, ragged ends
-    a = randn(16, k, dtype=dtype, generator=generator)
-    partials = a.float().pow(2).sum(-1, keepdim=True)
-    w = randn(n, k, dtype=dtype, scale=k**-0.5, generator=generator)
-    a2 = randn(16, k2, dtype=dtype, generator=generator)
-    w2 = randn(n, k2, dtype=dtype, scale=k2**-0.5, generator=generator)
-    bias = randn(n, dtype=dtype, generator=generator)
-    residual = randn(16, n, dtype=dtype, generator=generator)
-    options = dict(norm=(partials, 640, 1e-6), a2=a2, w2=w2, bias=bias, residual=residual, sumsq=True, activation="silu")
-    expected, expected_sums = fused_linear_reference(a, w, **options)
-    whole, _ = fused_linear(a, w, split_k=1, **options)
-    halves, sums = fused_linear(a, w, split_k=2, out=poisoned((16, n), dtype), **options)
-    assert relative_error(halves, expected) < tolerance(dtype)
-    assert relative_error(halves, whole) < tolerance(dtype)
-    assert relative_error(sums.sum(-1, keepdim=True), expected_sums) < 1e-5
-    # The workspace is left as found, so the next product (or graph replay) starts from zero.
-    workspace, arrivals = split_workspace(a.device, max(workspace_columns(a.device), n))
-    assert not workspace.any() and not arrivals.any()
-    again, _ = fused_linear(a, w, split_k=2, **options)
-    assert torch.equal(again, halves)  # two halves add up the same in either order
-    # A row's numbers do not depend on the rows beside it.
-    one = {key: (value[:1] if torch.is_tensor(value) and value.shape[0] == 16 else value) for key, value in options.items()}
-    one["norm"] = (partials[:1], 640, 1e-6)
-    alone, _ = fused_linear(a[:1], w, split_k=2, **one)
-    assert torch.equal(alone[0], halves[0])
-
-
-def test_split_k_is_chosen_by_the_weights_shape_only():
-    cpu = torch.device("cpu")  # the interpreter counts an H100's 132 SMs
-    assert split_k_for(128, 1, 4096, DECODE_TILES, cpu) == 2  # 4096 columns: 128 tiles < 132 SMs
-    assert split_k_for(344, 1, 4096, DECODE_TILES, cpu) == 1  # 11008 columns fill the GPU already
-    assert split_k_for(128, 1, 512, DECODE_TILES, cpu) == 1  # too short to halve
-    assert split_k_for(128, 2, 4096, DECODE_TILES, cpu) == 1  # more rows than one decode tile
-    assert split_k_for(128, 1, 4096, MIDDLE_TILES, cpu) == 1
-    with pytest.raises(ValueError):
-        fused_linear(torch.zeros(20, 8), torch.zeros(8, 8), split_k=2)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -12,20 +12,10 @@
 - With `sumsq_out`, every program also writes the sum of squares of its output tile per
   row, so the next kernel can apply the norm of `out` without another pass over it.
 
-Split-K at decode sizes: a 4096-wide product cut in 32-column tiles gives 128 programs,
-fewer than an H100 has SMs, and one program per SM cannot keep enough loads in flight.
-There each column tile is cut in two halves of the inner dimension; both add their fp32
-partial products into a small workspace and the second to arrive finishes the tile
-(norm scale, bias, activation, residual, sums of squares) and zeroes the workspace again,
-so nothing is launched in between and CUDA graphs replay it as is. Two halves add up to
-the same number in either order (0 + a + b == 0 + b + a in floating point), so the
-result stays deterministic.
-
 Weights keep PyTorch's (out, in) layout. Rows never interact and, for one tile
 configuration, the reduction order over the inner dimension does not depend on how many
-rows there are (the split depends on the shapes of the weights, not on the rows): within
-the decode tiles' range (up to 16 rows) a request's numbers do not depend on its
-neighbours in a batch.
+rows there are: within the decode tiles' range (up to 16 rows) a request's numbers do not
+depend on its neighbours in a batch.
 """
 
 from __future__ import annotations
@@ -72,68 +62,16 @@ def shared_memory_bytes(device_index: int) -> int:
     return triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
 
 
-def on_gpu(device: torch.device) -> bool:
-    return device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
-
-
-def device_index(device: torch.device) -> int:
-    return device.index if device.index is not None else torch.cuda.current_device()
-
-
-def fitting_stages(tiles: TileConfig, weights: int, element_size: int, device: torch.device,
-                   programs_per_sm: int = 1) -> int:
+def fitting_stages(tiles: TileConfig, weights: int, element_size: int, device: torch.device) -> int:
     """The pipeline depth that fits the GPU's shared memory: five stages of the decode tiles
     fit an H100 (227 KiB) but not a consumer card (100 KiB), where fewer still run well.
     `weights` counts the weight tiles loaded per step (2 for gate and up, or for a second
-    product whose buffers may live at the same time as the first's); split-K wants two
-    programs resident on each SM, each in half of the memory."""
-    if not on_gpu(device):
+    product whose buffers may live at the same time as the first's)."""
+    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         return tiles.num_stages
     per_stage = (tiles.block_m + weights * tiles.block_n) * tiles.block_k * element_size
-    spare = shared_memory_bytes(device_index(device)) // programs_per_sm - 16 * 1024
+    spare = shared_memory_bytes(device.index if device.index is not None else torch.cuda.current_device()) - 16 * 1024
     return max(2, min(tiles.num_stages, spare // per_stage))
-
-
-# Where the shapes leave the interpreter no SM count to read, the H100's.
-INTERPRETER_SMS = 132
-SPLIT_K = 2  # two halves: exact in either order (see the module docstring)
-SPLIT_MIN_INNER = 1024  # below this a half is too short to be worth a second program
-
-
-@functools.cache
-def sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def splittable(tiles: TileConfig, m_tiles: int) -> bool:
-    """The workspace holds one row tile of the decode tiles' shape."""
-    return m_tiles == 1 and (tiles.block_m, tiles.block_n) == (DECODE_TILES.block_m, DECODE_TILES.block_n)
-
-
-def split_k_for(n_tiles: int, m_tiles: int, inner: int, tiles: TileConfig, device: torch.device) -> int:
-    """2 when a decode-sized product has fewer column tiles than the GPU has SMs, else 1.
-    Depends on the weights' shapes only, never on how many rows (up to block_m) there are."""
-    if not splittable(tiles, m_tiles) or inner < SPLIT_MIN_INNER:
-        return 1
-    sms = sm_count(device_index(device)) if on_gpu(device) else INTERPRETER_SMS
-    return SPLIT_K if n_tiles <= sms else 1
-
-
-@functools.cache
-def split_workspace(device: torch.device, columns: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fp32 partial products (block_m, columns), arrival counters (columns // block_n,)),
-    zero, and left zero by every kernel that uses them: allocated once per device (before a
-    CUDA graph is captured: the graphs warm up first), shared by all products on it, which
-    run one after another on one stream."""
-    partial = torch.zeros((DECODE_TILES.block_m, columns), device=device, dtype=torch.float32)
-    arrivals = torch.zeros((triton.cdiv(columns, DECODE_TILES.block_n),), device=device, dtype=torch.int32)
-    return partial, arrivals
-
-
-def workspace_columns(device: torch.device) -> int:
-    """Wide enough for every product that splits: at most one column tile per SM."""
-    sms = sm_count(device_index(device)) if on_gpu(device) else INTERPRETER_SMS
-    return sms * DECODE_TILES.block_n
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -157,61 +95,44 @@ def row_scale_from_partials(partials_ptr, stride, offs_m, M, tiles, width, eps, 
 
 
 @triton.jit
-def accumulate_product(acc, a_ptr, stride_a, w_ptr, stride_w, offs_m, offs_n, M, N, k_start, k_stop,
+def accumulate_product(acc, a_ptr, stride_a, w_ptr, stride_w, offs_m, offs_n, M, N, K,
                        BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    """acc + a[:, k_start:k_stop] @ w[:, k_start:k_stop].T over this program's tile."""
     offs_k = tl.arange(0, BLOCK_K)
-    for k0 in range(k_start, k_stop, BLOCK_K):
+    for k0 in range(0, K, BLOCK_K):
         k = k0 + offs_k
         a = tl.load(a_ptr + offs_m[:, None] * stride_a + k[None, :],
-                    mask=(offs_m[:, None] < M) & (k[None, :] < k_stop), other=0.0)
+                    mask=(offs_m[:, None] < M) & (k[None, :] < K), other=0.0)
         w = tl.load(w_ptr + offs_n[None, :] * stride_w + k[:, None],
-                    mask=(offs_n[None, :] < N) & (k[:, None] < k_stop), other=0.0)
+                    mask=(offs_n[None, :] < N) & (k[:, None] < K), other=0.0)
         acc += tl.dot(a, w, input_precision=PRECISION)
     return acc
 
 
 @triton.jit
 def fused_linear_kernel(
-    a_ptr, w_ptr, a2_ptr, w2_ptr, bias_ptr, res_ptr, out_ptr, norm_ptr, sumsq_ptr, split_ptr, arrivals_ptr,
-    M, N, K, K2, K_PART, K2_PART, norm_tiles, norm_width, eps,
-    stride_a, stride_w, stride_a2, stride_w2, stride_res, stride_out, stride_norm, stride_sumsq, stride_split,
+    a_ptr, w_ptr, a2_ptr, w2_ptr, bias_ptr, res_ptr, out_ptr, norm_ptr, sumsq_ptr,
+    M, N, K, K2, norm_tiles, norm_width, eps,
+    stride_a, stride_w, stride_a2, stride_w2, stride_res, stride_out, stride_norm, stride_sumsq,
     HAS_A2: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, NORM_IN: tl.constexpr,
-    SUMSQ_OUT: tl.constexpr, ACTIVATION: tl.constexpr, NORM_TILES_P2: tl.constexpr, SPLIT: tl.constexpr,
+    SUMSQ_OUT: tl.constexpr, ACTIVATION: tl.constexpr, NORM_TILES_P2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
-    pid_k = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc = accumulate_product(acc, a_ptr, stride_a, w_ptr, stride_w, offs_m, offs_n, M, N,
-                             pid_k * K_PART, tl.minimum(K, (pid_k + 1) * K_PART), BLOCK_K, PRECISION)
+    acc = accumulate_product(acc, a_ptr, stride_a, w_ptr, stride_w, offs_m, offs_n, M, N, K, BLOCK_K, PRECISION)
     if NORM_IN:
         r = row_scale_from_partials(norm_ptr, stride_norm, offs_m, M, norm_tiles, norm_width, eps, NORM_TILES_P2)
         acc = acc * r[:, None]
     if HAS_A2:
-        acc = accumulate_product(acc, a2_ptr, stride_a2, w2_ptr, stride_w2, offs_m, offs_n, M, N,
-                                 pid_k * K2_PART, tl.minimum(K2, (pid_k + 1) * K2_PART), BLOCK_K, PRECISION)
+        acc = accumulate_product(acc, a2_ptr, stride_a2, w2_ptr, stride_w2, offs_m, offs_n, M, N, K2, BLOCK_K, PRECISION)
     n_ok = offs_n < N
-    mask = (offs_m[:, None] < M) & n_ok[None, :]
-    if SPLIT > 1:
-        # Add this half into the workspace; the program that arrives last reads the sum
-        # (and leaves zeros) and finishes the tile, the others store nothing.
-        split_tile = split_ptr + offs_m[:, None] * stride_split + offs_n[None, :]
-        tl.atomic_add(split_tile, acc, mask=mask, sem="relaxed")
-        tl.debug_barrier()  # every thread's adds precede the release below
-        arrived = tl.atomic_add(arrivals_ptr + pid_n, 1, sem="acq_rel")
-        last = arrived == SPLIT - 1
-        mask = mask & last
-        # Read past L1 (the halves were added in L2), then clear for the next product.
-        acc = tl.load(split_tile, mask=mask, other=0.0, cache_modifier=".cg")
-        tl.store(split_tile, tl.zeros_like(acc), mask=mask)
-        tl.store(arrivals_ptr + pid_n, 0, mask=last)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     acc = apply_activation(acc, ACTIVATION)
+    mask = (offs_m[:, None] < M) & n_ok[None, :]
     if HAS_RES:
         acc += tl.load(res_ptr + offs_m[:, None] * stride_res + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
     out = acc.to(out_ptr.dtype.element_ty)
@@ -219,10 +140,7 @@ def fused_linear_kernel(
     if SUMSQ_OUT:
         # The squares of the values as stored: the next norm sees exactly what it reads.
         v = tl.where(mask, out.to(tl.float32), 0.0)
-        row_ok = offs_m < M
-        if SPLIT > 1:
-            row_ok = row_ok & last
-        tl.store(sumsq_ptr + offs_m * stride_sumsq + pid_n, tl.sum(v * v, axis=1), mask=row_ok)
+        tl.store(sumsq_ptr + offs_m * stride_sumsq + pid_n, tl.sum(v * v, axis=1), mask=offs_m < M)
 
 
 def fused_linear(
@@ -230,51 +148,35 @@ def fused_linear(
     bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
     norm: tuple[torch.Tensor, int, float] | None = None, activation: str = "none",
     sumsq: bool = False, out: torch.Tensor | None = None, tiles: TileConfig | None = None,
-    split_k: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(out, partial sums of squares of out or None); see the module docstring.
 
     a (M, K), w (N, K), a2 (M, K2), w2 (N, K2), bias (N,), residual (M, N);
     norm = (partial sums of squares of a (M, T), original width, eps).
-    split_k: 1 or 2 halves of the inner dimension (decode tiles only); None chooses by shape.
     """
     M, K = a.shape
     N = w.shape[0]
-    K2 = a2.shape[1] if a2 is not None else 0
     tiles = tiles or tiles_for(M)
     out = torch.empty((M, N), device=a.device, dtype=a.dtype) if out is None else out
     n_tiles = sumsq_tiles(N, tiles)
-    m_tiles = triton.cdiv(M, tiles.block_m)
     partials = torch.empty((M, n_tiles), device=a.device, dtype=torch.float32) if sumsq else None
     norm_partials, norm_width, eps = norm if norm is not None else (None, 1, 0.0)
-    if split_k is None:
-        split_k = split_k_for(n_tiles, m_tiles, K + K2, tiles, a.device)
-    if split_k not in (1, SPLIT_K) or (split_k > 1 and not splittable(tiles, m_tiles)):
-        raise ValueError(f"split_k={split_k}: only 1, or {SPLIT_K} for one row tile of decode width")
     dummy = out  # stands in for absent pointers; never read
-    split_partial, arrivals = dummy, dummy
-    if split_k > 1:
-        split_partial, arrivals = split_workspace(a.device, max(workspace_columns(a.device), N))
-    part = lambda inner: triton.cdiv(triton.cdiv(inner, split_k), tiles.block_k) * tiles.block_k  # noqa: E731
-    grid = (n_tiles, m_tiles, split_k)
+    grid = (n_tiles, triton.cdiv(M, tiles.block_m))
     fused_linear_kernel[grid](
         a, w, a2 if a2 is not None else dummy, w2 if w2 is not None else dummy,
         bias if bias is not None else dummy, residual if residual is not None else dummy, out,
         norm_partials if norm_partials is not None else dummy, partials if partials is not None else dummy,
-        split_partial, arrivals,
-        M, N, K, K2, part(K), part(K2),
+        M, N, K, a2.shape[1] if a2 is not None else 0,
         norm_partials.shape[1] if norm_partials is not None else 1, float(norm_width), float(eps),
         a.stride(0), w.stride(0), a2.stride(0) if a2 is not None else 0, w2.stride(0) if w2 is not None else 0,
         residual.stride(0) if residual is not None else 0, out.stride(0),
         norm_partials.stride(0) if norm_partials is not None else 0, partials.stride(0) if partials is not None else 0,
-        split_partial.stride(0),
         HAS_A2=a2 is not None, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
         NORM_IN=norm_partials is not None, SUMSQ_OUT=sumsq, ACTIVATION=ACTIVATION_CODES[activation],
         NORM_TILES_P2=triton.next_power_of_2(norm_partials.shape[1]) if norm_partials is not None else 1,
-        SPLIT=split_k,
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, PRECISION=dot_precision(a.dtype),
-        num_warps=tiles.num_warps,
-        num_stages=fitting_stages(tiles, 2 if a2 is not None else 1, a.element_size(), a.device, programs_per_sm=split_k),
+        num_warps=tiles.num_warps, num_stages=fitting_stages(tiles, 2 if a2 is not None else 1, a.element_size(), a.device),
     )
     return out, partials
 
