@@ -53,8 +53,11 @@ def weight_shapes(spec: DecoderSpec) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def random_transformer(spec: DecoderSpec, *, dtype: torch.dtype, device: str = "cuda", seed: int = 0) -> Transformer:
-    """Weights ~ N(0, 1/fan_in) (embeddings N(0, 1)), generated on `device`."""
+def random_transformer(spec: DecoderSpec, *, dtype: torch.dtype, device: str = "cuda", seed: int = 0,
+                       rounded_through: torch.dtype | None = None) -> Transformer:
+    """Weights ~ N(0, 1/fan_in) (embeddings N(0, 1)), generated on `device`. With
+    `rounded_through`, the same weights as a model of that dtype, held in `dtype`: a float32
+    twin of a half-precision model, to tell its arithmetic's error from its weights'."""
     shapes = weight_shapes(spec)
     generator = torch.Generator(device=device).manual_seed(seed)
 
@@ -63,7 +66,8 @@ def random_transformer(spec: DecoderSpec, *, dtype: torch.dtype, device: str = "
             return None
         shape = shapes[name]
         scale = 1.0 if name == "embed.weight" else shape[1] ** -0.5
-        return (torch.randn(shape, generator=generator, device=device, dtype=torch.float32) * scale).to(dtype)
+        weight = torch.randn(shape, generator=generator, device=device, dtype=torch.float32) * scale
+        return weight.to(rounded_through or dtype).to(dtype)
 
     return Transformer(spec, get).eval()
 
@@ -117,6 +121,7 @@ def random_stage(spec: DecoderSpec, layers: range, *, dtype: torch.dtype, device
             return None
         shape = shapes[name]
         scale = 1.0 if name == "embed.weight" else shape[1] ** -0.5
-        return (torch.randn(shape, generator=generator, device=device, dtype=torch.float32) * scale).to(dtype)
+        weight = torch.randn(shape, generator=generator, device=device, dtype=torch.float32) * scale
+        return weight.to(rounded_through or dtype).to(dtype)
 
     return Transformer(spec, get, layers).eval()
