@@ -10,7 +10,7 @@ Measured on an H100 (fp16, Llama-2-7B shapes; benchmarks/results/):
   cuBLAS against 55% with our kernels.
 So "auto" hands a product of more than 16 rows to the library. End to end it shows in the
 throughput suite (throughput_llama-2-7b_auto.md against throughput_llama-2-7b.md): a sliced
-25% model decodes 32-512 rows at 1.04-1.07x the dense one's speed with "auto", 0.90-0.98x
+25% model decodes 32-256 rows at 1.04-1.07x the dense one's speed with "auto", 0.90-0.98x
 with our kernels at every size. Both backends take the same
 arguments and produce the same partial sums of squares (any number of columns), so the
 layers do not care which one wrote their input.
