@@ -13,6 +13,7 @@ same dense shapes. Writes JSON and a markdown table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import platform
@@ -25,12 +26,26 @@ import transformers
 
 from random_models import SHAPES, llama_spec, random_transformer, weight_bytes
 from sliceserve.kernels.fused_linear import DECODE_TILES, TileConfig, fused_linear
+from sliceserve.kernels import launch
 from sliceserve.kernels.gated_linear import gated_linear
 from sliceserve.runtime.decode_graphs import DecodeGraphs
 from sliceserve.runtime.fast_model import FastTransformer
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 VARIANTS = {"dense": 0.0, "sliced 25%": 0.25, "sliced 30%": 0.30}
+
+
+@contextlib.contextmanager
+def kernel_overlap(products: str):
+    """'auto+pdl' runs 'auto' products with programmatic dependent launch
+    (sliceserve/kernels/launch.py: OVERLAP_MODES); the graphs captured inside keep it."""
+    base, _, mode = products.partition("+")
+    saved = launch.OVERLAP
+    launch.OVERLAP = launch.OVERLAP_MODES[mode or "off"]
+    try:
+        yield base
+    finally:
+        launch.OVERLAP = saved
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -188,8 +203,13 @@ def check_fast_path(model, fast, truth: torch.Tensor) -> dict:
     slot = torch.tensor([1], device="cuda")
     fast.forward_cached(tokens[:, :-1], torch.arange(95, device="cuda")[None], slot, cache, last_only=True)
     step = fast.forward_cached(tokens[:, -1:], torch.tensor([[95]], device="cuda"), slot, cache)
+    # The same step replayed from a CUDA graph, as the timed decode runs it.
+    cache = fast.new_cache(slots=2, max_len=128)
+    fast.forward_cached(tokens[:, :-1], torch.arange(95, device="cuda")[None], slot, cache, last_only=True)
+    replayed = DecodeGraphs(fast, cache).run(tokens[0, -1:], torch.tensor([95], device="cuda"), slot)
     return {"prefill_rel_error": relative_error(prefill, expected[:, :-1]),
             "decode_rel_error": relative_error(step[0, 0], expected[0, -1]),
+            "graph_decode_rel_error": relative_error(replayed[0], expected[0, -1]),
             "fast_vs_float32": relative_error(prefill, truth[:, :-1]),
             "reference_vs_float32": relative_error(expected[:, :-1], truth[:, :-1])}
 
@@ -286,7 +306,8 @@ def target_lines(result: dict) -> list[str]:
                       dense["decode"][str(hf["batch"])]["tok_s"] / hf["tok_s"], 15.0 if hf["batch"] == 1 else 5.0)
     for k in result.get("kernels", []):
         if k["dtype"] == "float16" and k["kernel"].startswith("shortcut step"):
-            judge(f"fused shortcut kernel, {k['rows']} row(s), fraction of copy bandwidth", k["fraction_of_copy_bw"], 0.85, "")
+            judge(f"fused shortcut kernel, {k['rows']} row(s), launch {k.get('overlap', 'off')}, fraction of copy bandwidth",
+                  k["fraction_of_copy_bw"], 0.85, "")
     return lines
 
 
@@ -294,15 +315,17 @@ def markdown(result: dict) -> str:
     c = result["conditions"]
     lines = ["# GPU fast path: Llama-2-7B shapes, random weights", ""]
     lines += [f"- {k}: {v}" for k, v in c.items()] + [""]
-    lines += ["Check: relative error of the logits, fast path vs reference path (prefill / decode step), and prefill "
+    lines += ["Check: relative error of the logits, fast path vs reference path (prefill / decode step / the same step "
+              "replayed from a CUDA graph), and prefill "
               "logits of each path vs a float32 twin of the model (same rounded weights).", ""]
-    lines += ["| dtype | model | products | check: fast vs reference, prefill / decode | vs float32: fast / reference "
+    lines += ["| dtype | model | products | check: fast vs reference, prefill / decode (/ decode from a CUDA graph) | vs float32: fast / reference "
               "| batch-1 tok/s (of roofline) | batch-16 tok/s (of roofline) "
               "| prefill 2048 tok/s (of matmul rate) |", "| --- | --- | --- | --- | --- | ---: | ---: | ---: |"]
     for r in result["models"]:
         d1, d16, p, c = r["decode"]["1"], r["decode"]["16"], r["prefill"], r["check"]
         twin = f"{c['fast_vs_float32']:.1e} / {c['reference_vs_float32']:.1e}" if "fast_vs_float32" in c else ""
-        lines.append(f"| {r['dtype']} | {r['model']} | {r['products']} | {c['prefill_rel_error']:.1e} / {c['decode_rel_error']:.1e} | {twin} "
+        graph = f" / {c['graph_decode_rel_error']:.1e}" if "graph_decode_rel_error" in c else ""
+        lines.append(f"| {r['dtype']} | {r['model']} | {r['products']} | {c['prefill_rel_error']:.1e} / {c['decode_rel_error']:.1e}{graph} | {twin} "
                      f"| {d1['tok_s']:.1f} ({d1['fraction_of_roofline']:.0%}) | {d16['tok_s']:.0f} ({d16['fraction_of_roofline']:.0%}) "
                      f"| {p['tok_s']:.0f} ({p['fraction_of_matmul_rate']:.0%}) |")
     lines += ["", "Ratios in the same run:", ""]
@@ -322,10 +345,10 @@ def markdown(result: dict) -> str:
                              f"{ours / hf['tok_s']:.1f}x ({ours:.1f} vs {hf['tok_s']:.1f} tok/s)")
     lines += ["", "Targets (issue 4, fp16):", ""] + target_lines(result)
     if result.get("kernels"):
-        lines += ["", "| kernel (decode sizes) | dtype | rows | weights | ms | GB/s | of copy bw | vs cuBLAS |",
-                  "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: |"]
+        lines += ["", "| kernel (decode sizes) | launch | dtype | rows | weights | ms | GB/s | of copy bw | vs cuBLAS |",
+                  "| --- | --- | --- | ---: | --- | ---: | ---: | ---: | ---: |"]
         for k in result["kernels"]:
-            lines.append(f"| {k['kernel']} | {k['dtype']} | {k['rows']} | {k['weights']} | {k['ms']:.4f} | {k['GBps']:.0f} "
+            lines.append(f"| {k['kernel']} | {k.get('overlap', 'off')} | {k['dtype']} | {k['rows']} | {k['weights']} | {k['ms']:.4f} | {k['GBps']:.0f} "
                          f"| {k['fraction_of_copy_bw']:.0%} | {k['speedup_vs_cublas']:.2f}x |")
     return "\n".join(lines) + "\n"
 
@@ -336,7 +359,10 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16"])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
     parser.add_argument("--products", nargs="+", default=["auto", "triton", "library"],
-                        help="the fast path's matrix products: our Triton kernels, cuBLAS, or both side by side")
+                        help="the fast path's matrix products: our Triton kernels, cuBLAS, or both side by side; "
+                             "a suffix +pdl or +pdl+prefetch launches the kernels with programmatic dependent launch")
+    parser.add_argument("--kernel-overlap", nargs="+", default=["off"], choices=list(launch.OVERLAP_MODES),
+                        help="launch modes to time the kernels alone with")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--sweep", action="store_true", help="also sweep decode tile shapes")
@@ -351,6 +377,7 @@ def main() -> None:
         "weights": "random N(0, 1/fan_in)", "decode": f"greedy, prompt {args.prompt}, {args.steps} new tokens, CUDA graphs, argmax on GPU",
         "prefill": "one sequence of 2048 tokens, Triton projections + SDPA (flash) attention",
         "decode_tiles": DECODE_TILES.__dict__,
+        "overlap_default": [k for k, v in launch.OVERLAP_MODES.items() if v == launch.OVERLAP][0],
         "versions": {"torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__,
                      "python": platform.python_version()},
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -379,12 +406,13 @@ def main() -> None:
             truth = float32_logits(spec, dtype)
             model = random_transformer(spec, dtype=dtype)
             for products in args.products:
-                fast = FastTransformer(model, products=products)
-                row = {"dtype": dtype_name, "model": variant, "products": products, "weight_bytes": weight_bytes(model),
-                       "check": check_fast_path(model, fast, truth)}
-                row["decode"] = {str(b): time_decode(fast, spec, b, args.prompt, args.steps, row["weight_bytes"], copy_gbps)
-                                 for b in (1, 16)}
-                row["prefill"] = time_prefill(fast, spec, 2048, result["ceilings"]["matmul_TFLOPs"][dtype_name])
+                with kernel_overlap(products) as base:
+                    fast = FastTransformer(model, products=base)
+                    row = {"dtype": dtype_name, "model": variant, "products": products, "weight_bytes": weight_bytes(model),
+                           "overlap": launch.OVERLAP, "check": check_fast_path(model, fast, truth)}
+                    row["decode"] = {str(b): time_decode(fast, spec, b, args.prompt, args.steps, row["weight_bytes"], copy_gbps)
+                                     for b in (1, 16)}
+                    row["prefill"] = time_prefill(fast, spec, 2048, result["ceilings"]["matmul_TFLOPs"][dtype_name])
                 result["models"].append(row)
                 print(json.dumps(row), flush=True)
                 del fast
@@ -395,7 +423,10 @@ def main() -> None:
             gc.collect()
             torch.cuda.empty_cache()
         width_25 = llama_spec("llama-2-7b", 0.25).layers[0].input_width
-        result["kernels"] += kernel_timings(dtype, copy_gbps, width_25, 11008, DECODE_TILES)
+        for mode in args.kernel_overlap:
+            with kernel_overlap(f"kernels+{mode}" if mode != "off" else "kernels"):
+                result["kernels"] += [{**k, "overlap": mode}
+                                      for k in kernel_timings(dtype, copy_gbps, width_25, 11008, DECODE_TILES)]
         save()
         if not args.skip_hf:
             for batch in (1, 16):

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from sliceserve.kernels.fused_linear import dot_precision
+from sliceserve.kernels.launch import launch_options, overlap_mode, wait_for_previous_kernel
 
 
 @triton.jit
@@ -30,7 +31,9 @@ def decode_attention_kernel(
     group, head_dim, window, scale,
     SPLITS: tl.constexpr, HAS_WINDOW: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_P2: tl.constexpr, PRECISION: tl.constexpr,
+    OVERLAP: tl.constexpr,
 ):
+    wait_for_previous_kernel(OVERLAP)
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -78,8 +81,9 @@ def decode_attention_kernel(
 @triton.jit
 def combine_splits_kernel(
     part_out_ptr, part_max_ptr, part_sum_ptr, out_ptr, stride_out_row, head_dim,
-    SPLITS: tl.constexpr, HEAD_P2: tl.constexpr,
+    SPLITS: tl.constexpr, HEAD_P2: tl.constexpr, OVERLAP: tl.constexpr,
 ):
+    wait_for_previous_kernel(OVERLAP)
     row = tl.program_id(0)
     head = tl.program_id(1)
     pair = row * tl.num_programs(1) + head
@@ -118,17 +122,19 @@ def decode_attention(
     part_out = torch.empty((M, num_heads, splits, head_p2), device=q.device, dtype=torch.float32)
     part_max = torch.empty((M, num_heads, splits), device=q.device, dtype=torch.float32)
     part_sum = torch.empty_like(part_max)
+    overlap = overlap_mode(q.device)
     decode_attention_kernel[(M, num_kv_heads, splits)](
         q, keys, values, positions, slots, part_out, part_max, part_sum,
         q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
         group, head_dim, window or 0, 1.0 / math.sqrt(head_dim),
         SPLITS=splits, HAS_WINDOW=window is not None,
         BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, HEAD_P2=head_p2,
-        PRECISION=dot_precision(q.dtype), num_warps=4,
+        PRECISION=dot_precision(q.dtype), OVERLAP=overlap, **launch_options(overlap), num_warps=4,
     )
     out = torch.empty((M, num_heads * head_dim), device=q.device, dtype=q.dtype) if out is None else out
     combine_splits_kernel[(M, num_heads)](part_out, part_max, part_sum, out, out.stride(0), head_dim,
-                                          SPLITS=splits, HEAD_P2=head_p2, num_warps=1)
+                                          SPLITS=splits, HEAD_P2=head_p2, OVERLAP=overlap,
+                                          **launch_options(overlap), num_warps=1)
     return out
 
 

@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from sliceserve.kernels.activations import ACTIVATION_CODES, apply_activation, reference_activation
+from sliceserve.kernels.launch import launch_options, overlap_mode, prefetch_lines, prefetch_then_wait
 
 
 @dataclass(frozen=True)
@@ -116,11 +117,13 @@ def fused_linear_kernel(
     HAS_A2: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, NORM_IN: tl.constexpr,
     SUMSQ_OUT: tl.constexpr, ACTIVATION: tl.constexpr, NORM_TILES_P2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    OVERLAP: tl.constexpr, PREFETCH_LINES: tl.constexpr, LINE: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    prefetch_then_wait(w_ptr, stride_w, offs_n, N, K, OVERLAP, PREFETCH_LINES, LINE)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc = accumulate_product(acc, a_ptr, stride_a, w_ptr, stride_w, offs_m, offs_n, M, N, K, BLOCK_K, PRECISION)
     if NORM_IN:
@@ -163,6 +166,8 @@ def fused_linear(
     norm_partials, norm_width, eps = norm if norm is not None else (None, 1, 0.0)
     dummy = out  # stands in for absent pointers; never read
     grid = (n_tiles, triton.cdiv(M, tiles.block_m))
+    overlap = overlap_mode(a.device)
+    lines, line = prefetch_lines(w.element_size())
     fused_linear_kernel[grid](
         a, w, a2 if a2 is not None else dummy, w2 if w2 is not None else dummy,
         bias if bias is not None else dummy, residual if residual is not None else dummy, out,
@@ -176,6 +181,7 @@ def fused_linear(
         NORM_IN=norm_partials is not None, SUMSQ_OUT=sumsq, ACTIVATION=ACTIVATION_CODES[activation],
         NORM_TILES_P2=triton.next_power_of_2(norm_partials.shape[1]) if norm_partials is not None else 1,
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, PRECISION=dot_precision(a.dtype),
+        OVERLAP=overlap, PREFETCH_LINES=lines, LINE=line, **launch_options(overlap),
         num_warps=tiles.num_warps, num_stages=fitting_stages(tiles, 2 if a2 is not None else 1, a.element_size(), a.device),
     )
     return out, partials

@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from sliceserve.kernels.activations import ACTIVATION_CODES, apply_activation, reference_activation
+from sliceserve.kernels.launch import launch_options, overlap_mode, prefetch_lines, prefetch_then_wait
 from sliceserve.kernels.fused_linear import (
     TileConfig,
     dot_precision,
@@ -29,11 +30,13 @@ def gated_linear_kernel(
     stride_a, stride_w, stride_out, stride_norm,
     HAS_BIAS: tl.constexpr, NORM_IN: tl.constexpr, ACTIVATION: tl.constexpr, NORM_TILES_P2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    OVERLAP: tl.constexpr, PREFETCH_LINES: tl.constexpr, LINE: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    prefetch_then_wait(gate_ptr, stride_w, offs_n, N, K, OVERLAP, PREFETCH_LINES, LINE)
     offs_k = tl.arange(0, BLOCK_K)
     gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -73,6 +76,8 @@ def gated_linear(
     out = torch.empty((M, N), device=a.device, dtype=a.dtype) if out is None else out
     norm_partials, norm_width, eps = norm if norm is not None else (None, 1, 0.0)
     grid = (triton.cdiv(N, tiles.block_n), triton.cdiv(M, tiles.block_m))
+    overlap = overlap_mode(a.device)
+    lines, line = prefetch_lines(gate.element_size())
     gated_linear_kernel[grid](
         a, gate, up, gate_bias if gate_bias is not None else out, up_bias if up_bias is not None else out, out,
         norm_partials if norm_partials is not None else out,
@@ -81,6 +86,7 @@ def gated_linear(
         HAS_BIAS=gate_bias is not None, NORM_IN=norm_partials is not None, ACTIVATION=ACTIVATION_CODES[activation],
         NORM_TILES_P2=triton.next_power_of_2(norm_partials.shape[1]) if norm_partials is not None else 1,
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, PRECISION=dot_precision(a.dtype),
+        OVERLAP=overlap, PREFETCH_LINES=lines, LINE=line, **launch_options(overlap),
         num_warps=tiles.num_warps, num_stages=fitting_stages(tiles, 2, a.element_size(), a.device),
     )
     return out

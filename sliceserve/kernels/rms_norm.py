@@ -13,10 +13,13 @@ import torch
 import triton
 import triton.language as tl
 
+from sliceserve.kernels.launch import launch_options, overlap_mode, wait_for_previous_kernel
+
 
 @triton.jit
 def rms_norm_kernel(x_ptr, out_ptr, sumsq_ptr, stride_x, stride_out, width, original_width, eps,
-                    SUMSQ_ONLY: tl.constexpr, BLOCK: tl.constexpr):
+                    SUMSQ_ONLY: tl.constexpr, BLOCK: tl.constexpr, OVERLAP: tl.constexpr):
+    wait_for_previous_kernel(OVERLAP)
     row = tl.program_id(0)
     i = tl.arange(0, BLOCK)
     ok = i < width
@@ -36,8 +39,10 @@ def rms_norm(x: torch.Tensor, original_width: int, eps: float, *, sumsq_only: bo
         out = torch.empty((M, 1), device=x.device, dtype=torch.float32)
     else:
         out = torch.empty_like(x)
+    overlap = overlap_mode(x.device)
     rms_norm_kernel[(M,)](x, out, out, x.stride(0), out.stride(0), width, float(original_width), float(eps),
-                          SUMSQ_ONLY=sumsq_only, BLOCK=triton.next_power_of_2(width), num_warps=4)
+                          SUMSQ_ONLY=sumsq_only, BLOCK=triton.next_power_of_2(width), OVERLAP=overlap,
+                          **launch_options(overlap), num_warps=4)
     return out
 
 

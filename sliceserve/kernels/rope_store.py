@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from sliceserve.kernels.launch import launch_options, overlap_mode, wait_for_previous_kernel
+
 
 @triton.jit
 def rotate_head(src_ptr, dst_ptr, cos_ptr, sin_ptr, head_dim, rot_half,
@@ -39,8 +41,9 @@ def rope_store_kernel(
     qkv_ptr, q_ptr, keys_ptr, values_ptr, cos_ptr, sin_ptr, positions_ptr, slots_ptr,
     stride_qkv, stride_q, stride_cache_slot, stride_cache_head, stride_cache_pos, stride_table,
     num_heads, num_kv_heads, head_dim, rot_half,
-    HAS_ROPE: tl.constexpr, HALF_P2: tl.constexpr, HEAD_P2: tl.constexpr,
+    HAS_ROPE: tl.constexpr, HALF_P2: tl.constexpr, HEAD_P2: tl.constexpr, OVERLAP: tl.constexpr,
 ):
+    wait_for_previous_kernel(OVERLAP)
     m = tl.program_id(0)
     j = tl.program_id(1)  # 0..heads-1: a query head; then the key/value heads
     position = tl.load(positions_ptr + m)
@@ -75,13 +78,14 @@ def rope_store(
     q = torch.empty((M, num_heads, head_dim), device=qkv.device, dtype=qkv.dtype) if q_out is None else q_out
     rot_half = cos.shape[1] if cos is not None else 0
     table = cos if cos is not None else q  # stands in; never read without rope
+    overlap = overlap_mode(qkv.device)
     rope_store_kernel[(M, num_heads + num_kv_heads)](
         qkv, q, keys, values, table, sin if sin is not None else table, positions, slots,
         qkv.stride(0), q.stride(0), keys.stride(0), keys.stride(1), keys.stride(2),
         cos.stride(0) if cos is not None else 0,
         num_heads, num_kv_heads, head_dim, rot_half,
         HAS_ROPE=cos is not None, HALF_P2=triton.next_power_of_2(max(rot_half, 1)),
-        HEAD_P2=triton.next_power_of_2(head_dim), num_warps=1,
+        HEAD_P2=triton.next_power_of_2(head_dim), OVERLAP=overlap, **launch_options(overlap), num_warps=1,
     )
     return q
 
