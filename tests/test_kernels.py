@@ -10,6 +10,7 @@ import torch
 
 from kernel_support import DEVICE, DTYPES, randn, relative_error, tolerance  # sets TRITON_INTERPRET first
 
+from sliceserve.kernels import launch
 from sliceserve.kernels.decode_attention import decode_attention, decode_attention_reference
 from sliceserve.kernels.fused_linear import (
     DECODE_TILES,
@@ -89,6 +90,32 @@ def test_fused_linear_with_norm_second_product_bias_activation_residual(dtype, r
         assert relative_error(out, expected) < tolerance(dtype), options.keys()
         if expected_sums is not None:
             assert relative_error(sums.sum(-1, keepdim=True), expected_sums) < 1e-5
+
+
+@pytest.mark.parametrize("mode", list(launch.OVERLAP_MODES))
+def test_a_chain_of_kernels_launched_early_still_reads_its_inputs(mode, monkeypatch, generator):
+    """With programmatic dependent launch (Hopper GPUs) each kernel starts before the previous
+    one ends and must wait before reading: a chain of dependent kernels, each consuming the
+    last one's output and sums of squares, still computes the reference. Elsewhere the mode
+    falls back to ordinary launches."""
+    monkeypatch.setattr(launch, "OVERLAP", launch.OVERLAP_MODES[mode])
+    device = torch.device(DEVICE)
+    hopper = device.type == "cuda" and torch.cuda.get_device_capability()[0] >= 9
+    assert launch.overlap_mode(device) == (launch.OVERLAP_MODES[mode] if hopper else launch.OVERLAP_OFF)
+    dtype = DTYPES[-1]
+    width, inter = 80, 112
+    x = randn(3, width, dtype=dtype, generator=generator)
+    s = randn(width, width, dtype=dtype, scale=width**-0.5, generator=generator)
+    gate = randn(inter, width, dtype=dtype, scale=width**-0.5, generator=generator)
+    up = randn(inter, width, dtype=dtype, scale=width**-0.5, generator=generator)
+    down = randn(width, inter, dtype=dtype, scale=inter**-0.5, generator=generator)
+    partials = rms_norm(x, 96, 1e-5, sumsq_only=True)
+    act = gated_linear(x, gate, up, norm=(partials, 96, 1e-5))
+    out, sums = fused_linear(x, s, a2=act, w2=down, sumsq=True)
+    expected_act = gated_linear_reference(x, gate, up, norm=(x.float().pow(2).sum(-1, keepdim=True), 96, 1e-5))
+    expected, expected_sums = fused_linear_reference(x, s, a2=expected_act, w2=down, sumsq=True)
+    assert relative_error(out, expected) < 2 * tolerance(dtype)
+    assert relative_error(sums.sum(-1, keepdim=True), expected_sums) < 2 * tolerance(dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
