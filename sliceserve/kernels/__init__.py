@@ -7,4 +7,5 @@
 - gated_linear: act(x @ gate) * (x @ up) without writing either projection
 - rope_store: rotary embedding of q and k, k and v written into the KV cache
 - decode_attention: split-K attention of one token per row over its cached prefix
+- launch: programmatic dependent launch for all of them (opt-in, Hopper and later)
 """
