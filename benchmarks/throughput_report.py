@@ -180,7 +180,10 @@ def plot_caption(result: dict) -> str:
     memory = f"{c['device_memory_bytes'] / GIB:.0f} GiB card" if c.get("device_memory_bytes") else "no GPU"
     v = c["versions"]
     text = (f"{c['device']} ({memory}, whole card), {c['dtype']}, random weights; prompt {c['prompt']}, "
-            f"{c['new_tokens']} new tokens, greedy decode in CUDA graphs; torch {v['torch']}, triton {v['triton']}; "
+            f"{c['new_tokens']} new tokens, greedy decode in CUDA graphs"
+            + (f", {c['products']} products" if c.get("products") else "")
+            + (f", allocator {c['allocator']}" if c.get("allocator") else "")
+            + f"; torch {v['torch']}, triton {v['triton']}; "
             f"{c['date']}" + (" — QUICK SMOKE TEST" if c.get("quick") else ""))
     return "\n".join(textwrap.wrap(text, 110))
 
