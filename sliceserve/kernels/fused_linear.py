@@ -29,7 +29,13 @@ import triton
 import triton.language as tl
 
 from sliceserve.kernels.activations import ACTIVATION_CODES, apply_activation, reference_activation
-from sliceserve.kernels.launch import launch_options, overlap_mode, prefetch_lines, prefetch_then_wait
+from sliceserve.kernels.launch import (
+    launch_options,
+    main_loop_done,
+    overlap_mode,
+    prefetch_lines,
+    prefetch_then_wait,
+)
 
 
 @dataclass(frozen=True)
@@ -131,6 +137,7 @@ def fused_linear_kernel(
         acc = acc * r[:, None]
     if HAS_A2:
         acc = accumulate_product(acc, a2_ptr, stride_a2, w2_ptr, stride_w2, offs_m, offs_n, M, N, K2, BLOCK_K, PRECISION)
+    main_loop_done(OVERLAP)
     n_ok = offs_n < N
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]

@@ -12,7 +12,13 @@ import triton
 import triton.language as tl
 
 from sliceserve.kernels.activations import ACTIVATION_CODES, apply_activation, reference_activation
-from sliceserve.kernels.launch import launch_options, overlap_mode, prefetch_lines, prefetch_then_wait
+from sliceserve.kernels.launch import (
+    launch_options,
+    main_loop_done,
+    overlap_mode,
+    prefetch_lines,
+    prefetch_then_wait,
+)
 from sliceserve.kernels.fused_linear import (
     TileConfig,
     dot_precision,
@@ -48,6 +54,7 @@ def gated_linear_kernel(
         w_offsets = offs_n[None, :] * stride_w + k[:, None]
         gate += tl.dot(a, tl.load(gate_ptr + w_offsets, mask=w_mask, other=0.0), input_precision=PRECISION)
         up += tl.dot(a, tl.load(up_ptr + w_offsets, mask=w_mask, other=0.0), input_precision=PRECISION)
+    main_loop_done(OVERLAP)
     if NORM_IN:
         r = row_scale_from_partials(norm_ptr, stride_norm, offs_m, M, norm_tiles, norm_width, eps, NORM_TILES_P2)
         gate = gate * r[:, None]

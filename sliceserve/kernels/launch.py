@@ -35,7 +35,9 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 OVERLAP_OFF = 0
 OVERLAP_WAIT = 1  # launched early, waits before reading
 OVERLAP_PREFETCH = 2  # and warms L2 with its first weight lines meanwhile
-OVERLAP_MODES = {"off": OVERLAP_OFF, "pdl": OVERLAP_WAIT, "pdl+prefetch": OVERLAP_PREFETCH}
+OVERLAP_LATE = 3  # as 2, but a matrix product lets the next kernel start only after its main loop
+OVERLAP_MODES = {"off": OVERLAP_OFF, "pdl": OVERLAP_WAIT, "pdl+prefetch": OVERLAP_PREFETCH,
+                 "pdl+prefetch+late": OVERLAP_LATE}
 # The setting; SLICESERVE_KERNEL_OVERLAP=pdl (or pdl+prefetch) sets it for a whole process.
 OVERLAP = OVERLAP_MODES[os.environ.get("SLICESERVE_KERNEL_OVERLAP", "off")]
 PREFETCH_BYTES = 1024  # of each weight row: the first 4 K-blocks' worth of 128-byte lines at fp16
@@ -75,11 +77,22 @@ def wait_for_previous_kernel(OVERLAP: tl.constexpr):
 
 @triton.jit
 def prefetch_then_wait(w_ptr, stride_w, offs_n, N, K, OVERLAP: tl.constexpr, LINES: tl.constexpr, LINE: tl.constexpr):
-    """Ask L2 for the first LINES lines of this program's weight rows, then wait."""
-    if OVERLAP == 2:
+    """Ask L2 for the first LINES lines of this program's weight rows, then wait. In the
+    late mode the next kernel is released by `main_loop_done` instead, so that its waiting
+    programs do not take SMs while this product still streams its weights."""
+    if OVERLAP >= 2:
         cols = tl.arange(0, LINES) * LINE
         ok = (offs_n[:, None] < N) & (cols[None, :] < K)
         lines = tl.where(ok, w_ptr + offs_n[:, None] * stride_w + cols[None, :], w_ptr)
         tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // $0", "=r,l", [lines], dtype=tl.int32,
                                   is_pure=False, pack=1)
-    wait_for_previous_kernel(OVERLAP)
+    if OVERLAP == 3:
+        gdc_wait()
+    else:
+        wait_for_previous_kernel(OVERLAP)
+
+
+@triton.jit
+def main_loop_done(OVERLAP: tl.constexpr):
+    if OVERLAP == 3:
+        gdc_launch_dependents()
