@@ -13,12 +13,14 @@ weight rows before waiting.
 
 OVERLAP is a module setting (read when a kernel is launched, so CUDA graphs keep the
 choice they were captured with); benchmarks/gpu_fast_path.py measures each mode side by
-side. It is off by default because it did not pay everywhere (H100, fp16, Llama-2-7B
-shapes, benchmarks/results/gpu_fast_path_h100_fp16_pdl.md): batch-1 decode of the dense
-model 192.0 -> 196.5 tok/s with pdl+prefetch, but the sliced 25% model 217.0 -> 213.7, and
-the 96-tile products of the sliced width lost 9 points of copy bandwidth when timed alone
-(the next kernel's early programs take the SMs the current one left idle, so its own
-programs land unevenly). Every kernel that may be launched this way waits first, so mixing it with ordinary
+side (H100, fp16, Llama-2-7B shapes, batch-1 decode):
+- pdl+prefetch (gpu_fast_path_h100_fp16_pdl.md): dense 192.0 -> 196.5 tok/s, but sliced 25%
+  217.0 -> 213.7, and in a second run dense 190.8 -> 186.5: the next kernel's early programs
+  take the SMs a 96- or 128-tile product leaves idle, so its own programs land unevenly;
+- pdl+prefetch+late (gpu_fast_path_h100_fp16_pdl_late.md, that second run): dense 190.8 ->
+  195.7, sliced 25% 216.2 -> 217.5, batch 16 and prefill up too, the lone shortcut kernel 60%
+  -> 69% of copy bandwidth. No row got slower, but it is one run, and the throughput suite
+  has not run with it: off stays the default until it has. Every kernel that may be launched this way waits first, so mixing it with ordinary
 launches (cuBLAS, PyTorch) stays correct: those wait for full completion as always.
 """
 
