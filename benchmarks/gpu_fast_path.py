@@ -25,8 +25,8 @@ import triton
 import transformers
 
 from random_models import SHAPES, llama_spec, random_transformer, weight_bytes
-from sliceserve.kernels.fused_linear import DECODE_TILES, TileConfig, fused_linear
 from sliceserve.kernels import launch
+from sliceserve.kernels.fused_linear import DECODE_TILES, TileConfig, fused_linear
 from sliceserve.kernels.gated_linear import gated_linear
 from sliceserve.runtime.decode_graphs import DecodeGraphs
 from sliceserve.runtime.fast_model import FastTransformer
@@ -35,15 +35,20 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 VARIANTS = {"dense": 0.0, "sliced 25%": 0.25, "sliced 30%": 0.30}
 
 
+def products_and_launch(choice: str) -> tuple[str, str]:
+    """'auto+pdl+prefetch' -> ('auto', 'pdl+prefetch'): the products, then the launch mode
+    (sliceserve/kernels/launch.py: OVERLAP_MODES)."""
+    products, _, mode = choice.partition("+")
+    return products, mode or "off"
+
+
 @contextlib.contextmanager
-def kernel_overlap(products: str):
-    """'auto+pdl' runs 'auto' products with programmatic dependent launch
-    (sliceserve/kernels/launch.py: OVERLAP_MODES); the graphs captured inside keep it."""
-    base, _, mode = products.partition("+")
+def kernel_overlap(mode: str):
+    """Kernels launched inside use this launch mode; CUDA graphs captured inside keep it."""
     saved = launch.OVERLAP
-    launch.OVERLAP = launch.OVERLAP_MODES[mode or "off"]
+    launch.OVERLAP = launch.OVERLAP_MODES[mode]
     try:
-        yield base
+        yield
     finally:
         launch.OVERLAP = saved
 
@@ -360,7 +365,8 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
     parser.add_argument("--products", nargs="+", default=["auto", "triton", "library"],
                         help="the fast path's matrix products: our Triton kernels, cuBLAS, or both side by side; "
-                             "a suffix +pdl or +pdl+prefetch launches the kernels with programmatic dependent launch")
+                             "a suffix +<launch mode> (pdl, pdl+prefetch, pdl+prefetch+late) launches the kernels "
+                             "with programmatic dependent launch")
     parser.add_argument("--kernel-overlap", nargs="+", default=["off"], choices=list(launch.OVERLAP_MODES),
                         help="launch modes to time the kernels alone with")
     parser.add_argument("--steps", type=int, default=200)
@@ -406,7 +412,8 @@ def main() -> None:
             truth = float32_logits(spec, dtype)
             model = random_transformer(spec, dtype=dtype)
             for products in args.products:
-                with kernel_overlap(products) as base:
+                base, mode = products_and_launch(products)
+                with kernel_overlap(mode):
                     fast = FastTransformer(model, products=base)
                     row = {"dtype": dtype_name, "model": variant, "products": products, "weight_bytes": weight_bytes(model),
                            "overlap": launch.OVERLAP, "check": check_fast_path(model, fast, truth)}
@@ -424,7 +431,7 @@ def main() -> None:
             torch.cuda.empty_cache()
         width_25 = llama_spec("llama-2-7b", 0.25).layers[0].input_width
         for mode in args.kernel_overlap:
-            with kernel_overlap(f"kernels+{mode}" if mode != "off" else "kernels"):
+            with kernel_overlap(mode):
                 result["kernels"] += [{**k, "overlap": mode}
                                       for k in kernel_timings(dtype, copy_gbps, width_25, 11008, DECODE_TILES)]
         save()

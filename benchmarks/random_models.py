@@ -64,12 +64,17 @@ def random_transformer(spec: DecoderSpec, *, dtype: torch.dtype, device: str = "
     def get(name: str) -> torch.Tensor | None:
         if name not in shapes:
             return None
-        shape = shapes[name]
-        scale = 1.0 if name == "embed.weight" else shape[1] ** -0.5
-        weight = torch.randn(shape, generator=generator, device=device, dtype=torch.float32) * scale
-        return weight.to(rounded_through or dtype).to(dtype)
+        return random_weight(name, shapes[name], generator, dtype, rounded_through)
 
     return Transformer(spec, get).eval()
+
+
+def random_weight(name: str, shape: tuple[int, ...], generator: torch.Generator, dtype: torch.dtype,
+                  rounded_through: torch.dtype | None = None) -> torch.Tensor:
+    """N(0, 1/fan_in), embeddings N(0, 1); drawn in float32 on the generator's device."""
+    scale = 1.0 if name == "embed.weight" else shape[1] ** -0.5
+    weight = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32) * scale
+    return weight.to(rounded_through or dtype).to(dtype)
 
 
 def weight_bytes(model: Transformer) -> int:
@@ -119,9 +124,6 @@ def random_stage(spec: DecoderSpec, layers: range, *, dtype: torch.dtype, device
     def get(name: str) -> torch.Tensor | None:
         if name not in shapes or not belongs(name):
             return None
-        shape = shapes[name]
-        scale = 1.0 if name == "embed.weight" else shape[1] ** -0.5
-        weight = torch.randn(shape, generator=generator, device=device, dtype=torch.float32) * scale
-        return weight.to(rounded_through or dtype).to(dtype)
+        return random_weight(name, shapes[name], generator, dtype)
 
     return Transformer(spec, get, layers).eval()

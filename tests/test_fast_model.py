@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernel_support import DEVICE, relative_error  # sets TRITON_INTERPRET first
+from kernel_support import DEVICE, ON_GPU, relative_error  # sets TRITON_INTERPRET first
 from tiny_models import calibration_batches, random_tokens, save_tiny_model
 
 from sliceserve.runtime.fast_model import FastTransformer
@@ -125,6 +125,8 @@ class NumberTokenizer:
         return "".join(f"<{i}>" for i in ids)
 
 
+@pytest.mark.parametrize("variant_folder", ["opt"], indirect=True)  # one variant suffices: the engine
+@pytest.mark.parametrize("checkpoint", ["sliced"], indirect=True)  # is the same for every model
 def test_engine_on_the_fast_path_generates_the_reference_tokens(checkpoint, models):
     """Greedy tokens through the engine (chunked prefill, two requests decoded together)
     are the same on both paths."""
@@ -133,8 +135,6 @@ def test_engine_on_the_fast_path_generates_the_reference_tokens(checkpoint, mode
     from sliceserve.runtime.engine import Engine
     from sliceserve.runtime.requests import SamplingParams
 
-    if "opt" not in str(checkpoint) or "sliced" not in str(checkpoint):
-        pytest.skip("one variant suffices: the engine is the same for every model")
     outputs = {}
     for name, model in zip(("reference", "fast"), models):
         engine = Engine(model, NumberTokenizer(), max_batch=2, prefill_chunk=4)
@@ -158,10 +158,11 @@ def test_engine_on_the_fast_path_generates_the_reference_tokens(checkpoint, mode
     assert all(len(tokens) == 3 for tokens in outputs["fast"].values())
 
 
+@pytest.mark.skipif(ON_GPU, reason="this machine has a CUDA GPU")
+@pytest.mark.parametrize("variant_folder", ["llama-biases"], indirect=True)
+@pytest.mark.parametrize("checkpoint", ["dense"], indirect=True)
 def test_fast_runtime_on_a_cpu_is_a_clear_error(checkpoint, capsys):
     from sliceserve.cli import main
 
-    if "llama-biases" not in str(checkpoint) or "dense" not in str(checkpoint):
-        pytest.skip("one checkpoint suffices")
     assert main(["generate", str(checkpoint), "hi", "--runtime", "fast"]) == 2
     assert "the fast runtime needs a CUDA device" in capsys.readouterr().err

@@ -12,13 +12,6 @@ import triton
 import triton.language as tl
 
 from sliceserve.kernels.activations import ACTIVATION_CODES, apply_activation, reference_activation
-from sliceserve.kernels.launch import (
-    launch_options,
-    main_loop_done,
-    overlap_mode,
-    prefetch_lines,
-    prefetch_then_wait,
-)
 from sliceserve.kernels.fused_linear import (
     TileConfig,
     dot_precision,
@@ -26,6 +19,13 @@ from sliceserve.kernels.fused_linear import (
     row_scale_from_partials,
     row_scale_reference,
     tiles_for,
+)
+from sliceserve.kernels.launch import (
+    launch_options,
+    main_loop_done,
+    overlap_mode,
+    prefetch_lines,
+    prefetch_then_wait,
 )
 
 

@@ -20,8 +20,9 @@ side (H100, fp16, Llama-2-7B shapes, batch-1 decode):
 - pdl+prefetch+late (gpu_fast_path_h100_fp16_pdl_late.md, that second run): dense 190.8 ->
   195.7, sliced 25% 216.2 -> 217.5, batch 16 and prefill up too, the lone shortcut kernel 60%
   -> 69% of copy bandwidth. No row got slower, but it is one run, and the throughput suite
-  has not run with it: off stays the default until it has. Every kernel that may be launched this way waits first, so mixing it with ordinary
-launches (cuBLAS, PyTorch) stays correct: those wait for full completion as always.
+  has not run with it: off stays the default until it has.
+Every kernel that may be launched this way waits first, so mixing it with ordinary launches
+(cuBLAS, PyTorch) stays correct: those wait for full completion as always.
 """
 
 from __future__ import annotations
@@ -40,9 +41,9 @@ OVERLAP_PREFETCH = 2  # and warms L2 with its first weight lines meanwhile
 OVERLAP_LATE = 3  # as 2, but a matrix product lets the next kernel start only after its main loop
 OVERLAP_MODES = {"off": OVERLAP_OFF, "pdl": OVERLAP_WAIT, "pdl+prefetch": OVERLAP_PREFETCH,
                  "pdl+prefetch+late": OVERLAP_LATE}
-# The setting; SLICESERVE_KERNEL_OVERLAP=pdl (or pdl+prefetch) sets it for a whole process.
+# The setting; SLICESERVE_KERNEL_OVERLAP=<a key of OVERLAP_MODES> sets it for a whole process.
 OVERLAP = OVERLAP_MODES[os.environ.get("SLICESERVE_KERNEL_OVERLAP", "off")]
-PREFETCH_BYTES = 1024  # of each weight row: the first 4 K-blocks' worth of 128-byte lines at fp16
+PREFETCH_BYTES = 1024  # of each weight row: eight 128-byte lines, two 256-wide K-blocks at fp16
 
 
 @functools.cache
@@ -82,13 +83,13 @@ def prefetch_then_wait(w_ptr, stride_w, offs_n, N, K, OVERLAP: tl.constexpr, LIN
     """Ask L2 for the first LINES lines of this program's weight rows, then wait. In the
     late mode the next kernel is released by `main_loop_done` instead, so that its waiting
     programs do not take SMs while this product still streams its weights."""
-    if OVERLAP >= 2:
+    if OVERLAP >= 2:  # OVERLAP_PREFETCH or OVERLAP_LATE
         cols = tl.arange(0, LINES) * LINE
         ok = (offs_n[:, None] < N) & (cols[None, :] < K)
         lines = tl.where(ok, w_ptr + offs_n[:, None] * stride_w + cols[None, :], w_ptr)
         tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // $0", "=r,l", [lines], dtype=tl.int32,
                                   is_pure=False, pack=1)
-    if OVERLAP == 3:
+    if OVERLAP == 3:  # OVERLAP_LATE: released by main_loop_done
         gdc_wait()
     else:
         wait_for_previous_kernel(OVERLAP)
@@ -96,5 +97,5 @@ def prefetch_then_wait(w_ptr, stride_w, offs_n, N, K, OVERLAP: tl.constexpr, LIN
 
 @triton.jit
 def main_loop_done(OVERLAP: tl.constexpr):
-    if OVERLAP == 3:
+    if OVERLAP == 3:  # OVERLAP_LATE
         gdc_launch_dependents()

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from tqdm import tqdm
 
 from sliceserve.errors import SliceserveError
 
