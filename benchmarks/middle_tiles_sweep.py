@@ -20,16 +20,21 @@ from pathlib import Path
 
 import torch
 import triton
-
 from gpu_fast_path import ceilings, graph_ms, rotating
+
 from sliceserve.kernels.fused_linear import PREFILL_TILES, TileConfig, fused_linear
 
 SHAPES = ((4096, 4096), (12288, 4096), (11008, 4096), (4096, 11008), (3072, 3072), (11008, 3072), (3072, 11008))
 ROWS = (32, 64, 128)
 CANDIDATES = (
-    TileConfig(32, 32, 128, 4, 4), TileConfig(32, 64, 128, 4, 4), TileConfig(64, 32, 128, 4, 4),
-    TileConfig(64, 64, 128, 4, 4), TileConfig(64, 32, 256, 4, 3), TileConfig(128, 32, 128, 4, 3),
-    TileConfig(128, 64, 64, 4, 4), PREFILL_TILES,
+    TileConfig(32, 32, 128, 4, 4),
+    TileConfig(32, 64, 128, 4, 4),
+    TileConfig(64, 32, 128, 4, 4),
+    TileConfig(64, 64, 128, 4, 4),
+    TileConfig(64, 32, 256, 4, 3),
+    TileConfig(128, 32, 128, 4, 3),
+    TileConfig(128, 64, 64, 4, 4),
+    PREFILL_TILES,
 )
 
 
@@ -60,15 +65,22 @@ def markdown(result: dict) -> str:
     lines += [f"- {k}: {v}" for k, v in result["conditions"].items()] + [""]
     names = []
     for r in result["sweep"]:
-        name = "cublas" if r["tiles"] == "cublas" else "{block_m}x{block_n}x{block_k} w{num_warps} s{num_stages}".format(**r["tiles"])
+        name = (
+            "cublas"
+            if r["tiles"] == "cublas"
+            else "{block_m}x{block_n}x{block_k} w{num_warps} s{num_stages}".format(**r["tiles"])
+        )
         r["name"] = name
         if name not in names:
             names.append(name)
     lines += ["| n x k | rows | " + " | ".join(names) + " |", "| --- | ---: |" + " ---: |" * len(names)]
     keys = sorted({(r["n"], r["k"], r["rows"]) for r in result["sweep"]}, key=lambda t: (t[0] * t[1], t[0], t[2]))
     for n, k, rows in keys:
-        cells = {r["name"]: (f"{r['fraction_of_copy_bw']:.0%}" if "ms" in r else "error")
-                 for r in result["sweep"] if (r["n"], r["k"], r["rows"]) == (n, k, rows)}
+        cells = {
+            r["name"]: (f"{r['fraction_of_copy_bw']:.0%}" if "ms" in r else "error")
+            for r in result["sweep"]
+            if (r["n"], r["k"], r["rows"]) == (n, k, rows)
+        }
         lines.append(f"| {n} x {k} | {rows} | " + " | ".join(cells.get(name, "") for name in names) + " |")
     return "\n".join(lines) + "\n"
 
@@ -80,12 +92,17 @@ def main() -> None:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     limits = ceilings()
-    result = {"conditions": {
-        "device": torch.cuda.get_device_name(), "dtype": "float16", "weights": "random, rotating copies (> 400 MB) so L2 does not hold them",
-        "timing": "CUDA graph of one product per copy, median of 10 replays", "measured_copy_GBps": round(limits["copy_GBps"]),
-        "versions": {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version()},
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-    }}
+    result = {
+        "conditions": {
+            "device": torch.cuda.get_device_name(),
+            "dtype": "float16",
+            "weights": "random, rotating copies (> 400 MB) so L2 does not hold them",
+            "timing": "CUDA graph of one product per copy, median of 10 replays",
+            "measured_copy_GBps": round(limits["copy_GBps"]),
+            "versions": {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version()},
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        }
+    }
     result["sweep"] = sweep(torch.float16, limits["copy_GBps"])
     (out_dir / "middle_tiles_sweep.json").write_text(json.dumps(result, indent=2) + "\n")
     (out_dir / "middle_tiles_sweep.md").write_text(markdown(result))

@@ -10,7 +10,7 @@ from the prefill, the rest from decode steps), batch doubled from 1 until out of
 `--max-batch`, or the time budget): generated tokens per second over prefill and decode, the
 best batch, in total and per card. One process: the stages run one after the other (the gain
 of a pipeline is memory, not speed). One card runs `FastTransformer` (what `serve` runs on one
-GPU); two run `FastPipeline` (what `serve --gpus 2` runs). Each stage is generated directly on
+GPU); two run a `Pipeline` of fast stages (what `serve --gpus 2` runs). Each stage is generated directly on
 its GPU (`random_models.random_stage`): dense 70B is ~138 GB, never built whole.
 
     python benchmarks/pipeline_throughput.py --out-dir $OUT                 # (a), then (b): ~6-8 min, 2 x H200
@@ -37,14 +37,14 @@ from pathlib import Path
 
 import torch
 import triton
-
 from random_models import llama_spec, random_stage
+
+from sliceserve.fast.model import FastTransformer
+from sliceserve.parallel.pipeline import Pipeline
+from sliceserve.parallel.stages import FastStage
 from sliceserve.planning.memory import Workload, stage_costs
 from sliceserve.planning.model_shape import BIAS_NAMES
 from sliceserve.planning.planner import balanced_stages
-from sliceserve.runtime.fast_model import FastTransformer
-from sliceserve.runtime.fast_pipeline import FastPipeline
-from sliceserve.runtime.stages import FastStage
 
 GiB = 2**30
 NO_BIASES = dict.fromkeys(BIAS_NAMES, False)  # Llama: no biases
@@ -142,13 +142,17 @@ def stage_ranges(spec, cards: int, settings: Settings) -> list[range]:
 
 
 def build(spec, ranges: list[range], devices: list[torch.device], dtype: torch.dtype, products: str):
-    """FastTransformer on one device, FastPipeline over several; each stage generated on its
+    """FastTransformer on one device, a Pipeline over several; each stage generated on its
     device and its reference modules dropped once wrapped (the fast layers copy q, k, v)."""
     if len(devices) == 1:
         model = FastTransformer(random_stage(spec, ranges[0], dtype=dtype, device=devices[0]), products=products)
     else:
-        model = FastPipeline([FastStage(random_stage(spec, layers, dtype=dtype, device=device), device, products=products)
-                              for layers, device in zip(ranges, devices)])
+        model = Pipeline(
+            [
+                FastStage(random_stage(spec, layers, dtype=dtype, device=device), device, products=products)
+                for layers, device in zip(ranges, devices)
+            ]
+        )
     release(model)
     return model
 
@@ -200,8 +204,12 @@ def batch1_decode(model, spec, devices: list[torch.device], settings: Settings) 
     decode(model, cache, first, settings.prompt, settings.decode_steps)
     synchronize(devices)
     seconds = time.perf_counter() - start
-    return {"tok_s": settings.decode_steps / seconds, "ms_per_token": seconds / settings.decode_steps * 1e3,
-            "prompt": settings.prompt, "steps": settings.decode_steps}
+    return {
+        "tok_s": settings.decode_steps / seconds,
+        "ms_per_token": seconds / settings.decode_steps * 1e3,
+        "prompt": settings.prompt,
+        "steps": settings.decode_steps,
+    }
 
 
 def table11_batch(model, spec, devices: list[torch.device], settings: Settings, batch: int) -> dict:
@@ -219,11 +227,16 @@ def table11_batch(model, spec, devices: list[torch.device], settings: Settings, 
     decode(model, cache, first, settings.prompt, settings.new_tokens - 1)
     synchronize(devices)
     end = time.perf_counter()
-    return {"batch": batch, "tok_s": batch * settings.new_tokens / (end - start),
-            "prefill_s": middle - start, "decode_s": end - middle,
-            "decode_tok_s": batch * (settings.new_tokens - 1) / (end - middle) if settings.new_tokens > 1 else None,
-            "kv_cache_GiB": round(cache.bytes / GiB, 2), "peak_GiB": peak_gib(devices),
-            "seconds_with_capture": end - began}
+    return {
+        "batch": batch,
+        "tok_s": batch * settings.new_tokens / (end - start),
+        "prefill_s": middle - start,
+        "decode_s": end - middle,
+        "decode_tok_s": batch * (settings.new_tokens - 1) / (end - middle) if settings.new_tokens > 1 else None,
+        "kv_cache_GiB": round(cache.bytes / GiB, 2),
+        "peak_GiB": peak_gib(devices),
+        "seconds_with_capture": end - began,
+    }
 
 
 # ---- Table 11: batch doubled until out of memory -----------------------------------------------
@@ -247,8 +260,10 @@ def memory_shortfall(spec, ranges, devices, batch: int, settings: Settings) -> s
             continue
         free = torch.cuda.mem_get_info(device)[0]
         if bytes_needed + margin > free:
-            return (f"{device}: KV cache {bytes_needed / GiB:.1f} GiB + margin {margin / GiB:.1f} GiB "
-                    f"> {free / GiB:.1f} GiB free")
+            return (
+                f"{device}: KV cache {bytes_needed / GiB:.1f} GiB + margin {margin / GiB:.1f} GiB "
+                f"> {free / GiB:.1f} GiB free"
+            )
     return None
 
 
@@ -281,8 +296,11 @@ def table11(model, spec, ranges, devices, settings: Settings, result: dict, save
             release(model)
         result["rows"].append(row)
         result["best"] = max((r for r in result["rows"] if "tok_s" in r), key=lambda r: r["tok_s"])
-        print(f"    batch {batch}: {row['tok_s']:.1f} tok/s (prefill {row['prefill_s']:.2f} s, "
-              f"decode {row['decode_s']:.2f} s)", flush=True)
+        print(
+            f"    batch {batch}: {row['tok_s']:.1f} tok/s (prefill {row['prefill_s']:.2f} s, "
+            f"decode {row['decode_s']:.2f} s)",
+            flush=True,
+        )
         save()
         last_seconds = row["seconds_with_capture"]
         batch *= 2
@@ -344,17 +362,26 @@ def conditions(args, settings: Settings) -> dict:
     if len(gpus) >= 2:
         peer = torch.cuda.can_device_access_peer(0, 1)
     return {
-        "gpus": gpus, "peer_access_0_1": peer, "dtype": str(settings.dtype).removeprefix("torch."),
-        "weights": "random N(0, 1/fan_in), generated on each stage's device", "vocab": 32000,
-        "prompt": settings.prompt, "new_tokens_per_row": settings.new_tokens,
-        "batch1_decode_steps": settings.decode_steps, "max_batch": settings.max_batch,
+        "gpus": gpus,
+        "peer_access_0_1": peer,
+        "dtype": str(settings.dtype).removeprefix("torch."),
+        "weights": "random N(0, 1/fan_in), generated on each stage's device",
+        "vocab": 32000,
+        "prompt": settings.prompt,
+        "new_tokens_per_row": settings.new_tokens,
+        "batch1_decode_steps": settings.decode_steps,
+        "max_batch": settings.max_batch,
         "prefill_tokens_per_forward": settings.prefill_tokens,
         "method": "Table 11: batch doubled from 1 until out of memory; tok/s = batch x new tokens / "
-                  "(prefill + decode seconds); decode steps replay CUDA graphs (one per stage and batch)",
+        "(prefill + decode seconds); decode steps replay CUDA graphs (one per stage and batch)",
         "pipeline": "one process, stages one after the other; stream and partial sums of squares copied between GPUs",
         "stage_split": "the planner's balanced split at --max-batch and prompt + new tokens",
-        "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton.__version__,
-                     "python": platform.python_version()},
+        "versions": {
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "triton": triton.__version__,
+            "python": platform.python_version(),
+        },
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
 
@@ -388,9 +415,11 @@ def ratio_line(what: str, numerator: dict | None, denominator: dict | None, key:
 def comparison_lines(results: dict) -> list[str]:
     by_name = {e["name"]: e for e in results["configs"]}
     lines = []
-    pairs = [("llama-2-70b sliced 25%, 1 card", "llama-2-70b dense, 2 stages", "(a) 70B: sliced on 1 card / dense on 2"),
-             ("llama-2-13b dense, 2 stages", "llama-2-13b dense, 1 card", "(b) 13B: 2 stages / 1 card"),
-             ("tiny sliced 25%, 1 card", "tiny dense, 2 stages", "quick: sliced on 1 card / dense on 2")]
+    pairs = [
+        ("llama-2-70b sliced 25%, 1 card", "llama-2-70b dense, 2 stages", "(a) 70B: sliced on 1 card / dense on 2"),
+        ("llama-2-13b dense, 2 stages", "llama-2-13b dense, 1 card", "(b) 13B: 2 stages / 1 card"),
+        ("tiny sliced 25%, 1 card", "tiny dense, 2 stages", "quick: sliced on 1 card / dense on 2"),
+    ]
     for top_name, bottom_name, label in pairs:
         top, bottom = by_name.get(top_name), by_name.get(bottom_name)
         if top is None or bottom is None:
@@ -398,8 +427,9 @@ def comparison_lines(results: dict) -> list[str]:
         lines.append(ratio_line(f"{label}, batch-1 decode", top.get("batch1"), bottom.get("batch1"), "tok_s"))
         top_best, bottom_best = with_cards(best(top), top), with_cards(best(bottom), bottom)
         lines.append(ratio_line(f"{label}, best Table-11 throughput, total", top_best, bottom_best, "tok_s"))
-        lines.append(ratio_line(f"{label}, best Table-11 throughput, per card", top_best, bottom_best, "tok_s",
-                                per_card=True))
+        lines.append(
+            ratio_line(f"{label}, best Table-11 throughput, per card", top_best, bottom_best, "tok_s", per_card=True)
+        )
     return lines
 
 
@@ -410,36 +440,50 @@ def with_cards(row: dict | None, entry: dict) -> dict | None:
 def markdown(results: dict) -> str:
     lines = ["# Pipeline stages on the fast path: dense over two GPUs vs sliced on one", ""]
     lines += [f"- {k}: {v}" for k, v in results["conditions"].items()] + [""]
-    lines += ["| configuration | devices | layers per stage | held GiB | batch-1 decode tok/s | Table 11 best tok/s "
-              "(batch) | per card | stopped by |", "| --- | --- | --- | --- | ---: | ---: | ---: | --- |"]
+    lines += [
+        "| configuration | devices | layers per stage | held GiB | batch-1 decode tok/s | Table 11 best tok/s "
+        "(batch) | per card | stopped by |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: | --- |",
+    ]
     for e in results["configs"]:
         b1, top = e.get("batch1"), best(e)
         batch1 = rate(b1["tok_s"]) if b1 else "-"
         total = f"{rate(top['tok_s'])} ({top['batch']})" if top else "-"
         per_card = rate(top["tok_s"] / e["cards"]) if top else "-"
         devices = ", ".join(e.get("devices", []))
-        lines.append(f"| {e['name']} | {devices} | {e.get('stage_layers', '')} | {e.get('held_GiB', '')} "
-                     f"| {batch1} | {total} | {per_card} | {stopped_by(e)} |")
+        lines.append(
+            f"| {e['name']} | {devices} | {e.get('stage_layers', '')} | {e.get('held_GiB', '')} "
+            f"| {batch1} | {total} | {per_card} | {stopped_by(e)} |"
+        )
     lines += ["", "Ratios in the same run:", ""] + comparison_lines(results)
-    errors = [f"- {e['name']} ({error.get('products', '')}): {error['error'][:300]}"
-              for e in results["configs"] for error in e["errors"]]
+    errors = [
+        f"- {e['name']} ({error.get('products', '')}): {error['error'][:300]}"
+        for e in results["configs"]
+        for error in e["errors"]
+    ]
     if errors:
         lines += ["", "Errors (a configuration that failed with Triton products was retried with library ones):", ""]
         lines += errors
     for e in results["configs"]:
         rows = (e.get("table11") or {}).get("rows") or []
         if rows:
-            lines += ["", f"{e['name']} ({e.get('products', '')} products), Table 11 by batch:", "",
-                      "| batch | tok/s | prefill s | decode s | decode tok/s | KV GiB | peak GiB |",
-                      "| ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+            lines += [
+                "",
+                f"{e['name']} ({e.get('products', '')} products), Table 11 by batch:",
+                "",
+                "| batch | tok/s | prefill s | decode s | decode tok/s | KV GiB | peak GiB |",
+                "| ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+            ]
             for r in rows:
                 if "tok_s" not in r:
                     why = f"out of memory: {r['out_of_memory']}" if "out_of_memory" in r else f"error: {r['error']}"
                     lines.append(f"| {r['batch']} | {why[:140]} | | | | | |")
                     continue
                 decode_rate = rate(r["decode_tok_s"]) if r["decode_tok_s"] else "-"
-                lines.append(f"| {r['batch']} | {rate(r['tok_s'])} | {r['prefill_s']:.2f} | {r['decode_s']:.2f} "
-                             f"| {decode_rate} | {r['kv_cache_GiB']} | {r['peak_GiB']} |")
+                lines.append(
+                    f"| {r['batch']} | {rate(r['tok_s'])} | {r['prefill_s']:.2f} | {r['decode_s']:.2f} "
+                    f"| {decode_rate} | {r['kv_cache_GiB']} | {r['peak_GiB']} |"
+                )
     return "\n".join(lines) + "\n"
 
 
@@ -457,8 +501,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--prefill-tokens", type=int, default=4096, help="prompt tokens per prefill forward")
     parser.add_argument("--time-budget", type=float, default=520, help="seconds from the start for the whole run")
     parser.add_argument("--table11-budget", type=float, default=110, help="seconds of batch doubling per configuration")
-    parser.add_argument("--products", nargs="+", default=["auto", "library"],
-                        help="fast-path products to try in order (a configuration that fails is retried with the next)")
+    parser.add_argument(
+        "--products",
+        nargs="+",
+        default=["auto", "library"],
+        help="fast-path products to try in order (a configuration that fails is retried with the next)",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny shape, two stages on whatever GPUs exist: seconds")
     parser.add_argument("--cpu", action="store_true", help="with --quick: on the CPU (set TRITON_INTERPRET=1)")
     return parser.parse_args()
@@ -468,10 +516,17 @@ def run_settings(args, started: float) -> Settings:
     if args.quick:
         prompt, new, steps, max_batch = (8, 3, 3, 2) if args.cpu else (32, 16, 16, 8)
         args.prompt, args.new_tokens, args.decode_steps, args.max_batch = prompt, new, steps, max_batch
-    return Settings(prompt=args.prompt, new_tokens=args.new_tokens, decode_steps=args.decode_steps,
-                    max_batch=args.max_batch, prefill_tokens=args.prefill_tokens,
-                    table11_budget=args.table11_budget, deadline=started + args.time_budget,
-                    dtype=torch.float32 if args.cpu else torch.float16, products=args.products)
+    return Settings(
+        prompt=args.prompt,
+        new_tokens=args.new_tokens,
+        decode_steps=args.decode_steps,
+        max_batch=args.max_batch,
+        prefill_tokens=args.prefill_tokens,
+        table11_budget=args.table11_budget,
+        deadline=started + args.time_budget,
+        dtype=torch.float32 if args.cpu else torch.float16,
+        products=args.products,
+    )
 
 
 def main() -> None:

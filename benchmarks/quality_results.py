@@ -46,20 +46,28 @@ def write_results(out_dir: str | Path, conditions: dict, rows: list[dict], windo
     lines += [f"- {k}: {v}" for k, v in conditions.items()] + [""]
     fmt = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
     if pruned:
-        lines += [f"| model | parameters | non-zero parameters | checkpoint bytes | slicing / pruning s "
-                  f"| ppl (first {windows} windows) | ppl (whole test split) |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        lines += [
+            f"| model | parameters | non-zero parameters | checkpoint bytes | slicing / pruning s "
+            f"| ppl (first {windows} windows) | ppl (whole test split) |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
         for r in rows:
-            lines.append(f"| {r['model']} | {r['parameters']:,} | {fmt(r.get('nonzero_parameters'), ',')} | "
-                         f"{fmt(r['checkpoint_bytes'], ',')} | {fmt(r['slicing_seconds'], '')} | {r['ppl_16']:.3f} | "
-                         f"{fmt(r['ppl_full'], '.3f')} |")
+            lines.append(
+                f"| {r['model']} | {r['parameters']:,} | {fmt(r.get('nonzero_parameters'), ',')} | "
+                f"{fmt(r['checkpoint_bytes'], ',')} | {fmt(r['slicing_seconds'], '')} | {r['ppl_16']:.3f} | "
+                f"{fmt(r['ppl_full'], '.3f')} |"
+            )
     else:
-        lines += [f"| model | parameters | checkpoint bytes | slicing s | ppl (first {windows} windows) "
-                  f"| ppl (whole test split) |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        lines += [
+            f"| model | parameters | checkpoint bytes | slicing s | ppl (first {windows} windows) "
+            f"| ppl (whole test split) |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
+        ]
         for r in rows:
-            lines.append(f"| {r['model']} | {r['parameters']:,} | {fmt(r['checkpoint_bytes'], ',')} | "
-                         f"{fmt(r['slicing_seconds'], '')} | {r['ppl_16']:.3f} | {fmt(r['ppl_full'], '.3f')} |")
+            lines.append(
+                f"| {r['model']} | {r['parameters']:,} | {fmt(r['checkpoint_bytes'], ',')} | "
+                f"{fmt(r['slicing_seconds'], '')} | {r['ppl_16']:.3f} | {fmt(r['ppl_full'], '.3f')} |"
+            )
     markdown = "\n".join(lines) + "\n"
     (out_dir / MARKDOWN_FILE).write_text(markdown)
     return markdown

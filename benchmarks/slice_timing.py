@@ -21,20 +21,48 @@ import torch
 import transformers
 from transformers import LlamaConfig
 
-from sliceserve.runtime.loader import load_model
+from sliceserve.model.loader import load_model
 from sliceserve.slicing.calibration import calibration_batches
-from sliceserve.slicing.pipeline import DTYPES, slice_checkpoint
+from sliceserve.slicing.checkpoint_writer import DTYPES, slice_checkpoint
 from sliceserve.slicing.sources import RandomSource
 
 SHAPES = {
-    "llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                       num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096),
-    "llama-2-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
-                        num_key_value_heads=8, vocab_size=32000, max_position_embeddings=4096),
-    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=4, vocab_size=500, max_position_embeddings=256),
-    "llama-2-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
-                        num_key_value_heads=40, vocab_size=32000, max_position_embeddings=4096),
+    "llama-2-7b": dict(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+        max_position_embeddings=4096,
+    ),
+    "llama-2-70b": dict(
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        vocab_size=32000,
+        max_position_embeddings=4096,
+    ),
+    "tiny": dict(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=500,
+        max_position_embeddings=256,
+    ),
+    "llama-2-13b": dict(
+        hidden_size=5120,
+        intermediate_size=13824,
+        num_hidden_layers=40,
+        num_attention_heads=40,
+        num_key_value_heads=40,
+        vocab_size=32000,
+        max_position_embeddings=4096,
+    ),
 }
 
 
@@ -53,9 +81,18 @@ def time_one(config, args, compute_dtype: str, work: Path) -> dict:
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    slice_checkpoint(source, out, batches, sparsity=args.sparsity, dtype=DTYPES[args.dtype], device=args.device,
-                     compute_dtype=DTYPES[compute_dtype], overwrite=True, progress=True,
-                     calibration={"source": "random tokens", "nsamples": args.nsamples, "seqlen": args.seqlen})
+    slice_checkpoint(
+        source,
+        out,
+        batches,
+        sparsity=args.sparsity,
+        dtype=DTYPES[args.dtype],
+        device=args.device,
+        compute_dtype=DTYPES[compute_dtype],
+        overwrite=True,
+        progress=True,
+        calibration={"source": "random tokens", "nsamples": args.nsamples, "seqlen": args.seqlen},
+    )
     sync(args.device)
     wall = time.perf_counter() - started
     peak = torch.cuda.max_memory_allocated() if args.device == "cuda" else 0
@@ -75,19 +112,29 @@ def time_one(config, args, compute_dtype: str, work: Path) -> dict:
         "peak_gpu_memory_gib": round(peak / 2**30, 2),
         "checkpoint_bytes": bytes_on_disk,
         "logits_finite": finite,
-        "explained_variance_mean_output": sum(layer["output"] for layer in config_json["slicing"]["explained_variance"]["layers"])
+        "explained_variance_mean_output": sum(
+            layer["output"] for layer in config_json["slicing"]["explained_variance"]["layers"]
+        )
         / config.num_hidden_layers,
     }
 
 
 def markdown(result: dict) -> str:
-    lines = [f"# {result['what']}", "",
-             f"- device: {result['device']}", f"- versions: {result['versions']}", f"- date: {result['date']}", "",
-             "| activations | wall time (s, incl. writing) | slicing (s) | peak GPU memory (GiB) | checkpoint bytes | logits finite |",
-             "| --- | ---: | ---: | ---: | ---: | --- |"]
+    lines = [
+        f"# {result['what']}",
+        "",
+        f"- device: {result['device']}",
+        f"- versions: {result['versions']}",
+        f"- date: {result['date']}",
+        "",
+        "| activations | wall time (s, incl. writing) | slicing (s) | peak GPU memory (GiB) | checkpoint bytes | logits finite |",
+        "| --- | ---: | ---: | ---: | ---: | --- |",
+    ]
     for run in result["runs"]:
-        lines.append(f"| {run['compute_dtype']} | {run['wall_seconds']} | {run['slicing_seconds']} | "
-                     f"{run['peak_gpu_memory_gib']} | {run['checkpoint_bytes']:,} | {run['logits_finite']} |")
+        lines.append(
+            f"| {run['compute_dtype']} | {run['wall_seconds']} | {run['slicing_seconds']} | "
+            f"{run['peak_gpu_memory_gib']} | {run['checkpoint_bytes']:,} | {run['logits_finite']} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -118,10 +165,13 @@ def main() -> None:
     runs = [time_one(config, args, dtype, work) for dtype in args.compute_dtypes]
     result = {
         "what": f"slice {args.shape} shapes ({config.num_hidden_layers} layers) (random weights) at sparsity {args.sparsity}, calibration "
-                f"{args.nsamples} x {args.seqlen} tokens, batch {args.batch_size}, checkpoint {args.dtype}",
+        f"{args.nsamples} x {args.seqlen} tokens, batch {args.batch_size}, checkpoint {args.dtype}",
         "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "python": platform.python_version()},
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+        },
         "date": time.strftime("%Y-%m-%d"),
         "runs": runs,
     }

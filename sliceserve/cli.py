@@ -6,7 +6,6 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 
 from sliceserve.errors import SliceserveError
 
@@ -15,9 +14,14 @@ log = logging.getLogger("sliceserve")
 
 def add_calibration_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("calibration")
-    group.add_argument("--calibration", default="wikitext2",
-                       help="wikitext2 (valid split), generated (sampled from the model), or text file(s)/folder, comma-separated")
-    group.add_argument("--data-dir", help="folder holding wikitext-2-raw/ (else $SLICESERVE_DATA_DIR, else ../shared/data)")
+    group.add_argument(
+        "--calibration",
+        default="wikitext2",
+        help="wikitext2 (valid split), generated (sampled from the model), or text file(s)/folder, comma-separated",
+    )
+    group.add_argument(
+        "--data-dir", help="folder holding wikitext-2-raw/ (else $SLICESERVE_DATA_DIR, else ../shared/data)"
+    )
     group.add_argument("--nsamples", type=int, default=128, help="calibration sequences (default 128)")
     group.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration sequence (default 2048)")
     group.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass while slicing")
@@ -26,8 +30,11 @@ def add_calibration_options(parser: argparse.ArgumentParser) -> None:
 
 def add_output_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="checkpoint folder to write")
-    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16", "float64"],
-                        help="weights dtype of the checkpoint (default: the source model's)")
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "float16", "bfloat16", "float64"],
+        help="weights dtype of the checkpoint (default: the source model's)",
+    )
     parser.add_argument("--device", default="cpu", help="where the maths runs: cpu, cuda, cuda:1, ...")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
 
@@ -40,21 +47,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="Hugging Face folder, .gguf file, or smollm2-135m")
     p.add_argument("--sparsity", type=float, required=True, help="fraction of the residual width to delete, in [0, 1)")
     p.add_argument("--round-to", type=int, default=8, help="kept widths are multiples of this (default 8)")
-    p.add_argument("--compute-dtype", choices=["float32", "float16", "bfloat16", "float64"],
-                   help="activations while slicing (default float32; float64 for float64 checkpoints); PCA is always float64")
+    p.add_argument(
+        "--compute-dtype",
+        choices=["float32", "float16", "bfloat16", "float64"],
+        help="activations while slicing (default float32; float64 for float64 checkpoints); PCA is always float64",
+    )
     add_output_options(p)
     add_calibration_options(p)
 
     p = sub.add_parser("export", help="write the dense model in the checkpoint format (no rotation)")
-    p.add_argument("model", help="Hugging Face folder, .gguf file, or smollm2-135m")
+    p.add_argument(
+        "model",
+        help="Hugging Face folder, .gguf file, smollm2-135m, or random:SHAPE "
+        "(random weights of llama-2-7b, llama-2-13b, llama-2-70b or tiny)",
+    )
     add_output_options(p)
+    group = p.add_argument_group("random:SHAPE only", "(its --dtype defaults to float16)")
+    group.add_argument("--tokenizer", help="saved Hugging Face tokenizer folder to copy into the checkpoint")
+    group.add_argument(
+        "--sparsity", type=float, help="kept widths as slicing at this sparsity gives (default 0: dense)"
+    )
+    group.add_argument("--seed", type=int, help="seed of the random weights (default 0)")
 
     p = sub.add_parser("prune", help="prune every decoder linear to an N:M sparsity pattern (SparseGPT or magnitude)")
     p.add_argument("model", help="Hugging Face folder, .gguf file, or smollm2-135m")
     p.add_argument("--pattern", default="2:4", help="N:M: at most N non-zeros in each group of M inputs (default 2:4)")
-    p.add_argument("--method", default="sparsegpt", help="sparsegpt (calibrated, default) or magnitude (no data needed)")
-    p.add_argument("--compute-dtype", choices=["float32", "float16", "bfloat16", "float64"],
-                   help="activations while pruning (default float32; float64 for float64 checkpoints); H is always float64")
+    p.add_argument(
+        "--method", default="sparsegpt", help="sparsegpt (calibrated, default) or magnitude (no data needed)"
+    )
+    p.add_argument(
+        "--compute-dtype",
+        choices=["float32", "float16", "bfloat16", "float64"],
+        help="activations while pruning (default float32; float64 for float64 checkpoints); H is always float64",
+    )
     add_output_options(p)
     add_calibration_options(p)
 
@@ -167,23 +192,23 @@ def run_info(args: argparse.Namespace) -> int:
 def run_serving(args: argparse.Namespace) -> int:
     from sliceserve.commands import serving
 
-    return {"serve": serving.serve_command, "demo": serving.demo_command,
-            "generate": serving.generate_command}[args.command](args)
+    return {"serve": serving.serve_command, "demo": serving.demo_command, "generate": serving.generate_command}[
+        args.command
+    ](args)
 
 
-COMMANDS = {"slice": run_slice, "export": run_export, "prune": run_prune, "ppl": run_ppl, "info": run_info, "plan": run_plan,
-            "serve": run_serving, "demo": run_serving, "generate": run_serving}
+COMMANDS = {
+    "slice": run_slice,
+    "export": run_export,
+    "prune": run_prune,
+    "ppl": run_ppl,
+    "info": run_info,
+    "plan": run_plan,
+    "serve": run_serving,
+    "demo": run_serving,
+    "generate": run_serving,
+}
 
 
 def print_json(data: dict) -> None:
     print(json.dumps(data))
-
-
-def is_checkpoint(path: str) -> bool:
-    config = Path(path) / "config.json"
-    if not config.is_file():
-        return False
-    try:
-        return json.loads(config.read_text()).get("format") == "sliceserve"
-    except (json.JSONDecodeError, AttributeError):
-        return False

@@ -9,7 +9,7 @@ predictions; the remainder that does not fill a window is dropped.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from tqdm import tqdm

@@ -3,7 +3,26 @@ kernels run in Triton's interpreter, which must be chosen before they are compil
 
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One CPU thread for a module's tests: a matmul's rounding can depend on how many threads
+    share it, and tests that compare numbers bit for bit (or with torchrun's stage processes,
+    which run OMP_NUM_THREADS=1) need the same split every time."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "slow: SmolLM2-scale tests (minutes on a CPU); CI runs them, -m 'not slow' skips them while developing",
+    )

@@ -25,17 +25,25 @@ import torch  # noqa: E402
 
 from sliceserve.commands import placement  # noqa: E402
 from sliceserve.commands.placement import is_stage_worker, placed_model, run_stage_worker  # noqa: E402
-from sliceserve.runtime.engine import Engine  # noqa: E402
-from sliceserve.runtime.loader import load_tokenizer  # noqa: E402
-from sliceserve.runtime.requests import SamplingParams  # noqa: E402
+from sliceserve.engine.engine import Engine  # noqa: E402
+from sliceserve.engine.requests import SamplingParams  # noqa: E402
+from sliceserve.model.loader import load_tokenizer  # noqa: E402
 
 MAX_BATCH, MAX_LEN = 4, 64
 PROMPTS = ["ka lo mi ra", "ten sul or", "ve an dis po que", "stra ni el bu"]
 
 
 def options() -> argparse.Namespace:
-    return argparse.Namespace(device="cpu", max_batch=MAX_BATCH, max_model_len=MAX_LEN, gpus=None, devices=None,
-                              gpu_memory=None, distributed=True, micro_batches=2)
+    return argparse.Namespace(
+        device="cpu",
+        max_batch=MAX_BATCH,
+        max_model_len=MAX_LEN,
+        gpus=None,
+        devices=None,
+        gpu_memory=None,
+        distributed=True,
+        micro_batches=2,
+    )
 
 
 def record(model, tokenizer) -> dict:
@@ -44,15 +52,19 @@ def record(model, tokenizer) -> dict:
     with torch.inference_mode():
         result["forward"] = model.forward(torch.tensor([prompts[0][:3] + prompts[1][:3]]))
         cache = model.new_cache(slots=MAX_BATCH, max_len=MAX_LEN)
-        result["prefill"] = [model.forward_cached(torch.tensor([ids]), torch.arange(len(ids))[None],
-                                                  torch.tensor([slot]), cache, last_only=True)
-                             for slot, ids in enumerate(prompts)]
+        result["prefill"] = [
+            model.forward_cached(
+                torch.tensor([ids]), torch.arange(len(ids))[None], torch.tensor([slot]), cache, last_only=True
+            )
+            for slot, ids in enumerate(prompts)
+        ]
         last = [int(logits[0, -1].argmax()) for logits in result["prefill"]]
         lengths = [len(ids) for ids in prompts]
         result["decode"] = []
         for _ in range(4):  # four rows, cut into two micro-batches of two
-            logits = model.forward_cached(torch.tensor(last)[:, None], torch.tensor(lengths)[:, None],
-                                          torch.arange(MAX_BATCH), cache)
+            logits = model.forward_cached(
+                torch.tensor(last)[:, None], torch.tensor(lengths)[:, None], torch.arange(MAX_BATCH), cache
+            )
             result["decode"].append(logits)
             last, lengths = [int(row.argmax()) for row in logits[:, 0]], [n + 1 for n in lengths]
     if FAST:

@@ -12,8 +12,6 @@ import torch
 from sliceserve.errors import SliceserveError
 from sliceserve.perplexity import perplexity
 from sliceserve.slicing import calibration
-from sliceserve.slicing.self_calibration import dense_runtime_model, generated_token_windows
-from sliceserve.slicing.sources import FolderSource
 from sliceserve.slicing.calibration import (
     calibration_batches,
     find_wikitext2,
@@ -22,6 +20,8 @@ from sliceserve.slicing.calibration import (
     token_windows,
     wikitext2_text,
 )
+from sliceserve.slicing.self_calibration import dense_runtime_model, generated_token_windows
+from sliceserve.slicing.sources import FolderSource
 
 TEST_LINES = [" \n", " = Title = \n", " \n", " First line of text . \n", " Second line . \n"]
 
@@ -159,7 +159,9 @@ def test_load_calibration_from_files_and_wikitext(tmp_path, no_default_data):
     batches = load_calibration(str(tmp_path / "a.txt"), CharTokenizer(), nsamples=3, seqlen=10, seed=0, batch_size=2)
     assert [t.shape for t, _ in batches] == [(2, 10), (1, 10)]
     make_wikitext(tmp_path / "wikitext-2-raw")
-    batches = load_calibration("wikitext2", CharTokenizer(), nsamples=2, seqlen=8, seed=0, batch_size=4, data_dir=tmp_path)
+    batches = load_calibration(
+        "wikitext2", CharTokenizer(), nsamples=2, seqlen=8, seed=0, batch_size=4, data_dir=tmp_path
+    )
     assert batches[0][0].shape == (2, 8)
     with pytest.raises(SliceserveError, match="nsamples"):
         load_calibration("wikitext2", CharTokenizer(), nsamples=0, seqlen=8, seed=0, batch_size=4)
@@ -216,8 +218,14 @@ def tiny_llama(tmp_path_factory):
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     folder = tmp_path_factory.mktemp("tiny-llama")
     LlamaForCausalLM(config).save_pretrained(folder)
@@ -225,12 +233,15 @@ def tiny_llama(tmp_path_factory):
 
 
 # A stand-in for a tokenizer: the sampler needs its special ids, and decode for the engine's text.
-TOKENIZER = SimpleNamespace(bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                            decode=lambda ids, skip_special_tokens=True: " ".join(map(str, ids)))
+TOKENIZER = SimpleNamespace(
+    bos_token_id=1, eos_token_id=2, pad_token_id=0, decode=lambda ids, skip_special_tokens=True: " ".join(map(str, ids))
+)
 
 
 def test_generated_token_windows(tiny_llama):
-    tokens, mask = generated_token_windows(tiny_llama, TOKENIZER, nsamples=12, seqlen=24, seed=3, batch_size=5, progress=False)
+    tokens, mask = generated_token_windows(
+        tiny_llama, TOKENIZER, nsamples=12, seqlen=24, seed=3, batch_size=5, progress=False
+    )
     assert tokens.shape == mask.shape == (12, 24)
     assert tokens.dtype == torch.int64 and mask.dtype == torch.bool
     assert (tokens[:, 0] == 1).all()
@@ -271,7 +282,9 @@ def test_load_calibration_generated_loads_model_only_when_needed(tiny_llama, tmp
         return tiny_llama
 
     (tmp_path / "a.txt").write_text("y" * 50)
-    load_calibration(str(tmp_path / "a.txt"), CharTokenizer(), nsamples=1, seqlen=4, seed=0, batch_size=1, model_loader=loader)
+    load_calibration(
+        str(tmp_path / "a.txt"), CharTokenizer(), nsamples=1, seqlen=4, seed=0, batch_size=1, model_loader=loader
+    )
     assert calls == []
     batches = load_calibration("generated", TOKENIZER, nsamples=3, seqlen=6, seed=0, batch_size=2, model_loader=loader)
     assert calls == [1] and [t.shape for t, _ in batches] == [(2, 6), (1, 6)]
@@ -287,12 +300,19 @@ def test_generated_text_starts_in_the_chat_format_when_there_is_a_template(tmp_p
     prefix = chat_prefix_ids(tokenizer)
     assert tokenizer.decode(prefix) == "<|im_start|>user\n"
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     LlamaForCausalLM(config).save_pretrained(tmp_path)
     model = dense_runtime_model(FolderSource(tmp_path))
-    tokens, mask = generated_token_windows(model, tokenizer, nsamples=3, seqlen=16, seed=0, batch_size=3,
-                                           progress=False)
+    tokens, mask = generated_token_windows(
+        model, tokenizer, nsamples=3, seqlen=16, seed=0, batch_size=3, progress=False
+    )
     assert tokens[:, : len(prefix)].tolist() == [prefix] * 3
     assert mask.all()  # end-of-turn tokens do not end chat-format samples
 

@@ -229,9 +229,7 @@ def test_wrong_format(ckpt_dir: Path):
 
 def test_newer_format_version(ckpt_dir: Path):
     edit_config(ckpt_dir, format_version=99)
-    assert_one_line_error(
-        f"format_version 99.*reads format_version {FORMAT_VERSION}", open_checkpoint, ckpt_dir
-    )
+    assert_one_line_error(f"format_version 99.*reads format_version {FORMAT_VERSION}", open_checkpoint, ckpt_dir)
 
 
 def test_missing_index(ckpt_dir: Path):

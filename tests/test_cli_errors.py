@@ -8,72 +8,22 @@ checkpoints are made from a good one.
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_support import MAX_POSITIONS, assert_nothing_written, assert_one_line_error, run_sliceserve, save_tiny_llama
 
 SLICE_CALIBRATION = ["--nsamples", "4", "--seqlen", "16", "--batch-size", "2"]
-MAX_POSITIONS = 64
-WORDS = ("the quick brown fox jumps over the lazy dog while a small cat sleeps on the warm mat "
-         "near an old red barn and many birds sing in tall green trees").split()
-
-
-def run_sliceserve(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "SLICESERVE_DATA_DIR"}
-    # tqdm honours TQDM_DISABLE where a bar leaves `disable` at its default; offline so that
-    # Transformers never tries the network for a local folder.
-    env.update(TQDM_DISABLE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    command = [sys.executable, "-m", "sliceserve", *map(str, args)]
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
-
-
-def meaningful_lines(stderr: str) -> list[str]:
-    """Non-empty stderr lines, less progress bars (they redraw with '\\r')."""
-    return [line for line in stderr.split("\n") if line.strip() and "\r" not in line and "%|" not in line]
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, *words: str) -> str:
-    assert "Traceback" not in result.stderr + result.stdout, result.stderr
-    assert result.returncode != 0
-    lines = meaningful_lines(result.stderr)
-    assert len(lines) == 1, f"expected one line on stderr, got:\n{result.stderr}"
-    line = lines[0]
-    assert line.startswith("sliceserve: error:"), line
-    for word in words:
-        assert word.lower() in line.lower(), f"{word!r} not in {line!r}"
-    return line
-
-
-def assert_nothing_written(out: Path) -> None:
-    assert not out.exists(), f"{out} was created"
-    leftovers = [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.partial-")]
-    assert not leftovers, f"staging folders left behind: {leftovers}"
+WORDS = (
+    "the quick brown fox jumps over the lazy dog while a small cat sleeps on the warm mat "
+    "near an old red barn and many birds sing in tall green trees"
+).split()
 
 
 # -- the fixtures: a tiny model, its broken variants, a good checkpoint and broken copies ----------
-
-
-def save_tiny_llama(folder: Path, text: str) -> None:
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.WordLevelTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"])
-    tokenizer.train_from_iterator([text], trainer)
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=200, max_position_embeddings=MAX_POSITIONS)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>",
-                            eos_token="</s>").save_pretrained(folder)
 
 
 def copy_with_config(source: Path, folder: Path, **changes) -> Path:
@@ -138,8 +88,18 @@ def work(tmp_path_factory) -> Path:
 def checkpoint(work: Path) -> Path:
     """A good sliced checkpoint, plus broken copies of it beside it."""
     ck = work / "ck"
-    result = run_sliceserve("slice", work / "tiny", "--sparsity", "0.25", "--calibration", work / "some.txt",
-                            *SLICE_CALIBRATION, "--out", ck, cwd=work)
+    result = run_sliceserve(
+        "slice",
+        work / "tiny",
+        "--sparsity",
+        "0.25",
+        "--calibration",
+        work / "some.txt",
+        *SLICE_CALIBRATION,
+        "--out",
+        ck,
+        cwd=work,
+    )
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
 
@@ -196,8 +156,13 @@ EXPORT_CASES = ["missing-path", "unsupported-family", "truncated-safetensors", "
 
 def slice_arguments(work: Path, extra: list[str]) -> list[str]:
     """Good defaults for slice, with `extra` options replacing them."""
-    options = {"--sparsity": "0.25", "--calibration": str(work / "some.txt"), "--nsamples": "4",
-               "--seqlen": "16", "--batch-size": "2"}
+    options = {
+        "--sparsity": "0.25",
+        "--calibration": str(work / "some.txt"),
+        "--nsamples": "4",
+        "--seqlen": "16",
+        "--batch-size": "2",
+    }
     for flag, value in zip(extra[::2], extra[1::2]):
         options[flag] = value.format(work=work)
     return [item for pair in options.items() for item in pair]
@@ -267,7 +232,10 @@ def test_broken_checkpoint_is_refused(work: Path, checkpoint: Path, tmp_path: Pa
 
 
 PPL_CASES = {
-    "seqlen-too-long": (["--data", "{work}/some.txt", "--seqlen", "100"], ["--seqlen 100", f"{MAX_POSITIONS} positions"]),
+    "seqlen-too-long": (
+        ["--data", "{work}/some.txt", "--seqlen", "100"],
+        ["--seqlen 100", f"{MAX_POSITIONS} positions"],
+    ),
     "empty-data": (["--data", "{work}/empty.txt", "--seqlen", "16"], ["0 tokens"]),
     "missing-data": (["--data", "{work}/missing.txt", "--seqlen", "16"], ["missing.txt", "does not exist"]),
     "no-gpu": (["--data", "{work}/some.txt", "--seqlen", "16", "--device", "cuda"], ["--device cuda", "no CUDA GPU"]),

@@ -17,9 +17,7 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -27,42 +25,18 @@ from pathlib import Path
 import pytest
 import torch
 from test_server_support import checkpoint_path
+from torchrun_support import environment, free_port, torchrun_command
 
-from sliceserve.runtime.engine import Engine
-from sliceserve.runtime.loader import load_model, load_tokenizer
-from sliceserve.runtime.requests import SamplingParams
+from sliceserve.engine.engine import Engine
+from sliceserve.engine.requests import SamplingParams
+from sliceserve.model.loader import load_model, load_tokenizer
 
 HERE = Path(__file__).parent
 PROMPTS = ["ka lo mi ra", "ten sul or", "ve an dis po que", "stra ni el bu"]  # as distributed_stages.py
 MAX_LEN = 64
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun_command(*args: str | Path) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-            "--master-port", str(free_port()), *map(str, args)]
-
-
-def environment() -> dict[str, str]:
-    env = dict(os.environ, TQDM_DISABLE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    return env
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """As the stage processes (torchrun sets OMP_NUM_THREADS=1): a matmul's rounding can
-    depend on how many threads share it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +57,13 @@ def single_device_texts(checkpoint: Path, prompts: list[list[int]], max_batch: i
 
 def test_two_processes_match_the_single_device(checkpoint, tmp_path):
     out = tmp_path / "pipeline.pt"
-    result = subprocess.run(torchrun_command(HERE / "distributed_stages.py", checkpoint, out), env=environment(),
-                            capture_output=True, text=True, timeout=180)
+    result = subprocess.run(
+        torchrun_command(HERE / "distributed_stages.py", checkpoint, out),
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "stage 1 of 2: layers 1 on cpu (gloo)" in result.stderr and "stage 1 stopped" in result.stderr
     got = torch.load(out)
@@ -94,8 +73,9 @@ def test_two_processes_match_the_single_device(checkpoint, tmp_path):
         assert torch.equal(got["forward"], model(torch.tensor([prompts[0][:3] + prompts[1][:3]])))
         cache = model.new_cache(slots=4, max_len=MAX_LEN)
         for slot, ids in enumerate(prompts):
-            expected = model.forward_cached(torch.tensor([ids]), torch.arange(len(ids))[None], torch.tensor([slot]),
-                                            cache, last_only=True)
+            expected = model.forward_cached(
+                torch.tensor([ids]), torch.arange(len(ids))[None], torch.tensor([slot]), cache, last_only=True
+            )
             assert torch.equal(got["prefill"][slot], expected)
         whole_cache = model.new_cache(slots=4, max_len=MAX_LEN)
         for slot, ids in enumerate(prompts):
@@ -104,8 +84,10 @@ def test_two_processes_match_the_single_device(checkpoint, tmp_path):
         lengths = [len(ids) for ids in prompts]
         for step in got["decode"]:
             tokens, positions = torch.tensor(last)[:, None], torch.tensor(lengths)[:, None]
-            pieces = [model.forward_cached(tokens[rows], positions[rows], torch.arange(4)[rows], cache)
-                      for rows in (slice(0, 2), slice(2, 4))]
+            pieces = [
+                model.forward_cached(tokens[rows], positions[rows], torch.arange(4)[rows], cache)
+                for rows in (slice(0, 2), slice(2, 4))
+            ]
             assert torch.equal(step, torch.cat(pieces))
             whole = model.forward_cached(tokens, positions, torch.arange(4), whole_cache)
             torch.testing.assert_close(step, whole, rtol=1e-5, atol=1e-5)
@@ -133,11 +115,23 @@ def wait_for(condition, timeout: float, what: str):
 def test_http_server_on_rank_0(checkpoint, tmp_path):
     port = free_port()
     log = tmp_path / "serve.log"
-    command = torchrun_command("-m", "sliceserve", "serve", checkpoint, "--distributed", "--port", port,
-                               "--max-batch", 2, "--max-model-len", MAX_LEN)
+    command = torchrun_command(
+        "-m",
+        "sliceserve",
+        "serve",
+        checkpoint,
+        "--distributed",
+        "--port",
+        port,
+        "--max-batch",
+        2,
+        "--max-model-len",
+        MAX_LEN,
+    )
     with open(log, "w") as output:
         server = subprocess.Popen(command, env=environment(), stdout=output, stderr=subprocess.STDOUT)
     try:
+
         def rank_0_pid():
             assert server.poll() is None, log.read_text()
             match = re.search(r"Started server process \[(\d+)\]", log.read_text())
@@ -146,8 +140,10 @@ def test_http_server_on_rank_0(checkpoint, tmp_path):
         pid = wait_for(rank_0_pid, 120, "the server on rank 0")
         wait_for(lambda: "serving" in log.read_text(), 30, "the server to listen")
         tokenizer = load_tokenizer(checkpoint)
-        answer = post_json(f"http://127.0.0.1:{port}/v1/completions",
-                           {"prompt": PROMPTS[:2], "max_tokens": 12, "temperature": 0, "ignore_eos": True})
+        answer = post_json(
+            f"http://127.0.0.1:{port}/v1/completions",
+            {"prompt": PROMPTS[:2], "max_tokens": 12, "temperature": 0, "ignore_eos": True},
+        )
         texts = [choice["text"] for choice in sorted(answer["choices"], key=lambda c: c["index"])]
         expected = single_device_texts(checkpoint, [tokenizer(p)["input_ids"] for p in PROMPTS[:2]], max_batch=2)
         assert texts == expected

@@ -28,12 +28,12 @@ from tiny_models import calibration_batches, tiny_config, tiny_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from sliceserve.runtime.detokenizer import text_step
-from sliceserve.runtime.engine import Engine, QueueFull, RequestRejected
-from sliceserve.runtime.loader import load_model
-from sliceserve.runtime.model import Transformer
-from sliceserve.runtime.requests import GenerationEvent, SamplingParams
-from sliceserve.slicing.pipeline import export_checkpoint, slice_checkpoint
+from sliceserve.engine.detokenizer import text_step
+from sliceserve.engine.engine import Engine, QueueFull, RequestRejected
+from sliceserve.engine.requests import GenerationEvent, SamplingParams
+from sliceserve.model.decoder import Transformer
+from sliceserve.model.loader import load_model
+from sliceserve.slicing.checkpoint_writer import export_checkpoint, slice_checkpoint
 from sliceserve.slicing.sources import FolderSource
 
 EOS = "<|endoftext|>"
@@ -45,13 +45,7 @@ GREEDY = dict(temperature=0.0, ignore_eos=True)
 SYLLABLES = ["ka", "lo", "mi", "ra", "ten", "sul", "or", "ve", "an", "dis", "po", "que", "stra", "ni", "el", "bu"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: intra-op threads only add overhead, and the engine runs in its own thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- the tokenizer and the models ----------------------------------------------------
@@ -60,16 +54,24 @@ def one_thread():
 def build_tokenizer() -> PreTrainedTokenizerFast:
     """Byte-level BPE over all 256 bytes, so any UTF-8 character can be spelled byte by byte."""
     rng = random.Random(0)
-    lines = [" ".join("".join(rng.choice(SYLLABLES) for _ in range(rng.randint(1, 3))) for _ in range(12))
-             for _ in range(60)]
+    lines = [
+        " ".join("".join(rng.choice(SYLLABLES) for _ in range(rng.randint(1, 3))) for _ in range(12)) for _ in range(60)
+    ]
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=[EOS], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=[EOS], show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tokenizer.train_from_iterator(lines + [UNICODE_TEXT] * 3, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS, bos_token=None, unk_token=None,
-                                   pad_token=None, clean_up_tokenization_spaces=False)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token=EOS,
+        bos_token=None,
+        unk_token=None,
+        pad_token=None,
+        clean_up_tokenization_spaces=False,
+    )
 
 
 def byte_tokens(tokenizer, text: str) -> list[int]:
@@ -97,9 +99,17 @@ def ascii_ids(tokenizer) -> list[int]:
 def llama_folder(tmp_path_factory, tokenizer, ascii_ids) -> Path:
     """A random float32 Llama as a Hugging Face folder (with its tokenizer)."""
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS,
-        rms_norm_eps=1e-5, tie_word_embeddings=False, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=MAX_POSITIONS,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).float().eval()
@@ -171,8 +181,7 @@ def run(engine: Engine, prompt_ids: list[int], **params) -> Outcome:
     return Outcome(list(engine.generate(prompt_ids, SamplingParams(**params))))
 
 
-def run_together(engine: Engine, prompts: list[list[int]], params: list[SamplingParams],
-                 watch=None) -> list[Outcome]:
+def run_together(engine: Engine, prompts: list[list[int]], params: list[SamplingParams], watch=None) -> list[Outcome]:
     """Submit every request at once (then start the engine, if it was not), wait for all."""
     outcomes = [Outcome() for _ in prompts]
     done = threading.Semaphore(0)
@@ -184,6 +193,7 @@ def run_together(engine: Engine, prompts: list[list[int]], params: list[Sampling
             outcome.events.append(event)
             if event.finished:
                 done.release()
+
         return on_event
 
     for prompt, p, outcome in zip(prompts, params, outcomes):
@@ -200,7 +210,7 @@ def plain_greedy(model: Transformer, prompt_ids: list[int], steps: int) -> list[
     with torch.inference_mode():
         for _ in range(steps):
             ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    return ids[len(prompt_ids):]
+    return ids[len(prompt_ids) :]
 
 
 def prompt(ids: list[int], length: int, seed: int) -> list[int]:
@@ -250,8 +260,9 @@ def family_model(request, tmp_path_factory, tokenizer) -> Transformer:
     return load_model(out)
 
 
-def test_greedy_through_the_cache_equals_greedy_without_it_in_other_families(family_model, make_engine,
-                                                                              tokenizer, ascii_ids):
+def test_greedy_through_the_cache_equals_greedy_without_it_in_other_families(
+    family_model, make_engine, tokenizer, ascii_ids
+):
     spec = family_model.spec
     prompts, max_tokens = [prompt(ascii_ids, 17, 1), prompt(ascii_ids, 3, 2)], 10
     if spec.sliding_window is not None:
@@ -272,8 +283,9 @@ def test_concurrent_requests_give_what_each_gives_alone(max_batch, make_engine, 
     params = [SamplingParams(max_tokens=m, **GREEDY) for m in max_tokens]
     engine = make_engine(llama, tokenizer, start=False, max_batch=max_batch, prefill_chunk=CHUNK)
     seen = []  # (running, waiting) as the engine thread sees them while sending events
-    together = run_together(engine, prompts, params, watch=lambda: seen.append(
-        (engine.stats.running, engine.stats.waiting)))
+    together = run_together(
+        engine, prompts, params, watch=lambda: seen.append((engine.stats.running, engine.stats.waiting))
+    )
     assert max(running for running, _ in seen) == max_batch
     if max_batch < len(prompts):
         assert max(waiting for _, waiting in seen) > 0
@@ -293,8 +305,11 @@ def test_a_seed_reproduces_a_sample_alone_and_in_a_batch(engine, ascii_ids):
     first, second = run(engine, prompt_ids, seed=7, **sampled), run(engine, prompt_ids, seed=7, **sampled)
     assert first.ids == second.ids and len(first.ids) == 12
     others = [prompt(ascii_ids, n, n) for n in (3, 9, 14)]
-    batch = run_together(engine, [*others, prompt_ids],
-                         [SamplingParams(seed=s, **sampled) for s in (1, 2, 3)] + [SamplingParams(seed=7, **sampled)])
+    batch = run_together(
+        engine,
+        [*others, prompt_ids],
+        [SamplingParams(seed=s, **sampled) for s in (1, 2, 3)] + [SamplingParams(seed=7, **sampled)],
+    )
     assert batch[-1].ids == first.ids
 
 
@@ -475,7 +490,7 @@ def test_closing_a_generator_cancels_its_request_and_frees_the_slot(engine, asci
     generator.close()
     wait_until(lambda: engine.stats.finished["cancelled"] == cancelled + 1)
     wait_idle(engine)
-    assert engine.generators == {} and len(engine.free_slots) == engine.max_batch
+    assert engine.running == [] and not engine.waiting and len(engine.free_slots) == engine.max_batch
 
 
 def test_closing_an_async_stream_cancels_its_request_and_frees_the_slot(engine, ascii_ids):
@@ -490,7 +505,7 @@ def test_closing_an_async_stream_cancels_its_request_and_frees_the_slot(engine, 
     asyncio.run(read_two())
     wait_until(lambda: engine.stats.finished["cancelled"] == cancelled + 1)
     wait_idle(engine)
-    assert engine.generators == {} and len(engine.free_slots) == engine.max_batch
+    assert engine.running == [] and not engine.waiting and len(engine.free_slots) == engine.max_batch
 
 
 @pytest.fixture(scope="module")

@@ -38,11 +38,11 @@ from tiny_models import (
 from transformers import AutoModelForCausalLM, Gemma2Config, GPT2Config, OPTConfig
 
 from sliceserve.checkpoint import open_checkpoint
-from sliceserve.decoder_spec import DecoderSpec, parameter_count
 from sliceserve.errors import SliceserveError
-from sliceserve.runtime.loader import load_model
+from sliceserve.model.loader import load_model
+from sliceserve.model.spec import BIAS_NAMES, DecoderSpec, parameter_count
+from sliceserve.slicing.checkpoint_writer import export_checkpoint, slice_checkpoint
 from sliceserve.slicing.families import family_for
-from sliceserve.slicing.pipeline import export_checkpoint, slice_checkpoint
 from sliceserve.slicing.sources import FolderSource
 
 TOLERANCE = 1e-9  # max |runtime - reference| / max |reference|, float64 throughout
@@ -57,17 +57,19 @@ assert QUARTER_WIDTH == 56
 # bias folds in: q, k, v, the MLP input and the head.
 FAMILY_FACTS = {
     "llama": dict(family="llama", gated=True, parallel=False, positions=False, biases=set()),
-    "llama-biases": dict(family="llama", gated=True, parallel=False, positions=False,
-                         biases={"q", "k", "v", "o", "gate", "up", "down"}),
+    "llama-biases": dict(
+        family="llama", gated=True, parallel=False, positions=False, biases={"q", "k", "v", "o", "gate", "up", "down"}
+    ),
     "llama3": dict(family="llama", gated=True, parallel=False, positions=False, biases=set()),
     "mistral": dict(family="mistral", gated=True, parallel=False, positions=False, biases=set()),
     "qwen2": dict(family="qwen2", gated=True, parallel=False, positions=False, biases={"q", "k", "v"}),
-    "opt": dict(family="opt", gated=False, parallel=False, positions=True,
-                biases={"q", "k", "v", "o", "up", "down", "head"}),
-    "phi": dict(family="phi", gated=False, parallel=True, positions=False,
-                biases={"q", "k", "v", "o", "up", "down", "head"}),
+    "opt": dict(
+        family="opt", gated=False, parallel=False, positions=True, biases={"q", "k", "v", "o", "up", "down", "head"}
+    ),
+    "phi": dict(
+        family="phi", gated=False, parallel=True, positions=False, biases={"q", "k", "v", "o", "up", "down", "head"}
+    ),
 }
-BIAS_NAMES = ("q", "k", "v", "o", "gate", "up", "down", "head")
 
 
 class NoTokenizerSource(FolderSource):
@@ -77,14 +79,7 @@ class NoTokenizerSource(FolderSource):
         return None
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: intra-op threads only add overhead (and under CPU contention
-    OpenMP's waiting made a slice take seconds instead of milliseconds)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @dataclass
@@ -131,8 +126,9 @@ def tiny(request, tmp_path_factory) -> TinyModel:
 @pytest.fixture(scope="module")
 def quarter(tiny) -> Path:
     """The 25% slice of the variant (shared by the tests that inspect it)."""
-    return slice_checkpoint(tiny.source(), tiny.work / "quarter", calibration_batches(),
-                            sparsity=0.25, dtype=torch.float64, progress=False)
+    return slice_checkpoint(
+        tiny.source(), tiny.work / "quarter", calibration_batches(), sparsity=0.25, dtype=torch.float64, progress=False
+    )
 
 
 def checkpoint_tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
@@ -200,8 +196,9 @@ def test_reference_is_float64_and_nontrivial(tiny):
 
 
 def test_sparsity_zero_reproduces_transformers(tiny):
-    out = slice_checkpoint(tiny.source(), tiny.work / "zero", calibration_batches(), sparsity=0.0,
-                           dtype=torch.float64, progress=False)
+    out = slice_checkpoint(
+        tiny.source(), tiny.work / "zero", calibration_batches(), sparsity=0.0, dtype=torch.float64, progress=False
+    )
     spec = open_checkpoint(out).config["model"]
     assert spec["family"] == FAMILY_FACTS[tiny.variant]["family"]
     assert spec["has_shortcuts"]
@@ -287,8 +284,14 @@ def test_rank_56_stream_is_sliced_exactly(variant, tmp_path, monkeypatch):
     confine_stream(model, QUARTER_WIDTH)
     model.save_pretrained(tmp_path / "hf")
     tokens = random_tokens(3, TEST_LENGTH, seed=7)
-    out = slice_checkpoint(NoTokenizerSource(tmp_path / "hf"), tmp_path / "sliced", calibration_batches(),
-                           sparsity=0.25, dtype=torch.float64, progress=False)
+    out = slice_checkpoint(
+        NoTokenizerSource(tmp_path / "hf"),
+        tmp_path / "sliced",
+        calibration_batches(),
+        sparsity=0.25,
+        dtype=torch.float64,
+        progress=False,
+    )
     check_widths(open_checkpoint(out).config["model"], variant, QUARTER_WIDTH, model.config.num_hidden_layers)
     float64_reference(monkeypatch)
     with torch.no_grad():
@@ -298,8 +301,14 @@ def test_rank_56_stream_is_sliced_exactly(variant, tmp_path, monkeypatch):
 
 def test_padding_tokens_do_not_change_the_slice(tiny, quarter):
     """Re-slice with different token ids under the mask: the checkpoint must not change."""
-    other = slice_checkpoint(tiny.source(), tiny.work / "other-padding", calibration_batches(pad_token=VOCAB - 1),
-                             sparsity=0.25, dtype=torch.float64, progress=False)
+    other = slice_checkpoint(
+        tiny.source(),
+        tiny.work / "other-padding",
+        calibration_batches(pad_token=VOCAB - 1),
+        sparsity=0.25,
+        dtype=torch.float64,
+        progress=False,
+    )
     batches = calibration_batches()
     assert not batches[-1][1].all()  # the padded batch is there
     first, second = open_checkpoint(quarter), open_checkpoint(other)
@@ -313,18 +322,40 @@ def test_padding_tokens_do_not_change_the_slice(tiny, quarter):
 
 
 def tiny_opt(**overrides) -> OPTConfig:
-    settings = dict(vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=1, num_attention_heads=2,
-                    max_position_embeddings=32, word_embed_proj_dim=32, do_layer_norm_before=True)
+    settings = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        ffn_dim=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=32,
+        word_embed_proj_dim=32,
+        do_layer_norm_before=True,
+    )
     return OPTConfig(**{**settings, **overrides})
 
 
 REFUSED = {
     "opt-post-norm": (lambda: tiny_opt(do_layer_norm_before=False), "do_layer_norm_before=False"),
     "opt-projected-embeddings": (lambda: tiny_opt(word_embed_proj_dim=16), "word_embed_proj_dim"),
-    "gpt2": (lambda: GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2, n_positions=32,
-                                bos_token_id=0, eos_token_id=0), "unsupported model type 'gpt2'"),
-    "gemma2": (lambda: Gemma2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                    num_attention_heads=2, num_key_value_heads=1, head_dim=16), "sandwich norms"),
+    "gpt2": (
+        lambda: GPT2Config(
+            vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2, n_positions=32, bos_token_id=0, eos_token_id=0
+        ),
+        "unsupported model type 'gpt2'",
+    ),
+    "gemma2": (
+        lambda: Gemma2Config(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+        ),
+        "sandwich norms",
+    ),
 }
 
 
@@ -343,8 +374,9 @@ def test_adapter_comes_from_the_config_not_the_folder_name(tmp_path, monkeypatch
     model = save_tiny_model("llama", folder)
     source = NoTokenizerSource(folder)
     assert source.family.name == "llama"
-    out = slice_checkpoint(source, tmp_path / "sliced", calibration_batches(), sparsity=0.0,
-                           dtype=torch.float64, progress=False)
+    out = slice_checkpoint(
+        source, tmp_path / "sliced", calibration_batches(), sparsity=0.0, dtype=torch.float64, progress=False
+    )
     config = open_checkpoint(out).config
     assert config["model"]["family"] == "llama" and config["source"]["model_type"] == "llama"
     tokens = random_tokens(2, TEST_LENGTH, seed=3)

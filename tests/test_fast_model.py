@@ -11,13 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from kernel_support import DEVICE, ON_GPU, relative_error  # sets TRITON_INTERPRET first
 from tiny_models import calibration_batches, random_tokens, save_tiny_model
 
-from sliceserve.runtime.fast_model import FastTransformer
-from sliceserve.runtime.loader import load_model
-from sliceserve.slicing.pipeline import export_checkpoint, slice_checkpoint
+from sliceserve.fast.model import FastTransformer
+from sliceserve.model.loader import load_model
+from sliceserve.slicing.checkpoint_writer import export_checkpoint, slice_checkpoint
 from sliceserve.slicing.sources import FolderSource
 
 
@@ -44,8 +43,9 @@ def checkpoint(request, variant_folder) -> Path:
     source = NoTokenizerSource(variant_folder / "hf")
     if request.param == "dense":
         return export_checkpoint(source, variant_folder / "dense", dtype=torch.float32, progress=False)
-    return slice_checkpoint(source, variant_folder / "sliced", calibration_batches(), sparsity=0.25,
-                            dtype=torch.float32, progress=False)
+    return slice_checkpoint(
+        source, variant_folder / "sliced", calibration_batches(), sparsity=0.25, dtype=torch.float32, progress=False
+    )
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ def test_library_products_compute_the_same_model(models):
 
 @torch.no_grad()
 def test_auto_products_switch_backends_by_rows_within_one_request(models):
-    """"auto" (the default): a 24-token prefill runs on library products, while its last row's
+    """ "auto" (the default): a 24-token prefill runs on library products, while its last row's
     head and the decode step run on our kernels, reading norms the library's layers left."""
     reference, _ = models
     fast = FastTransformer(reference)
@@ -102,8 +102,9 @@ def test_prefill_then_decode_rows_of_different_lengths(models, products):
             half = len(prompt) // 2
             for chunk, start in ((prompt[:half], 0), (prompt[half:], half)):
                 positions = torch.arange(start, start + len(chunk), device=DEVICE)[None]
-                model.forward_cached(chunk[None], positions, torch.tensor([slot], device=DEVICE), caches[name],
-                                     last_only=True)
+                model.forward_cached(
+                    chunk[None], positions, torch.tensor([slot], device=DEVICE), caches[name], last_only=True
+                )
     generator = torch.Generator().manual_seed(7)
     lengths = [len(p) for p in prompts]
     for _ in range(steps):
@@ -132,16 +133,19 @@ def test_engine_on_the_fast_path_generates_the_reference_tokens(checkpoint, mode
     are the same on both paths."""
     import queue
 
-    from sliceserve.runtime.engine import Engine
-    from sliceserve.runtime.requests import SamplingParams
+    from sliceserve.engine.engine import Engine
+    from sliceserve.engine.requests import SamplingParams
 
     outputs = {}
     for name, model in zip(("reference", "fast"), models):
         engine = Engine(model, NumberTokenizer(), max_batch=2, prefill_chunk=4)
         events = {n: queue.Queue() for n in (6, 9)}
         for n, q in events.items():  # both queued before the engine starts: they run together
-            engine.submit(random_tokens(1, n, seed=n)[0].tolist(),
-                          SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True), q.put)
+            engine.submit(
+                random_tokens(1, n, seed=n)[0].tolist(),
+                SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True),
+                q.put,
+            )
         engine.start()
         try:
             outputs[name] = {}

@@ -1,4 +1,4 @@
-"""Pipeline stages on the fast path (runtime/fast_pipeline.py, runtime/stages.py): two stages
+"""Pipeline stages on the fast path (parallel/pipeline.py, parallel/stages.py): two stages
 whose layers run the fast path's kernels give the very logits of the single-device
 `FastTransformer`, bit for bit: the stream and its partial sums of squares cross the stage
 boundary unchanged. Without a GPU the kernels run in Triton's interpreter (slow: a tiny
@@ -12,32 +12,26 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from kernel_support import DEVICE  # sets TRITON_INTERPRET first
-from test_distributed import environment, torchrun_command
 from test_server_support import checkpoint_path
+from torchrun_support import environment, torchrun_command
 
-from sliceserve.checkpoint import open_checkpoint
-from sliceserve.distributed.messages import Header, Kind
+from sliceserve.checkpoint import checkpoint_spec, open_checkpoint
 from sliceserve.errors import SliceserveError
-from sliceserve.runtime.fast_model import FastTransformer
-from sliceserve.runtime.fast_pipeline import FastPipeline
-from sliceserve.runtime.loader import checkpoint_spec, load_model
-from sliceserve.runtime.pipeline import build_stage, load_pipeline
-from sliceserve.runtime.stages import FastStage
-from sliceserve.slicing.pipeline import export_checkpoint
+from sliceserve.fast.model import FastTransformer
+from sliceserve.model.loader import load_model
+from sliceserve.parallel.loading import build_stage, load_pipeline
+from sliceserve.parallel.messages import Header, Kind
+from sliceserve.parallel.pipeline import Pipeline
+from sliceserve.parallel.stages import FastStage
+from sliceserve.slicing.checkpoint_writer import export_checkpoint
 from sliceserve.slicing.sources import FolderSource
 
 TWO_STAGES = [range(0, 1), range(1, 2)]
 HERE = Path(__file__).parent
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", params=["sliced", "dense"])
@@ -46,17 +40,22 @@ def checkpoint(request, tmp_path_factory) -> Path:
     sliced = checkpoint_path(tmp_path_factory)
     if request.param == "sliced":
         return sliced
-    return export_checkpoint(FolderSource(sliced.parent / "dense"), tmp_path_factory.mktemp("llama") / "dense",
-                             progress=False)
+    return export_checkpoint(
+        FolderSource(sliced.parent / "dense"), tmp_path_factory.mktemp("llama") / "dense", progress=False
+    )
 
 
-def fast_pipeline(path: Path) -> FastPipeline:
+def fast_pipeline(path: Path) -> Pipeline:
     """Both stages on DEVICE, each the fast path over one layer."""
     checkpoint = open_checkpoint(path)
     spec = checkpoint_spec(checkpoint.config)
     device = torch.device(DEVICE)
-    return FastPipeline([FastStage(build_stage(checkpoint, spec, layers, first=i == 0, last=i == 1, device=device),
-                                   device) for i, layers in enumerate(TWO_STAGES)])
+    return Pipeline(
+        [
+            FastStage(build_stage(checkpoint, spec, layers, first=i == 0, last=i == 1, device=device), device)
+            for i, layers in enumerate(TWO_STAGES)
+        ]
+    )
 
 
 def ids(count: int, seed: int, vocab: int = 250) -> list[int]:
@@ -73,14 +72,23 @@ def cached_logits(model, prompts: list[list[int]], steps: int) -> list[torch.Ten
     for slot, prompt in enumerate(prompts):
         half = len(prompt) // 2
         for chunk, start in ((prompt[:half], 0), (prompt[half:], half)):
-            logits = model.forward_cached(as_tensor([chunk]), torch.arange(start, start + len(chunk), device=DEVICE)[None],
-                                          as_tensor([slot]), cache, last_only=True)
+            logits = model.forward_cached(
+                as_tensor([chunk]),
+                torch.arange(start, start + len(chunk), device=DEVICE)[None],
+                as_tensor([slot]),
+                cache,
+                last_only=True,
+            )
             outputs.append(logits)
         last.append(int(logits[0, -1].argmax()))
     lengths = [len(p) for p in prompts]
     for _ in range(steps):
-        logits = model.forward_cached(as_tensor(last + [0])[:, None], as_tensor(lengths + [0])[:, None],
-                                      as_tensor(list(range(len(prompts))) + [cache.scratch_slot]), cache)
+        logits = model.forward_cached(
+            as_tensor(last + [0])[:, None],
+            as_tensor(lengths + [0])[:, None],
+            as_tensor(list(range(len(prompts))) + [cache.scratch_slot]),
+            cache,
+        )
         outputs.append(logits)
         last = [int(row.argmax()) for row in logits[: len(prompts), 0]]
         lengths = [n + 1 for n in lengths]
@@ -108,15 +116,15 @@ def test_each_fast_stage_holds_only_its_part(tmp_path_factory):
     assert second.dtype == first.dtype == torch.float32
     cache = pipeline.new_cache(slots=3, max_len=8)
     assert [len(kv.keys) for kv in cache.stages] == [1, 1] and cache.scratch_slot == 3
-    assert pipeline.decode_rows(3, 8) == 4 and pipeline.decode_rows(3, 2) == 2
+    assert pipeline.padded_decode_rows(3, 8) == 4 and pipeline.padded_decode_rows(3, 2) == 2
 
 
 def test_stage_stream_headers_carry_the_partial_sums_width():
     x, px = torch.zeros(3, 5, 64), torch.zeros(3, 5, 2)
-    header = Header.for_stream(Kind.STEP, [x, px], last_only=True)
+    header = Header.for_activations(Kind.STEP, [x, px], last_only=True)
     assert Header.from_tensor(header.tensor(torch.device("cpu"))) == header
     assert (header.rows, header.length, header.width, header.partials, header.last_only) == (3, 5, 64, 2, True)
-    assert Header.for_stream(Kind.FORWARD, [x]).partials == 0
+    assert Header.for_activations(Kind.FORWARD, [x]).partials == 0
 
 
 def test_fast_runtime_pipeline_on_a_cpu_is_a_clear_error(tmp_path_factory):
@@ -130,8 +138,13 @@ def test_two_processes_on_the_fast_path_match_the_single_device(tmp_path_factory
     """As test_distributed.py, with every stage on the fast path (the stream's partial sums of
     squares sent along): bit for bit, the decode steps against the same two-row pieces."""
     path, out = checkpoint_path(tmp_path_factory), tmp_path / "pipeline.pt"
-    result = subprocess.run(torchrun_command(HERE / "distributed_stages.py", path, out, "fast"), env=environment(),
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        torchrun_command(HERE / "distributed_stages.py", path, out, "fast"),
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "stage 1 of 2: layers 1 on cpu (gloo), fast path" in result.stderr
     got, model = torch.load(out), FastTransformer(load_model(path))
@@ -139,13 +152,16 @@ def test_two_processes_on_the_fast_path_match_the_single_device(tmp_path_factory
     assert torch.equal(got["forward"], model(torch.tensor([prompts[0][:3] + prompts[1][:3]])))
     cache = model.new_cache(slots=4, max_len=64)
     for slot, prompt in enumerate(prompts):
-        expected = model.forward_cached(torch.tensor([prompt]), torch.arange(len(prompt))[None], torch.tensor([slot]),
-                                        cache, last_only=True)
+        expected = model.forward_cached(
+            torch.tensor([prompt]), torch.arange(len(prompt))[None], torch.tensor([slot]), cache, last_only=True
+        )
         assert torch.equal(got["prefill"][slot], expected)
     last, lengths = [int(logits[0, -1].argmax()) for logits in got["prefill"]], [len(p) for p in prompts]
     for step in got["decode"]:
         tokens, positions = torch.tensor(last)[:, None], torch.tensor(lengths)[:, None]
-        pieces = [model.forward_cached(tokens[rows], positions[rows], torch.arange(4)[rows], cache)
-                  for rows in (slice(0, 2), slice(2, 4))]
+        pieces = [
+            model.forward_cached(tokens[rows], positions[rows], torch.arange(4)[rows], cache)
+            for rows in (slice(0, 2), slice(2, 4))
+        ]
         assert torch.equal(step, torch.cat(pieces))
         last, lengths = [int(row.argmax()) for row in step[:, 0]], [n + 1 for n in lengths]

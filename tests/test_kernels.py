@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from kernel_support import DEVICE, DTYPES, randn, relative_error, tolerance  # sets TRITON_INTERPRET first
 
 from sliceserve.kernels import launch
@@ -127,7 +126,9 @@ def test_gated_linear(dtype, rows, activation, generator):
     partials = a.float().pow(2).sum(-1, keepdim=True)
     gate = randn(n, k, dtype=dtype, scale=k**-0.5, generator=generator)
     up = randn(n, k, dtype=dtype, scale=k**-0.5, generator=generator)
-    biases = dict(gate_bias=randn(n, dtype=dtype, generator=generator), up_bias=randn(n, dtype=dtype, generator=generator))
+    biases = dict(
+        gate_bias=randn(n, dtype=dtype, generator=generator), up_bias=randn(n, dtype=dtype, generator=generator)
+    )
     for options in (dict(norm=(partials, 96, 1e-5)), dict(norm=(partials, 96, 1e-5), **biases), {}):
         out = gated_linear(a, gate, up, activation=activation, out=poisoned((rows, n), dtype), **options)
         expected = gated_linear_reference(a, gate, up, activation=activation, **options)
@@ -172,11 +173,21 @@ def test_decode_attention_reads_each_rows_prefix(dtype, rows, heads, kv_heads, h
     positions, slots = positions.to(DEVICE), torch.randperm(slots_count, generator=generator)[:rows].to(DEVICE)
     expected = decode_attention_reference(q, keys, values, positions, slots, window=window)
     for splits in (1, 4):
-        out = decode_attention(q, keys, values, positions, slots, window=window, splits=splits,
-                               out=poisoned((rows, heads * head_dim), dtype))
+        out = decode_attention(
+            q,
+            keys,
+            values,
+            positions,
+            slots,
+            window=window,
+            splits=splits,
+            out=poisoned((rows, heads * head_dim), dtype),
+        )
         assert relative_error(out, expected) < tolerance(dtype)
     # Garbage beyond a row's position must not leak in.
     for m in range(rows):
         keys[slots[m], :, int(positions[m]) + 1 :] = float("nan")
         values[slots[m], :, int(positions[m]) + 1 :] = float("nan")
-    assert relative_error(decode_attention(q, keys, values, positions, slots, window=window), expected) < tolerance(dtype)
+    assert relative_error(decode_attention(q, keys, values, positions, slots, window=window), expected) < tolerance(
+        dtype
+    )

@@ -16,28 +16,24 @@ from test_server_support import build_tokenizer, checkpoint_path
 from tiny_models import calibration_batches, tiny_config, tiny_model
 
 from sliceserve.cli import main
+from sliceserve.engine.engine import Engine
+from sliceserve.engine.requests import SamplingParams
 from sliceserve.errors import SliceserveError
+from sliceserve.model.loader import load_model, load_tokenizer
+from sliceserve.parallel.loading import load_pipeline
+from sliceserve.parallel.pipeline import Pipeline
 from sliceserve.planning.memory import Workload, stage_costs
 from sliceserve.planning.model_shape import read_model_shape
 from sliceserve.planning.placement import checkpoint_stage_ranges
 from sliceserve.planning.planner import balanced_stages
-from sliceserve.runtime.engine import Engine
-from sliceserve.runtime.loader import load_model, load_tokenizer
-from sliceserve.runtime.pipeline import PipelineModel, load_pipeline
-from sliceserve.runtime.requests import SamplingParams
-from sliceserve.slicing.pipeline import export_checkpoint, slice_checkpoint
+from sliceserve.slicing.checkpoint_writer import export_checkpoint, slice_checkpoint
 from sliceserve.slicing.sources import FolderSource
 
 TWO_STAGES = [range(0, 1), range(1, 2)]
 MAX_LEN = 64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -45,16 +41,18 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
     """Two-layer models with a tokenizer: Llama float32 (the server tests' model) and Phi
     float64 (parallel block, partial rotary, biases), each sliced at 25% and exported dense."""
     llama_sliced = checkpoint_path(tmp_path_factory)
-    llama_dense = export_checkpoint(FolderSource(llama_sliced.parent / "dense"),
-                                    tmp_path_factory.mktemp("llama") / "dense", progress=False)
+    llama_dense = export_checkpoint(
+        FolderSource(llama_sliced.parent / "dense"), tmp_path_factory.mktemp("llama") / "dense", progress=False
+    )
     tokenizer = build_tokenizer()
     config = tiny_config("phi")
     config.vocab_size = len(tokenizer)
     folder = tmp_path_factory.mktemp("phi")
     tiny_model(config).save_pretrained(folder / "hf")
     tokenizer.save_pretrained(folder / "hf")
-    phi_sliced = slice_checkpoint(FolderSource(folder / "hf"), folder / "sliced", calibration_batches(),
-                                  sparsity=0.25, progress=False)
+    phi_sliced = slice_checkpoint(
+        FolderSource(folder / "hf"), folder / "sliced", calibration_batches(), sparsity=0.25, progress=False
+    )
     phi_dense = export_checkpoint(FolderSource(folder / "hf"), folder / "dense", progress=False)
     return {"llama-sliced": llama_sliced, "llama-dense": llama_dense, "phi-sliced": phi_sliced, "phi-dense": phi_dense}
 
@@ -78,9 +76,13 @@ def cached_logits(model, prompts: list[list[int]], steps: int, chunk: int = 5) -
         for slot, ids in enumerate(prompts):
             for start in range(0, len(ids), chunk):
                 piece = ids[start : start + chunk]
-                logits = model.forward_cached(torch.tensor([piece], device=device),
-                                              torch.arange(start, start + len(piece), device=device)[None],
-                                              torch.tensor([slot], device=device), cache, last_only=True)
+                logits = model.forward_cached(
+                    torch.tensor([piece], device=device),
+                    torch.arange(start, start + len(piece), device=device)[None],
+                    torch.tensor([slot], device=device),
+                    cache,
+                    last_only=True,
+                )
                 outputs.append(logits)
             last.append(int(logits[0, -1].argmax()))
         lengths = [len(ids) for ids in prompts]
@@ -133,8 +135,11 @@ def greedy_texts(model, tokenizer, prompts: list[list[int]], max_tokens: int = 1
 @pytest.mark.parametrize("name", MODELS)
 def test_pipeline_greedy_texts_equal_single_device(checkpoints, name):
     tokenizer = load_tokenizer(checkpoints[name])
-    prompts = [tokenizer("ka lo mi ra")["input_ids"], tokenizer("ten sul or")["input_ids"],
-               tokenizer("ve an dis po que")["input_ids"]]  # three prompts over two slots: one waits
+    prompts = [
+        tokenizer("ka lo mi ra")["input_ids"],
+        tokenizer("ten sul or")["input_ids"],
+        tokenizer("ve an dis po que")["input_ids"],
+    ]  # three prompts over two slots: one waits
     single = greedy_texts(load_model(checkpoints[name]), tokenizer, prompts)
     pipelined = greedy_texts(load_pipeline(checkpoints[name], ["cpu", "cpu"], TWO_STAGES), tokenizer, prompts)
     assert all(len(ids) == 12 for ids, _ in single)
@@ -143,14 +148,13 @@ def test_pipeline_greedy_texts_equal_single_device(checkpoints, name):
 
 def test_each_stage_holds_only_its_part(checkpoints):
     pipeline = load_pipeline(checkpoints["llama-sliced"], ["cpu", "cpu"], TWO_STAGES)
-    first, second = pipeline.stages
-    assert isinstance(pipeline, PipelineModel) and pipeline.input_device == torch.device("cpu")
+    first, second = (stage.model for stage in pipeline.stages)
+    assert isinstance(pipeline, Pipeline) and not pipeline.fast and pipeline.input_device == torch.device("cpu")
     assert first.embed is not None and first.head is None and len(first.layers) == 1
     assert second.embed is None and second.head is not None and len(second.layers) == 1
-    assert pipeline.head is second.head
     single = load_model(checkpoints["llama-sliced"])
     held = lambda model: sum(p.numel() for p in model.parameters())  # noqa: E731
-    assert held(pipeline) == held(single)
+    assert held(first) + held(second) == held(single)
     cache, single_cache = pipeline.new_cache(slots=3, max_len=16), single.new_cache(slots=3, max_len=16)
     assert len(cache.keys) == len(cache.values) == 2 and cache.scratch_slot == 3
     assert cache.bytes == single_cache.bytes
@@ -199,16 +203,19 @@ def test_generate_over_two_devices(checkpoints, capsys):
     assert code == 0 and budgeted == single  # no effect on a CPU (a warning), the stages fit
 
 
-@pytest.mark.parametrize("options, words", [
-    (["--gpus", "2"], "--gpus 2 asked for, but 0 GPU(s) are available"),
-    (["--gpus", "1", "--devices", "cpu"], "give --gpus or --devices, not both"),
-    (["--devices", "cpu,tpu9"], "unknown device 'tpu9'"),
-    (["--devices", "cpu,cpu", "--gpu-memory", "512MiB"], "cannot fit on cards of 512.0 MiB"),
-    (["--gpu-memory", "lots"], "needs a number and a unit"),
-    (["--distributed", "--devices", "cpu,cpu"], "drop --gpus/--devices"),
-    (["--micro-batches", "0"], "--micro-batches must be at least 1"),
-    (["--distributed"], "launch with torchrun"),
-])
+@pytest.mark.parametrize(
+    "options, words",
+    [
+        (["--gpus", "2"], "--gpus 2 asked for, but 0 GPU(s) are available"),
+        (["--gpus", "1", "--devices", "cpu"], "give --gpus or --devices, not both"),
+        (["--devices", "cpu,tpu9"], "unknown device 'tpu9'"),
+        (["--devices", "cpu,cpu", "--gpu-memory", "512MiB"], "cannot fit on cards of 512.0 MiB"),
+        (["--gpu-memory", "lots"], "needs a number and a unit"),
+        (["--distributed", "--devices", "cpu,cpu"], "drop --gpus/--devices"),
+        (["--micro-batches", "0"], "--micro-batches must be at least 1"),
+        (["--distributed"], "launch with torchrun"),
+    ],
+)
 def test_placement_errors(checkpoints, capsys, monkeypatch, options, words):
     if torch.cuda.is_available() and options[:1] == ["--gpus"]:
         pytest.skip("this machine has GPUs")

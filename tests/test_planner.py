@@ -26,7 +26,7 @@ from sliceserve.planning.memory import Workload, stage_costs
 from sliceserve.planning.model_shape import dense_spec, read_model_shape, sliced_spec
 from sliceserve.planning.planner import balanced_stages, fewest_stages
 from sliceserve.planning.sizes import format_size, parse_size
-from sliceserve.slicing.pipeline import export_checkpoint, slice_checkpoint
+from sliceserve.slicing.checkpoint_writer import export_checkpoint, slice_checkpoint
 from sliceserve.slicing.sources import FolderSource
 
 CONFIGS = Path(__file__).parent / "configs"
@@ -45,10 +45,19 @@ def cards(config: Path, budget: int, sparsity: float | None = None, **workload) 
 # ---- sizes ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("text, size", [
-    ("24GiB", 24 * 2**30), ("24GB", 24 * 10**9), ("70GiB", 70 * 2**30), ("24000MiB", 24000 * 2**20),
-    ("1.5gib", 3 * 2**29), (" 512 MB ", 512 * 10**6), ("2TiB", 2 * 2**40), ("100B", 100),
-])
+@pytest.mark.parametrize(
+    "text, size",
+    [
+        ("24GiB", 24 * 2**30),
+        ("24GB", 24 * 10**9),
+        ("70GiB", 70 * 2**30),
+        ("24000MiB", 24000 * 2**20),
+        ("1.5gib", 3 * 2**29),
+        (" 512 MB ", 512 * 10**6),
+        ("2TiB", 2 * 2**40),
+        ("100B", 100),
+    ],
+)
 def test_parse_size(text, size):
     assert parse_size(text) == size
 
@@ -78,10 +87,13 @@ def test_configs_describe_the_papers_models():
     assert sliced_spec(opt, 0.25).layers[0].input_width == 6912
 
 
-@pytest.mark.parametrize("config, budget, dense, sliced", [
-    (LLAMA_2_70B, 24 * GiB, 7, 5),
-    (LLAMA_2_70B, 40 * GiB, 4, 3),
-])
+@pytest.mark.parametrize(
+    "config, budget, dense, sliced",
+    [
+        (LLAMA_2_70B, 24 * GiB, 7, 5),
+        (LLAMA_2_70B, 40 * GiB, 4, 3),
+    ],
+)
 def test_papers_table_2_counts(config, budget, dense, sliced):
     assert cards(config, budget) == dense
     assert cards(config, budget, 0.25) == sliced
@@ -115,8 +127,11 @@ def test_fewest_cards_is_the_fewest():
     shape = read_model_shape(LLAMA_2_70B)
     costs = stage_costs(dense_spec(shape.spec), shape.biases, Workload(context=4096))
     stages = fewest_stages(costs, 24 * GiB)
-    assert [s.layers for s in stages] == [range(0, 11), *[range(11 + 12 * i, 23 + 12 * i) for i in range(5)],
-                                          range(71, 80)]
+    assert [s.layers for s in stages] == [
+        range(0, 11),
+        *[range(11 + 12 * i, 23 + 12 * i) for i in range(5)],
+        range(71, 80),
+    ]
     assert all(s.total <= 24 * GiB for s in stages)
     assert max(s.total for s in balanced_stages(costs, len(stages) - 1)) > 24 * GiB
     first, last = stages[0], stages[-1]
@@ -154,8 +169,7 @@ def test_plan_command(capsys):
     assert code == 0
     plan = json.loads(out)
     assert (plan["dense"]["cards"], plan["sliced"]["cards"]) == (7, 5)
-    assert plan["workload"] == {"dtype": "float16", "batch": 1, "context": 4096, "prefill_chunk": 256,
-                                "reserve": GiB}
+    assert plan["workload"] == {"dtype": "float16", "batch": 1, "context": 4096, "prefill_chunk": 256, "reserve": GiB}
     assert plan["sliced"]["widths"] == [6144]
     ranges = [stage["layers"] for stage in plan["sliced"]["stages"]]
     assert ranges == [[0, 15], [16, 31], [32, 47], [48, 63], [64, 79]]
@@ -167,13 +181,16 @@ def test_plan_command(capsys):
     assert "0-" in out and "+emb" in out and "+head" in out
 
 
-@pytest.mark.parametrize("args, words", [
-    (["--gpu-memory", "24"], "needs a number and a unit"),
-    (["--gpu-memory", "2GiB"], "cannot fit on cards of 2.00 GiB"),
-    (["--gpu-memory", "24GiB", "--sparsity", "1.0"], "sparsity"),
-    (["--gpu-memory", "24GiB", "--context", "8192"], "exceeds the model's 4096 positions"),
-    (["--gpu-memory", "24GiB", "--batch", "0"], "--batch must be at least 1"),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--gpu-memory", "24"], "needs a number and a unit"),
+        (["--gpu-memory", "2GiB"], "cannot fit on cards of 2.00 GiB"),
+        (["--gpu-memory", "24GiB", "--sparsity", "1.0"], "sparsity"),
+        (["--gpu-memory", "24GiB", "--context", "8192"], "exceeds the model's 4096 positions"),
+        (["--gpu-memory", "24GiB", "--batch", "0"], "--batch must be at least 1"),
+    ],
+)
 def test_plan_command_errors(capsys, args, words):
     code, _, err = run_cli(capsys, "plan", LLAMA_2_70B, *args)
     assert code == 2
@@ -210,8 +227,9 @@ def test_planned_bytes_are_the_checkpoints(variant, tmp_path):
     torch.set_num_threads(1)
     folder = tmp_path / "hf"
     save_tiny_model(variant, folder)
-    sliced = slice_checkpoint(NoTokenizerSource(folder), tmp_path / "sliced", calibration_batches(),
-                              sparsity=0.25, progress=False)
+    sliced = slice_checkpoint(
+        NoTokenizerSource(folder), tmp_path / "sliced", calibration_batches(), sparsity=0.25, progress=False
+    )
     dense = export_checkpoint(NoTokenizerSource(folder), tmp_path / "dense", progress=False)
     shape = read_model_shape(folder / "config.json")
     planned_sliced, planned_dense = sliced_spec(shape.spec, 0.25), dense_spec(shape.spec)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cli_errors import assert_nothing_written, assert_one_line_error, run_sliceserve, save_tiny_llama
+from cli_support import assert_nothing_written, assert_one_line_error, run_sliceserve, save_tiny_llama
 from tiny_models import (
     VARIANTS,
     calibration_batches,
@@ -30,14 +30,14 @@ from tiny_models import (
 
 from sliceserve.checkpoint import open_checkpoint
 from sliceserve.errors import SliceserveError
+from sliceserve.model.loader import load_model
 from sliceserve.perplexity import evaluation_tokens, perplexity
+from sliceserve.pruning.checkpoint_writer import prune_checkpoint
 from sliceserve.pruning.magnitude import magnitude_prune
 from sliceserve.pruning.pattern import METHODS, PRUNED_LINEARS, NMPattern, nonzeros_per_group, parse_pattern
-from sliceserve.pruning.pipeline import prune_checkpoint
 from sliceserve.pruning.sparsegpt import reconstruction_error, sparsegpt_prune
-from sliceserve.runtime.loader import load_model
 from sliceserve.slicing.calibration import load_calibration, wikitext2_text
-from sliceserve.slicing.pipeline import export_checkpoint
+from sliceserve.slicing.checkpoint_writer import export_checkpoint
 from sliceserve.slicing.sources import FolderSource, open_source
 
 TWO_FOUR = NMPattern(2, 4)
@@ -144,8 +144,14 @@ def dense_exports(models: Path) -> Path:
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_every_linear_is_two_four_and_the_rest_dense(models, dense_exports, tmp_path, variant, method):
-    out = prune_checkpoint(NoTokenizerSource(models / variant), tmp_path / "pruned", calibration_batches(),
-                           pattern=TWO_FOUR, method=method, progress=False)
+    out = prune_checkpoint(
+        NoTokenizerSource(models / variant),
+        tmp_path / "pruned",
+        calibration_batches(),
+        pattern=TWO_FOUR,
+        method=method,
+        progress=False,
+    )
     pruned, dense = open_checkpoint(out), open_checkpoint(dense_exports / variant)
     assert sorted(pruned.names) == sorted(dense.names)
     linears = [n for n in pruned.names if n.startswith("layers.") and n.endswith(".weight")]
@@ -193,8 +199,9 @@ def test_sparsegpt_leaves_a_two_four_model_unchanged(tmp_path, monkeypatch, vari
     model.save_pretrained(tmp_path / "hf")
     source = NoTokenizerSource(tmp_path / "hf")
     dense = export_checkpoint(source, tmp_path / "dense", progress=False)
-    pruned = prune_checkpoint(source, tmp_path / "pruned", calibration_batches(), pattern=TWO_FOUR,
-                              method="sparsegpt", progress=False)
+    pruned = prune_checkpoint(
+        source, tmp_path / "pruned", calibration_batches(), pattern=TWO_FOUR, method="sparsegpt", progress=False
+    )
     # Nothing new to prune: every error to compensate is zero, so every weight is the export's.
     dense_ck, pruned_ck = open_checkpoint(dense), open_checkpoint(pruned)
     for name in dense_ck.names:
@@ -210,8 +217,14 @@ def test_sparsegpt_leaves_a_two_four_model_unchanged(tmp_path, monkeypatch, vari
 
 def test_pattern_must_divide_every_input_width(models, tmp_path):
     with pytest.raises(SliceserveError, match="not a multiple of 3"):
-        prune_checkpoint(NoTokenizerSource(models / "llama"), tmp_path / "out", None, pattern=NMPattern(1, 3),
-                         method="magnitude", progress=False)
+        prune_checkpoint(
+            NoTokenizerSource(models / "llama"),
+            tmp_path / "out",
+            None,
+            pattern=NMPattern(1, 3),
+            method="magnitude",
+            progress=False,
+        )
     assert_nothing_written(tmp_path / "out")
 
 
@@ -226,6 +239,7 @@ SPARSEGPT_PPL_BOUND = 133.0
 MAGNITUDE_OVER_SPARSEGPT = 20.0
 
 
+@pytest.mark.slow
 def test_smollm2_sparsegpt_beats_magnitude(tmp_path):
     source = open_source("smollm2-135m")
     tokenizer = source.tokenizer()
@@ -259,23 +273,51 @@ def cli_work(tmp_path_factory) -> Path:
 
 def test_prune_command_and_info(cli_work, tmp_path):
     out = tmp_path / "pruned"
-    done = run_sliceserve("prune", cli_work / "tiny", "--pattern", "2:4", "--method", "sparsegpt", "--calibration",
-                          cli_work / "some.txt", *CALIBRATION, "--dtype", "float32", "--out", out, cwd=tmp_path)
+    done = run_sliceserve(
+        "prune",
+        cli_work / "tiny",
+        "--pattern",
+        "2:4",
+        "--method",
+        "sparsegpt",
+        "--calibration",
+        cli_work / "some.txt",
+        *CALIBRATION,
+        "--dtype",
+        "float32",
+        "--out",
+        out,
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr
     assert "relative output error" in done.stderr  # logged per layer
     info = run_sliceserve("info", out, cwd=tmp_path)
     assert info.returncode == 0, info.stderr
     assert "2:4 sparse (sparsegpt)" in info.stdout and "sparsity     2:4 (sparsegpt)" in info.stdout
     summary = json.loads(run_sliceserve("info", out, "--json", cwd=tmp_path).stdout.strip().splitlines()[-1])
-    assert summary["sparsity"]["calibration"] == {"source": str(cli_work / "some.txt"), "nsamples": 4, "seqlen": 16,
-                                                  "batch_size": 2, "seed": 42}
+    assert summary["sparsity"]["calibration"] == {
+        "source": str(cli_work / "some.txt"),
+        "nsamples": 4,
+        "seqlen": 16,
+        "batch_size": 2,
+        "seed": 42,
+    }
     assert summary["dtype"] == "float32" and not summary["sliced"]
 
 
 def test_magnitude_reads_no_calibration(cli_work, tmp_path):
     out = tmp_path / "pruned"
-    done = run_sliceserve("prune", cli_work / "tiny", "--method", "magnitude", "--calibration", tmp_path / "missing.txt",
-                          "--out", out, cwd=tmp_path)
+    done = run_sliceserve(
+        "prune",
+        cli_work / "tiny",
+        "--method",
+        "magnitude",
+        "--calibration",
+        tmp_path / "missing.txt",
+        "--out",
+        out,
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr
     assert open_checkpoint(out).config["sparsity"]["calibration"] is None
 
@@ -299,7 +341,8 @@ def test_prune_refuses(cli_work, tmp_path, name):
     options = {"--calibration": str(cli_work / "some.txt"), **dict(zip(CALIBRATION[::2], CALIBRATION[1::2]))}
     options.update({flag: value.format(work=cli_work) for flag, value in zip(extra[::2], extra[1::2])})
     out = tmp_path / "out"
-    result = run_sliceserve("prune", cli_work / "tiny", *[i for pair in options.items() for i in pair], "--out", out,
-                            cwd=tmp_path)
+    result = run_sliceserve(
+        "prune", cli_work / "tiny", *[i for pair in options.items() for i in pair], "--out", out, cwd=tmp_path
+    )
     assert_one_line_error(result, *words)
     assert_nothing_written(out)

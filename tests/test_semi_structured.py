@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from kernel_support import ON_GPU, relative_error  # sets TRITON_INTERPRET first
 
-from sliceserve.decoder_spec import DecoderSpec, RopeSpec
 from sliceserve.errors import SliceserveError
-from sliceserve.runtime.model import Transformer
-from sliceserve.runtime.semi_structured import check_two_four
+from sliceserve.fast.semi_structured import check_two_four
+from sliceserve.model.decoder import Transformer
+from sliceserve.model.spec import DecoderSpec, RopeSpec
 
 
 def two_four(weight: torch.Tensor) -> torch.Tensor:
@@ -34,19 +33,37 @@ def test_the_pattern_check_names_the_weight():
 
 @pytest.mark.skipif(not ON_GPU, reason="sparse tensor cores need a CUDA GPU")
 def test_semi_structured_fast_path_matches_the_reference():
-    from sliceserve.runtime.fast_model import FastTransformer
+    from sliceserve.fast.model import FastTransformer
 
-    spec = DecoderSpec(family="llama", vocab_size=512, original_width=256, num_layers=2, num_heads=4, num_kv_heads=2,
-                       head_dim=64, intermediate_size=512, activation="silu", gated_mlp=True, parallel_block=False,
-                       norm_eps=1e-5, max_positions=256, rope=RopeSpec(theta=10000.0, rotary_dim=64))
+    spec = DecoderSpec(
+        family="llama",
+        vocab_size=512,
+        original_width=256,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=64,
+        intermediate_size=512,
+        activation="silu",
+        gated_mlp=True,
+        parallel_block=False,
+        norm_eps=1e-5,
+        max_positions=256,
+        rope=RopeSpec(theta=10000.0, rotary_dim=64),
+    )
     spec.dense_widths()
     generator = torch.Generator().manual_seed(0)
     shapes = {"embed.weight": (512, 256), "head.weight": (512, 256)}
     for i in range(2):
-        shapes |= {f"layers.{i}.attn.q.weight": (256, 256), f"layers.{i}.attn.k.weight": (128, 256),
-                   f"layers.{i}.attn.v.weight": (128, 256), f"layers.{i}.attn.o.weight": (256, 256),
-                   f"layers.{i}.mlp.gate.weight": (512, 256), f"layers.{i}.mlp.up.weight": (512, 256),
-                   f"layers.{i}.mlp.down.weight": (256, 512)}
+        shapes |= {
+            f"layers.{i}.attn.q.weight": (256, 256),
+            f"layers.{i}.attn.k.weight": (128, 256),
+            f"layers.{i}.attn.v.weight": (128, 256),
+            f"layers.{i}.attn.o.weight": (256, 256),
+            f"layers.{i}.mlp.gate.weight": (512, 256),
+            f"layers.{i}.mlp.up.weight": (512, 256),
+            f"layers.{i}.mlp.down.weight": (256, 512),
+        }
 
     def get(name):
         if name not in shapes:

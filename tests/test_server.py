@@ -15,14 +15,22 @@ import httpx
 import openai
 import pytest
 import torch
-
-from sliceserve.runtime.engine import load_engine
 from test_server_support import checkpoint_path, start_server
+
+from sliceserve.engine.loading import load_engine
 
 MODEL = "tiny-sliced"
 MAX_MODEL_LEN = 1024  # long enough that the disconnect test's streams cannot end on their own
-PROMPTS = ["kalo", "mira tensul", "ve an dis po que", "stra ni el bu ka lo mi", "ra", "sul or ve an",
-           "dis po que stra ni el bu ka lo mi ra ten sul", "tensul kalo"]
+PROMPTS = [
+    "kalo",
+    "mira tensul",
+    "ve an dis po que",
+    "stra ni el bu ka lo mi",
+    "ra",
+    "sul or ve an",
+    "dis po que stra ni el bu ka lo mi ra ten sul",
+    "tensul kalo",
+]
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +56,9 @@ def complete(client, prompt: str, **kwargs):
 
 
 def chat(client, content: str, **kwargs):
-    return client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": content}],
-                                          **{"max_tokens": 8, "temperature": 0, **kwargs})
+    return client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": content}], **{"max_tokens": 8, "temperature": 0, **kwargs}
+    )
 
 
 def plain_greedy(model, prompt_ids: list[int], steps: int) -> list[int]:
@@ -58,7 +67,7 @@ def plain_greedy(model, prompt_ids: list[int], steps: int) -> list[int]:
     with torch.inference_mode():
         for _ in range(steps):
             ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    return ids[len(prompt_ids):]
+    return ids[len(prompt_ids) :]
 
 
 def test_health_and_models(server, client):
@@ -82,16 +91,19 @@ def test_greedy_completion_matches_the_plain_model_and_counts_usage(server, clie
 def test_chat_uses_the_chat_template(server, client, tokenizer):
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "kalo mira"}]
     result = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0)
-    prompt_ids = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                    return_dict=False))
+    prompt_ids = list(
+        tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    )
     expected = tokenizer.decode(plain_greedy(server.engine.model, prompt_ids, 6), skip_special_tokens=True)
     assert result.object == "chat.completion"
     assert result.choices[0].message.role == "assistant"
     assert result.choices[0].message.content == expected
     assert (result.usage.prompt_tokens, result.usage.completion_tokens) == (len(prompt_ids), 6)
     # text parts are joined into one content string
-    parts = [{"role": "system", "content": "be brief"},
-             {"role": "user", "content": [{"type": "text", "text": "kalo "}, {"type": "text", "text": "mira"}]}]
+    parts = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": [{"type": "text", "text": "kalo "}, {"type": "text", "text": "mira"}]},
+    ]
     same = client.chat.completions.create(model=MODEL, messages=parts, max_tokens=6, temperature=0)
     assert same.choices[0].message.content == expected
 
@@ -161,15 +173,23 @@ def test_seed_reproduces_and_n_uses_consecutive_seeds(client):
     assert [c.text for c in several.choices] == [sample(7 + i).choices[0].text for i in range(3)]
     assert several.usage.prompt_tokens == first.usage.prompt_tokens  # the prompt is counted once
     assert several.usage.completion_tokens == sum(sample(7 + i).usage.completion_tokens for i in range(3))
-    streamed = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "kalo"}],
-                                              max_tokens=8, temperature=1.0, seed=3, n=2, stream=True)
+    streamed = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "kalo"}],
+        max_tokens=8,
+        temperature=1.0,
+        seed=3,
+        n=2,
+        stream=True,
+    )
     texts = ["", ""]
     for chunk in streamed:
         for choice in chunk.choices:
             texts[choice.index] += choice.delta.content or ""
     for i in range(2):
-        single = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "kalo"}],
-                                                max_tokens=8, temperature=1.0, seed=3 + i)
+        single = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "kalo"}], max_tokens=8, temperature=1.0, seed=3 + i
+        )
         assert texts[i] == single.choices[0].message.content
 
 
@@ -217,8 +237,10 @@ def test_concurrent_requests_give_the_same_texts_as_one_by_one(server):
 
     async def run(concurrently: bool) -> list[str]:
         async with openai.AsyncOpenAI(base_url=server.base_url, api_key="unused", max_retries=0) as client:
-            calls = [lambda p=p, n=n: client.completions.create(model=MODEL, prompt=p, max_tokens=n, temperature=0)
-                     for p, n in zip(PROMPTS, lengths)]
+            calls = [
+                lambda p=p, n=n: client.completions.create(model=MODEL, prompt=p, max_tokens=n, temperature=0)
+                for p, n in zip(PROMPTS, lengths)
+            ]
             if concurrently:
                 results = await asyncio.gather(*(call() for call in calls))
             else:
@@ -295,11 +317,17 @@ def test_a_client_leaving_a_whole_answer_cancels_it(server):
 
 
 def test_serve_prints_its_url_and_stops_on_interrupt(server, tmp_path_factory):
-    code = ("import sys; from sliceserve.runtime.engine import load_engine; "
-            "from sliceserve.server import ServerSettings, serve; "
-            "serve(load_engine(sys.argv[1], max_model_len=64), ServerSettings(port=0, model_name='m'))")
-    process = subprocess.Popen([sys.executable, "-c", code, str(checkpoint_path(tmp_path_factory))],
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    code = (
+        "import sys; from sliceserve.engine.loading import load_engine; "
+        "from sliceserve.server import ServerSettings, serve; "
+        "serve(load_engine(sys.argv[1], max_model_len=64), ServerSettings(port=0, model_name='m'))"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", code, str(checkpoint_path(tmp_path_factory))],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     try:
         line = process.stdout.readline()
         match = re.search(r"serving m at (http://127\.0\.0\.1:\d+)/v1", line)

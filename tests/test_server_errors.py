@@ -12,10 +12,10 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-
-from sliceserve.runtime.engine import load_engine
-from sliceserve.server import ServerSettings
 from test_server_support import checkpoint_path, start_server
+
+from sliceserve.engine.loading import load_engine
+from sliceserve.server import ServerSettings
 
 MODEL = "tiny-sliced"
 KEY = "test-key-123"
@@ -58,8 +58,13 @@ def small_server(tmp_path_factory):
 
 def post(server, route: str, body, headers=AUTH, **kwargs) -> httpx.Response:
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return httpx.post(server.base_url + route, content=content, timeout=30,
-                      headers={"Content-Type": "application/json", **headers}, **kwargs)
+    return httpx.post(
+        server.base_url + route,
+        content=content,
+        timeout=30,
+        headers={"Content-Type": "application/json", **headers},
+        **kwargs,
+    )
 
 
 def assert_error(response: httpx.Response, status: int, type_: str, code: str | None = None) -> dict:
@@ -88,8 +93,14 @@ CASES = [
     ("NaN is not JSON", "/completions", b'{"prompt": "kalo", "temperature": NaN}', 400, BAD, None),
     ("not UTF-8", "/completions", b'{"prompt": "\xff\xfe"}', 400, BAD, None),
     ("lone surrogate in the prompt", "/completions", b'{"prompt": "ka\\ud800lo"}', 400, BAD, None),
-    ("lone surrogate in a message", "/chat/completions",
-     b'{"messages": [{"role": "user", "content": "\\udfff"}]}', 400, BAD, None),
+    (
+        "lone surrogate in a message",
+        "/chat/completions",
+        b'{"messages": [{"role": "user", "content": "\\udfff"}]}',
+        400,
+        BAD,
+        None,
+    ),
     ("no prompt", "/completions", {"model": MODEL, "max_tokens": 4}, 400, BAD, "prompt"),
     ("negative max_tokens", "/completions", completion(max_tokens=-1), 400, BAD, "max_tokens"),
     ("zero max_tokens", "/completions", completion(max_tokens=0), 400, BAD, "max_tokens"),
@@ -115,8 +126,14 @@ CASES = [
     ("prompt longer than the context", "/completions", completion(prompt=LONG_PROMPT), 400, BAD, "prompt"),
     ("prompt plus max_tokens too long", "/completions", completion(max_tokens=MAX_MODEL_LEN), 400, BAD, "max_tokens"),
     ("negative seed", "/completions", completion(seed=-1), 400, BAD, "seed"),
-    ("stream_options without stream", "/completions", completion(stream_options={"include_usage": True}),
-     400, BAD, "stream_options"),
+    (
+        "stream_options without stream",
+        "/completions",
+        completion(stream_options={"include_usage": True}),
+        400,
+        BAD,
+        "stream_options",
+    ),
     ("stream not a boolean", "/completions", completion(stream="yes"), 400, BAD, "stream"),
     ("echo unsupported", "/completions", completion(echo=True), 400, BAD, "echo"),
     ("presence_penalty unsupported", "/completions", completion(presence_penalty=1.0), 400, BAD, "presence_penalty"),
@@ -127,15 +144,32 @@ CASES = [
     ("unknown role", "/chat/completions", chat(messages=[{"role": "wizard", "content": "hi"}]), 400, BAD, "messages"),
     ("message without role", "/chat/completions", chat(messages=[{"content": "hi"}]), 400, BAD, "messages"),
     ("content a number", "/chat/completions", chat(messages=[{"role": "user", "content": 5}]), 400, BAD, "messages"),
-    ("image content", "/chat/completions",
-     chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]), 400, BAD,
-     "messages"),
+    (
+        "image content",
+        "/chat/completions",
+        chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
+        400,
+        BAD,
+        "messages",
+    ),
     ("top_logprobs without logprobs", "/chat/completions", chat(top_logprobs=2), 400, BAD, "top_logprobs"),
     ("top_logprobs too many", "/chat/completions", chat(logprobs=True, top_logprobs=99), 400, BAD, "top_logprobs"),
-    ("negative max_completion_tokens", "/chat/completions", chat(max_completion_tokens=-5), 400, BAD,
-     "max_completion_tokens"),
-    ("chat longer than the context", "/chat/completions",
-     chat(messages=[{"role": "user", "content": LONG_PROMPT}]), 400, BAD, "messages"),
+    (
+        "negative max_completion_tokens",
+        "/chat/completions",
+        chat(max_completion_tokens=-5),
+        400,
+        BAD,
+        "max_completion_tokens",
+    ),
+    (
+        "chat longer than the context",
+        "/chat/completions",
+        chat(messages=[{"role": "user", "content": LONG_PROMPT}]),
+        400,
+        BAD,
+        "messages",
+    ),
     ("chat temperature out of range", "/chat/completions", chat(temperature=3), 400, BAD, "temperature"),
     ("tools unsupported", "/chat/completions", chat(tools=[{"type": "function"}]), 400, BAD, "tools"),
     ("unknown model in chat", "/chat/completions", chat(model="nope"), 404, BAD, "model"),
@@ -173,13 +207,16 @@ def test_tiny_temperatures_are_greedy_not_a_failure(server):
         assert response.status_code == 200 and response.json()["choices"][0]["text"] == greedy
 
 
-@pytest.mark.parametrize("method, path, status", [
-    ("GET", "/v1/nothing", 404),
-    ("POST", "/v2/completions", 404),
-    ("GET", "/v1/models/gpt-4", 404),
-    ("GET", "/v1/chat/completions", 405),
-    ("DELETE", "/v1/models", 405),
-])
+@pytest.mark.parametrize(
+    "method, path, status",
+    [
+        ("GET", "/v1/nothing", 404),
+        ("POST", "/v2/completions", 404),
+        ("GET", "/v1/models/gpt-4", 404),
+        ("GET", "/v1/chat/completions", 405),
+        ("DELETE", "/v1/models", 405),
+    ],
+)
 def test_unknown_routes_and_methods(server, method, path, status):
     response = httpx.request(method, server.url + path, headers=AUTH)
     assert_error(response, status, BAD)
@@ -210,10 +247,14 @@ def test_oversized_bodies_are_refused(server):
     def chunks():  # no Content-Length: the limit must hold on the bytes actually read
         data = json.dumps(big).encode()
         for i in range(0, len(data), 4096):
-            yield data[i:i + 4096]
+            yield data[i : i + 4096]
 
-    response = httpx.post(server.base_url + "/completions", content=chunks(), timeout=30,
-                          headers={"Content-Type": "application/json", **AUTH})
+    response = httpx.post(
+        server.base_url + "/completions",
+        content=chunks(),
+        timeout=30,
+        headers={"Content-Type": "application/json", **AUTH},
+    )
     assert_error(response, 413, BAD, "request_too_large")
     assert post(server, "/completions", completion()).status_code == 200
 
@@ -227,8 +268,11 @@ def test_full_queue_answers_429_at_once(small_server):
         lines = running.iter_lines()  # kept: a collected iterator would close the connection
         next(lines)  # it holds the slot
         waiting_result = {}
-        waiter = threading.Thread(target=lambda: waiting_result.update(
-            response=post(server, "/completions", completion(max_tokens=3), headers={})))
+        waiter = threading.Thread(
+            target=lambda: waiting_result.update(
+                response=post(server, "/completions", completion(max_tokens=3), headers={})
+            )
+        )
         waiter.start()
         deadline = time.monotonic() + 10
         while True:

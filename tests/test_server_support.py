@@ -42,13 +42,23 @@ def build_tokenizer(vocab_size: int = 300):
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=ascii_chars,
-                                  limit_alphabet=len(ascii_chars), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=ascii_chars,
+        limit_alphabet=len(ascii_chars),
+        show_progress=False,
+    )
     words = training_words()
-    tokenizer.train_from_iterator([" ".join(words[i:i + 12]) for i in range(0, len(words), 12)], trainer)
+    tokenizer.train_from_iterator([" ".join(words[i : i + 12]) for i in range(0, len(words), 12)], trainer)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-        unk_token=None, chat_template=CHAT_TEMPLATE, model_max_length=MAX_POSITIONS,
+        tokenizer_object=tokenizer,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=MAX_POSITIONS,
     )
 
 
@@ -69,15 +79,23 @@ def build_checkpoint(folder: Path) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from sliceserve.slicing.calibration import calibration_batches
-    from sliceserve.slicing.pipeline import slice_checkpoint
+    from sliceserve.slicing.checkpoint_writer import slice_checkpoint
     from sliceserve.slicing.sources import open_source
 
     tokenizer = build_tokenizer()
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS,
-        rms_norm_eps=1e-5, tie_word_embeddings=False, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=MAX_POSITIONS,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).float().eval()
@@ -91,8 +109,9 @@ def build_checkpoint(folder: Path) -> Path:
     tokenizer.save_pretrained(dense)
     generator = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, len(tokenizer), (8, 32), generator=generator)
-    return slice_checkpoint(open_source(str(dense)), folder / "sliced", calibration_batches(tokens, None, 4),
-                            sparsity=0.25, progress=False)
+    return slice_checkpoint(
+        open_source(str(dense)), folder / "sliced", calibration_batches(tokens, None, 4), sparsity=0.25, progress=False
+    )
 
 
 @dataclass
@@ -120,8 +139,9 @@ def start_server(engine, **settings) -> RunningServer:
 
     settings = ServerSettings(port=0, **settings)  # the system picks a free port
     engine.start()
-    config = uvicorn.Config(create_app(engine, settings), host=settings.host, port=settings.port,
-                            log_level="warning", lifespan="off")
+    config = uvicorn.Config(
+        create_app(engine, settings), host=settings.host, port=settings.port, log_level="warning", lifespan="off"
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -14,13 +14,15 @@ import sys
 import pytest
 import torch
 
-from sliceserve.checkpoint import open_checkpoint
-from sliceserve.decoder_spec import parameter_count
+from sliceserve.checkpoint import checkpoint_spec, open_checkpoint
+from sliceserve.model.loader import load_model, load_tokenizer
+from sliceserve.model.spec import parameter_count
 from sliceserve.perplexity import evaluation_tokens, perplexity
-from sliceserve.runtime.loader import checkpoint_spec, load_model, load_tokenizer
 from sliceserve.slicing.calibration import find_wikitext2, load_calibration, wikitext2_text
-from sliceserve.slicing.pipeline import export_checkpoint, slice_checkpoint
+from sliceserve.slicing.checkpoint_writer import export_checkpoint, slice_checkpoint
 from sliceserve.slicing.sources import open_source
+
+pytestmark = pytest.mark.slow
 
 SEQLEN = 256
 WINDOWS = 8
@@ -43,7 +45,9 @@ def test_tokens(source):
 def dense_ppl(source, test_tokens):
     hf = source.hf_model().eval()
     with torch.inference_mode():
-        return perplexity(lambda b: hf(b).logits, test_tokens, seqlen=SEQLEN, max_windows=WINDOWS, progress=False)["ppl"]
+        return perplexity(lambda b: hf(b).logits, test_tokens, seqlen=SEQLEN, max_windows=WINDOWS, progress=False)[
+            "ppl"
+        ]
 
 
 def runtime_ppl(path, tokens) -> float:
@@ -66,9 +70,31 @@ def sliced_25(tmp_path_factory):
     out = tmp_path_factory.mktemp("ck") / "sliced25"
     env = dict(os.environ, TQDM_DISABLE="1", SLICESERVE_DATA_DIR=str(find_wikitext2()))
     done = subprocess.run(
-        [sys.executable, "-m", "sliceserve", "slice", "smollm2-135m", "--sparsity", "0.25", "--calibration", "wikitext2",
-         "--nsamples", "8", "--seqlen", str(SEQLEN), "--batch-size", "4", "--seed", "42", "--out", str(out)],
-        capture_output=True, text=True, env=env, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "sliceserve",
+            "slice",
+            "smollm2-135m",
+            "--sparsity",
+            "0.25",
+            "--calibration",
+            "wikitext2",
+            "--nsamples",
+            "8",
+            "--seqlen",
+            str(SEQLEN),
+            "--batch-size",
+            "4",
+            "--seed",
+            "42",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
     )
     assert done.returncode == 0, done.stderr
     return out
@@ -84,7 +110,9 @@ def test_sliced_checkpoint_is_smaller_by_the_expected_bytes(source, sliced_25, t
     dense, sliced = open_checkpoint(tmp_path / "dense"), open_checkpoint(sliced_25)
     dense_spec, sliced_spec = checkpoint_spec(dense.config), checkpoint_spec(sliced.config)
     d, k, layers = 576, 432, 30
-    assert {w for layer in sliced_spec.layers for w in (layer.input_width, layer.middle_width, layer.output_width)} == {k}
+    assert {w for layer in sliced_spec.layers for w in (layer.input_width, layer.middle_width, layer.output_width)} == {
+        k
+    }
     # Every linear reading or writing the stream loses (d - k) of its 576 rows or columns;
     # embedding and head lose (d - k) columns each; each layer gains two k x k shortcuts.
     per_layer = (576 + 2 * 192 + 576 + 2 * 1536 + 1536) * (d - k) - 2 * k * k
@@ -102,8 +130,13 @@ def test_checkpoint_keeps_tokenizer_chat_template_and_provenance(sliced_25):
     tokenizer = load_tokenizer(sliced_25)
     assert tokenizer.chat_template and "<|im_start|>" in tokenizer.chat_template
     config = open_checkpoint(sliced_25).config
-    assert config["slicing"]["calibration"] == {"source": "wikitext2", "nsamples": 8, "seqlen": SEQLEN,
-                                                 "batch_size": 4, "seed": 42}
+    assert config["slicing"]["calibration"] == {
+        "source": "wikitext2",
+        "nsamples": 8,
+        "seqlen": SEQLEN,
+        "batch_size": 4,
+        "seed": 42,
+    }
     explained = config["slicing"]["explained_variance"]
     assert len(explained["layers"]) == 30 and all(0 < e["output"] <= 1 for e in explained["layers"])
     assert config["source"]["model"].endswith("SmolLM2-135M-Instruct.Q4_1.gguf")

@@ -8,10 +8,9 @@ import json
 import sys
 from pathlib import Path
 
+import kernel_support  # noqa: F401  (sets TRITON_INTERPRET before the suite's imports load Triton kernels)
 import pytest
 import torch
-
-import kernel_support  # noqa: F401  (sets TRITON_INTERPRET before the suite's imports load Triton kernels)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
@@ -19,7 +18,7 @@ import throughput_report as report  # noqa: E402
 import throughput_suite as suite  # noqa: E402
 from random_models import llama_spec, prune_decoder_two_four, random_transformer, two_four_by_magnitude  # noqa: E402
 
-from sliceserve.runtime.semi_structured import check_two_four  # noqa: E402
+from sliceserve.fast.semi_structured import check_two_four  # noqa: E402
 
 
 def test_two_four_keeps_exactly_the_two_largest_of_every_group_of_four():
@@ -92,37 +91,81 @@ def test_other_errors_the_cap_and_the_time_budget_end_the_doubling_with_their_re
 
 
 def row(batch: int, decode: float, peak_gib: float, joules: float | None = 0.5) -> dict:
-    return {"batch": batch, "prompt": 128, "new_tokens": 128, "prefill_s": 0.1, "prefill_tok_s": 1000.0 * batch,
-            "decode_s": 1.0, "decode_tok_s": decode, "ms_per_step": 7.8, "end_to_end_tok_s": decode * 0.9,
-            "ttft_ms": 20.0, "peak_allocated_bytes": int(peak_gib * report.GIB),
-            "energy": None if joules is None else {"J_per_token_counter": joules, "mean_W_counter": 400.0}}
+    return {
+        "batch": batch,
+        "prompt": 128,
+        "new_tokens": 128,
+        "prefill_s": 0.1,
+        "prefill_tok_s": 1000.0 * batch,
+        "decode_s": 1.0,
+        "decode_tok_s": decode,
+        "ms_per_step": 7.8,
+        "end_to_end_tok_s": decode * 0.9,
+        "ttft_ms": 20.0,
+        "peak_allocated_bytes": int(peak_gib * report.GIB),
+        "energy": None if joules is None else {"J_per_token_counter": joules, "mean_W_counter": 400.0},
+    }
 
 
 def budget(rows: list[dict], stop: str, oom_at: int | None, budget_bytes=None) -> dict:
-    return {"budget_bytes": budget_bytes, "rows": rows, "stop": stop, "out_of_memory_at": oom_at,
-            "best": report.best_of(rows)}
+    return {
+        "budget_bytes": budget_bytes,
+        "rows": rows,
+        "stop": stop,
+        "out_of_memory_at": oom_at,
+        "best": report.best_of(rows),
+    }
 
 
 def fake_result() -> dict:
-    conditions = {"shape": "llama-2-13b", "dtype": "float16", "device": "NVIDIA H100 80GB HBM3",
-                  "device_memory_bytes": 80 * report.GIB, "prompt": 128, "new_tokens": 128,
-                  "versions": {"torch": "2.11.0", "triton": "3.6.0", "transformers": "5.17.0"},
-                  "date": "2026-11-23 12:00 UTC"}
-    dense = {"sparsity": 0.0, "two_four": False, "residual_width": 5120, "resident_bytes": 25 * report.GIB,
-             "build_s": 3.0,
-             "budgets": {"whole card": budget([row(1, 100.0, 26), row(2, 190.0, 27)], "out of memory at batch 4", 4),
-                         "24 GiB": budget([], "out of memory at batch 1", 1, 24 * report.GIB)}}
-    sliced = {"sparsity": 0.25, "two_four": False, "residual_width": 3840, "resident_bytes": 21 * report.GIB,
-              "build_s": 3.0,
-              "budgets": {"whole card": budget([row(1, 120.0, 22), row(2, 228.0, 23), row(4, 400.0, 24)],
-                                               "out of memory at batch 8", 8),
-                          "24 GiB": budget([row(1, 120.0, 22)], "out of memory at batch 2", 2, 24 * report.GIB)}}
-    two_four = {"sparsity": 0.0, "two_four": True, "error": "could not build: RuntimeError: cuSPARSELt not available",
-                "budgets": {}}
-    return {"conditions": conditions, "variants": {"dense": dense, "sliced 25%": sliced, "2:4": two_four},
-            "hf_generate": [{"batch": 1, "prompt": 128, "new_tokens": 128, "seconds": 10.0, "tok_s": 10.0,
-                             "energy": None},
-                            {"batch": 16, "error": "out of memory"}]}
+    conditions = {
+        "shape": "llama-2-13b",
+        "dtype": "float16",
+        "device": "NVIDIA H100 80GB HBM3",
+        "device_memory_bytes": 80 * report.GIB,
+        "prompt": 128,
+        "new_tokens": 128,
+        "versions": {"torch": "2.11.0", "triton": "3.6.0", "transformers": "5.17.0"},
+        "date": "2026-11-23 12:00 UTC",
+    }
+    dense = {
+        "sparsity": 0.0,
+        "two_four": False,
+        "residual_width": 5120,
+        "resident_bytes": 25 * report.GIB,
+        "build_s": 3.0,
+        "budgets": {
+            "whole card": budget([row(1, 100.0, 26), row(2, 190.0, 27)], "out of memory at batch 4", 4),
+            "24 GiB": budget([], "out of memory at batch 1", 1, 24 * report.GIB),
+        },
+    }
+    sliced = {
+        "sparsity": 0.25,
+        "two_four": False,
+        "residual_width": 3840,
+        "resident_bytes": 21 * report.GIB,
+        "build_s": 3.0,
+        "budgets": {
+            "whole card": budget(
+                [row(1, 120.0, 22), row(2, 228.0, 23), row(4, 400.0, 24)], "out of memory at batch 8", 8
+            ),
+            "24 GiB": budget([row(1, 120.0, 22)], "out of memory at batch 2", 2, 24 * report.GIB),
+        },
+    }
+    two_four = {
+        "sparsity": 0.0,
+        "two_four": True,
+        "error": "could not build: RuntimeError: cuSPARSELt not available",
+        "budgets": {},
+    }
+    return {
+        "conditions": conditions,
+        "variants": {"dense": dense, "sliced 25%": sliced, "2:4": two_four},
+        "hf_generate": [
+            {"batch": 1, "prompt": 128, "new_tokens": 128, "seconds": 10.0, "tok_s": 10.0, "energy": None},
+            {"batch": 16, "error": "out of memory"},
+        ],
+    }
 
 
 def test_rendering_writes_tables_with_ratios_out_of_memory_cells_and_plots(tmp_path):
@@ -164,12 +207,23 @@ def test_render_merges_runs_split_over_several_calls(tmp_path):
     assert "| 1 | 100 | 120 | 1.20x |" in (tmp_path / "merged" / "throughput_llama-2-13b.md").read_text()
 
 
-@pytest.mark.parametrize("argv, expected", [
-    (["--quick"], {"shape": "tiny", "max_batch": 4, "new_tokens": 8, "out_dir": "benchmarks/results"}),
-    (["--shape", "llama-2-13b"], {"shape": "llama-2-13b", "prompt": 128, "new_tokens": 128, "budget_gib": 24.0,
-                                  "variants": ["dense", "sliced25", "2:4", "sliced30"]}),
-    (["--render", "x.json"], {"render": ["x.json"], "out_dir": None}),
-])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--quick"], {"shape": "tiny", "max_batch": 4, "new_tokens": 8, "out_dir": "benchmarks/results"}),
+        (
+            ["--shape", "llama-2-13b"],
+            {
+                "shape": "llama-2-13b",
+                "prompt": 128,
+                "new_tokens": 128,
+                "budget_gib": 24.0,
+                "variants": ["dense", "sliced25", "2:4", "sliced30"],
+            },
+        ),
+        (["--render", "x.json"], {"render": ["x.json"], "out_dir": None}),
+    ],
+)
 def test_command_line(argv, expected):
     args = suite.parse_args(argv)
     assert {k: getattr(args, k) for k in expected} == expected

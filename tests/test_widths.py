@@ -6,8 +6,16 @@ from sliceserve.slicing.slicer import kept_width
 
 @pytest.mark.parametrize(
     "width, sparsity, expected",
-    [(4096, 0.25, 3072), (4096, 0.3, 2864), (576, 0.25, 432), (2560, 0.8, 512), (960, 0.55, 432),
-     (80, 0.9, 8), (577, 0.0, 577), (4096, 0.0, 4096)],
+    [
+        (4096, 0.25, 3072),
+        (4096, 0.3, 2864),
+        (576, 0.25, 432),
+        (2560, 0.8, 512),
+        (960, 0.55, 432),
+        (80, 0.9, 8),
+        (577, 0.0, 577),
+        (4096, 0.0, 4096),
+    ],
 )
 def test_kept_width_rounds_down_to_multiple_without_float_error(width, sparsity, expected):
     assert kept_width(width, sparsity, 8) == expected

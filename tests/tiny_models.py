@@ -48,34 +48,65 @@ VARIANTS = ("llama", "llama-biases", "llama3", "mistral", "qwen2", "opt", "phi")
 def tiny_config(name: str) -> PretrainedConfig:
     """A small config of one family variant (see VARIANTS)."""
     llama_like = dict(
-        vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=INTERMEDIATE, num_hidden_layers=2,
-        num_attention_heads=HEADS, num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS,
-        rms_norm_eps=1e-5, tie_word_embeddings=False,
+        vocab_size=VOCAB,
+        hidden_size=WIDTH,
+        intermediate_size=INTERMEDIATE,
+        num_hidden_layers=2,
+        num_attention_heads=HEADS,
+        num_key_value_heads=2,
+        max_position_embeddings=MAX_POSITIONS,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
     )
     if name == "llama":
         return LlamaConfig(**llama_like)
     if name == "llama-biases":  # attention_bias and mlp_bias: biases on the stream's writers too
         return LlamaConfig(**llama_like, attention_bias=True, mlp_bias=True)
     if name == "llama3":  # Llama 3.1 rope scaling and tied embeddings, as SmolLM2
-        return LlamaConfig(**{**llama_like, "num_hidden_layers": 3, "tie_word_embeddings": True,
-                              "max_position_embeddings": 128, "rope_parameters": dict(LLAMA3_ROPE)})
+        return LlamaConfig(
+            **{
+                **llama_like,
+                "num_hidden_layers": 3,
+                "tie_word_embeddings": True,
+                "max_position_embeddings": 128,
+                "rope_parameters": dict(LLAMA3_ROPE),
+            }
+        )
     if name == "mistral":  # the window (8) is shorter than the test sequences; heads * head_dim != width,
         return MistralConfig(**llama_like, sliding_window=8, head_dim=16)  # as Mistral-Nemo
     if name == "qwen2":
         return Qwen2Config(**llama_like, use_sliding_window=False)
     if name == "opt":
         return OPTConfig(
-            vocab_size=VOCAB, hidden_size=WIDTH, ffn_dim=INTERMEDIATE, num_hidden_layers=2,
-            num_attention_heads=HEADS, max_position_embeddings=MAX_POSITIONS, word_embed_proj_dim=WIDTH,
-            do_layer_norm_before=True, activation_function="relu", enable_bias=True,
-            tie_word_embeddings=True, pad_token_id=1, bos_token_id=2, eos_token_id=2,
+            vocab_size=VOCAB,
+            hidden_size=WIDTH,
+            ffn_dim=INTERMEDIATE,
+            num_hidden_layers=2,
+            num_attention_heads=HEADS,
+            max_position_embeddings=MAX_POSITIONS,
+            word_embed_proj_dim=WIDTH,
+            do_layer_norm_before=True,
+            activation_function="relu",
+            enable_bias=True,
+            tie_word_embeddings=True,
+            pad_token_id=1,
+            bos_token_id=2,
+            eos_token_id=2,
         )
     if name == "phi":  # Phi-2 shape: parallel block, partial rotary, full multi-head attention
         return PhiConfig(
-            vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=INTERMEDIATE, num_hidden_layers=2,
-            num_attention_heads=HEADS, num_key_value_heads=HEADS, max_position_embeddings=MAX_POSITIONS,
-            partial_rotary_factor=0.4, hidden_act="gelu_new", layer_norm_eps=1e-5,
-            tie_word_embeddings=False, qk_layernorm=False,
+            vocab_size=VOCAB,
+            hidden_size=WIDTH,
+            intermediate_size=INTERMEDIATE,
+            num_hidden_layers=2,
+            num_attention_heads=HEADS,
+            num_key_value_heads=HEADS,
+            max_position_embeddings=MAX_POSITIONS,
+            partial_rotary_factor=0.4,
+            hidden_act="gelu_new",
+            layer_norm_eps=1e-5,
+            tie_word_embeddings=False,
+            qk_layernorm=False,
         )
     raise ValueError(f"no tiny config named {name}")
 
@@ -129,7 +160,7 @@ def calibration_batches(seed: int = 1, length: int = 24, pad_token: int = 0) -> 
         batches.append((tokens, torch.ones_like(tokens, dtype=torch.bool)))
     tokens = random_tokens(3, length, seed + 10)
     mask = torch.ones_like(tokens, dtype=torch.bool)
-    mask[1, length - 7:] = False
+    mask[1, length - 7 :] = False
     mask[2, 5:] = False
     tokens[~mask] = pad_token
     batches.append((tokens, mask))

@@ -8,19 +8,19 @@ import math
 
 import torch
 
-from sliceserve.checkpoint import open_checkpoint
+from sliceserve.checkpoint import checkpoint_spec, open_checkpoint
 from sliceserve.commands.slicing import check_device
 from sliceserve.errors import SliceserveError
+from sliceserve.model.loader import load_model, load_tokenizer
 from sliceserve.perplexity import evaluation_tokens, perplexity
-from sliceserve.runtime.loader import checkpoint_spec, load_model, load_tokenizer
 from sliceserve.slicing.calibration import read_text_files, wikitext2_text
-from sliceserve.slicing.pipeline import DTYPES
+from sliceserve.slicing.checkpoint_writer import DTYPES
 from sliceserve.slicing.sources import open_source
 
 
 def model_for_perplexity(args: argparse.Namespace):
     """(logits function, tokenizer, max positions, label) for a checkpoint or a source model."""
-    from sliceserve.cli import is_checkpoint
+    from sliceserve.checkpoint import is_checkpoint
 
     dtype = DTYPES[args.dtype] if args.dtype else None
     if is_checkpoint(args.path):
@@ -47,7 +47,9 @@ def ppl_command(args: argparse.Namespace) -> int:
         raise SliceserveError(f"--seqlen {args.seqlen} exceeds the model's {max_positions} positions")
     tokens = evaluation_tokens(tokenizer, text)
     result = perplexity(logits_fn, tokens, seqlen=args.seqlen, max_windows=args.max_windows, batch_size=args.batch_size)
-    print(f"perplexity {result['ppl']:.4f} over {result['tokens']} tokens in {result['windows']} windows of {args.seqlen}")
+    print(
+        f"perplexity {result['ppl']:.4f} over {result['tokens']} tokens in {result['windows']} windows of {args.seqlen}"
+    )
     if args.json:
         print(json.dumps(result))
     return 0
@@ -94,22 +96,30 @@ def info_command(args: argparse.Namespace) -> int:
     print(f"checkpoint   {summary['path']}")
     print(f"family       {summary['family']}, {summary['layers']} layers, {summary['dtype']}")
     sparsity = summary["sparsity"] or {}
-    print(f"kind         {'sliced' if summary['sliced'] else 'dense'}"
-          + (f" at sparsity {slicing.get('sparsity')}" if slicing else "")
-          + (f", {sparsity['pattern']} sparse ({sparsity['method']})" if sparsity else ""))
-    print(f"widths       original {summary['original_width']}, kept {', '.join(map(str, widths))}"
-          f" (embedding {summary['embedding_width']}, head {summary['head_width']})")
+    print(
+        f"kind         {'sliced' if summary['sliced'] else 'dense'}"
+        + (f" at sparsity {slicing.get('sparsity')}" if slicing else "")
+        + (f", {sparsity['pattern']} sparse ({sparsity['method']})" if sparsity else "")
+    )
+    print(
+        f"widths       original {summary['original_width']}, kept {', '.join(map(str, widths))}"
+        f" (embedding {summary['embedding_width']}, head {summary['head_width']})"
+    )
     print(f"parameters   {summary['parameters']:,}")
     print(f"bytes        {summary['bytes']:,}")
     print(f"source       {summary['source']['model']}")
     if slicing:
         cal = slicing.get("calibration", {})
-        print(f"calibration  {cal.get('source')}, {cal.get('nsamples')} x {cal.get('seqlen')}, seed {cal.get('seed')}"
-              f"; {slicing.get('calibration_tokens')} tokens; sliced in {slicing.get('seconds')} s on {slicing.get('device')}")
+        print(
+            f"calibration  {cal.get('source')}, {cal.get('nsamples')} x {cal.get('seqlen')}, seed {cal.get('seed')}"
+            f"; {slicing.get('calibration_tokens')} tokens; sliced in {slicing.get('seconds')} s on {slicing.get('device')}"
+        )
         explained = slicing.get("explained_variance", {})
         outputs = [layer["output"] for layer in explained.get("layers", [])]
         if outputs:
-            print(f"explained    variance kept at layer outputs: min {min(outputs):.4f}, mean {sum(outputs) / len(outputs):.4f}")
+            print(
+                f"explained    variance kept at layer outputs: min {min(outputs):.4f}, mean {sum(outputs) / len(outputs):.4f}"
+            )
     for line in sparsity_lines(sparsity) if sparsity else []:
         print(line)
     print(f"versions     {summary['versions']}")
@@ -118,13 +128,17 @@ def info_command(args: argparse.Namespace) -> int:
 
 def sparsity_lines(sparsity: dict) -> list[str]:
     """What `info` says of an N:M pruned checkpoint: pattern, method, linears, calibration, error."""
-    lines = [f"sparsity     {sparsity['pattern']} ({sparsity['method']}) in {', '.join(sparsity.get('pruned', []))}"
-             f" of every layer; embeddings and head dense"]
+    lines = [
+        f"sparsity     {sparsity['pattern']} ({sparsity['method']}) in {', '.join(sparsity.get('pruned', []))}"
+        f" of every layer; embeddings and head dense"
+    ]
     cal = sparsity.get("calibration")
     if cal:
-        lines.append(f"calibration  {cal.get('source')}, {cal.get('nsamples')} x {cal.get('seqlen')}, seed {cal.get('seed')}"
-                     f"; {sparsity.get('calibration_tokens')} tokens; pruned in {sparsity.get('seconds')} s"
-                     f" on {sparsity.get('device')}")
+        lines.append(
+            f"calibration  {cal.get('source')}, {cal.get('nsamples')} x {cal.get('seqlen')}, seed {cal.get('seed')}"
+            f"; {sparsity.get('calibration_tokens')} tokens; pruned in {sparsity.get('seconds')} s"
+            f" on {sparsity.get('device')}"
+        )
     layers = sparsity.get("relative_error", {}).get("layers", [])
     errors = [e for layer in layers for e in layer.values()]
     if errors:

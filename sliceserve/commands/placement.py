@@ -21,13 +21,23 @@ log = logging.getLogger("sliceserve")
 
 def add_placement_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("placement")
-    group.add_argument("--gpus", type=int, help="pipeline stages over the first N GPUs (cuda:0 .. cuda:N-1), one process")
+    group.add_argument(
+        "--gpus", type=int, help="pipeline stages over the first N GPUs (cuda:0 .. cuda:N-1), one process"
+    )
     group.add_argument("--devices", help="pipeline stages over these devices, one process (as cuda:0,cuda:1)")
-    group.add_argument("--gpu-memory", help="memory each card may use, as 24GiB: caps PyTorch's allocator and sizes the stages")
-    group.add_argument("--distributed", action="store_true",
-                       help="one stage per process, launched by torchrun; rank 0 runs the engine (and the HTTP server)")
-    group.add_argument("--micro-batches", type=int,
-                       help="with --distributed: pieces a decode batch is cut into (default: the number of stages)")
+    group.add_argument(
+        "--gpu-memory", help="memory each card may use, as 24GiB: caps PyTorch's allocator and sizes the stages"
+    )
+    group.add_argument(
+        "--distributed",
+        action="store_true",
+        help="one stage per process, launched by torchrun; rank 0 runs the engine (and the HTTP server)",
+    )
+    group.add_argument(
+        "--micro-batches",
+        type=int,
+        help="with --distributed: pieces a decode batch is cut into (default: the number of stages)",
+    )
 
 
 def stage_devices(args: argparse.Namespace) -> list[str]:
@@ -66,7 +76,7 @@ def check_placement_options(args: argparse.Namespace) -> None:
 def placed_model(path: str, args: argparse.Namespace):
     """The model to serve when the options spread it (pipeline or distributed front), or
     None for one device (then the engine loads it as usual, on args.device)."""
-    from sliceserve.runtime.memory_budget import apply_memory_budget
+    from sliceserve.planning.memory_budget import apply_memory_budget
 
     check_placement_options(args)
     budget = parse_size(args.gpu_memory) if args.gpu_memory else None
@@ -75,14 +85,15 @@ def placed_model(path: str, args: argparse.Namespace):
     devices = stage_devices(args)
     ranges = None
     if len(devices) > 1 or budget is not None:  # with a budget, a single device is checked too
-        ranges = checkpoint_stage_ranges(path, len(devices), max_batch=args.max_batch,
-                                         max_model_len=args.max_model_len, budget=budget)
+        ranges = checkpoint_stage_ranges(
+            path, len(devices), max_batch=args.max_batch, max_model_len=args.max_model_len, budget=budget
+        )
     if budget is not None:
         apply_memory_budget([torch.device(d) for d in devices], budget)
     if len(devices) == 1:
         args.device = devices[0]
         return None
-    from sliceserve.runtime.pipeline import load_pipeline
+    from sliceserve.parallel.loading import load_pipeline
 
     for i, (device, layers) in enumerate(zip(devices, ranges)):
         log.info("stage %d: layers %s on %s", i, describe_layers(layers), device)
@@ -95,7 +106,7 @@ def runtime_option(args: argparse.Namespace) -> str:
 
 def runs_fast_path(args: argparse.Namespace, device: torch.device) -> bool:
     """Whether this process's stage runs the fast path (--runtime; auto: on a GPU)."""
-    from sliceserve.runtime.engine import use_fast_path
+    from sliceserve.fast.selection import use_fast_path
 
     return use_fast_path(runtime_option(args), device)
 
@@ -103,32 +114,46 @@ def runs_fast_path(args: argparse.Namespace, device: torch.device) -> bool:
 def own_stage(path: str, args: argparse.Namespace, process, budget: int | None):
     """This process's stage of a --distributed run: its share of the layers, on its device,
     on the fast path when `runs_fast_path` says so (eager: no CUDA graphs across processes)."""
-    from sliceserve.checkpoint import open_checkpoint
-    from sliceserve.runtime.engine import uses_sparse_tensor_cores
-    from sliceserve.runtime.loader import checkpoint_spec
-    from sliceserve.runtime.memory_budget import apply_memory_budget
-    from sliceserve.runtime.pipeline import build_stage
-    from sliceserve.runtime.stages import make_stage
+    from sliceserve.checkpoint import checkpoint_spec, open_checkpoint
+    from sliceserve.fast.selection import uses_sparse_tensor_cores
+    from sliceserve.parallel.loading import build_stage
+    from sliceserve.parallel.stages import make_stage
+    from sliceserve.planning.memory_budget import apply_memory_budget
 
-    ranges = checkpoint_stage_ranges(path, process.world_size, max_batch=args.max_batch,
-                                     max_model_len=args.max_model_len, budget=budget)
+    ranges = checkpoint_stage_ranges(
+        path, process.world_size, max_batch=args.max_batch, max_model_len=args.max_model_len, budget=budget
+    )
     if budget is not None:
         apply_memory_budget([process.device], budget)
     layers = ranges[process.rank]
     checkpoint = open_checkpoint(path)
-    model = build_stage(checkpoint, checkpoint_spec(checkpoint.config), layers, first=process.rank == 0,
-                        last=process.is_last, device=process.device)
+    model = build_stage(
+        checkpoint,
+        checkpoint_spec(checkpoint.config),
+        layers,
+        first=process.rank == 0,
+        last=process.is_last,
+        device=process.device,
+    )
     fast = runs_fast_path(args, process.device)
-    stage = make_stage(model, process.device, fast=fast,
-                       semi_structured=fast and uses_sparse_tensor_cores(path, process.device))
-    log.info("stage %d of %d: layers %s on %s (%s), %s path", process.rank, process.world_size,
-             describe_layers(layers), process.device, process.backend, "fast" if fast else "reference")
+    stage = make_stage(
+        model, process.device, fast=fast, semi_structured=fast and uses_sparse_tensor_cores(path, process.device)
+    )
+    log.info(
+        "stage %d of %d: layers %s on %s (%s), %s path",
+        process.rank,
+        process.world_size,
+        describe_layers(layers),
+        process.device,
+        process.backend,
+        "fast" if fast else "reference",
+    )
     return stage, layers
 
 
 def distributed_front(path: str, args: argparse.Namespace, budget: int | None):
-    from sliceserve.distributed.front import DistributedPipeline
-    from sliceserve.distributed.process_group import start_stage_process
+    from sliceserve.parallel.front import DistributedPipeline
+    from sliceserve.parallel.process_group import start_stage_process
 
     process = start_stage_process(args.device)
     stage, _ = own_stage(path, args, process, budget)
@@ -137,14 +162,14 @@ def distributed_front(path: str, args: argparse.Namespace, budget: int | None):
 
 def is_stage_worker(args: argparse.Namespace) -> bool:
     """A --distributed process of rank > 0: it serves its stage, not the engine."""
-    from sliceserve.distributed.process_group import process_rank
+    from sliceserve.parallel.process_group import process_rank
 
     return bool(getattr(args, "distributed", False)) and process_rank() > 0
 
 
 def run_stage_worker(path: str, args: argparse.Namespace) -> int:
-    from sliceserve.distributed.process_group import start_stage_process, stop_stage_process
-    from sliceserve.distributed.stage_worker import serve_stage
+    from sliceserve.parallel.process_group import start_stage_process, stop_stage_process
+    from sliceserve.parallel.stage_worker import serve_stage
 
     check_placement_options(args)
     budget = parse_size(args.gpu_memory) if args.gpu_memory else None

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from sliceserve.decoder_spec import DecoderSpec
 from sliceserve.errors import SliceserveError
+from sliceserve.model.spec import DecoderSpec
 from sliceserve.planning.memory import DTYPE_BYTES, Workload, stage_costs
 from sliceserve.planning.model_shape import ModelShape, dense_spec, read_model_shape, sliced_spec
 from sliceserve.planning.planner import Stage, describe_layers, fewest_stages
@@ -16,14 +16,26 @@ from sliceserve.planning.sizes import format_size, parse_size
 def add_plan_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="a Hugging Face config.json, a sliceserve checkpoint's, or a folder holding one")
     parser.add_argument("--gpu-memory", required=True, help="memory of one card, as 24GiB, 40GB or 24000MiB")
-    parser.add_argument("--sparsity", type=float,
-                        help="slicing fraction of the sliced plan (default 0.25; a sliced checkpoint uses its own widths)")
-    parser.add_argument("--round-to", type=int, default=8, help="kept widths are multiples of this, as `slice` (default 8)")
+    parser.add_argument(
+        "--sparsity",
+        type=float,
+        help="slicing fraction of the sliced plan (default 0.25; a sliced checkpoint uses its own widths)",
+    )
+    parser.add_argument(
+        "--round-to", type=int, default=8, help="kept widths are multiples of this, as `slice` (default 8)"
+    )
     parser.add_argument("--batch", type=int, default=1, help="requests decoded together: KV-cache slots (default 1)")
-    parser.add_argument("--context", type=int, help="positions each request may use (default: the model's full context)")
-    parser.add_argument("--dtype", choices=sorted(DTYPE_BYTES), help="weights and KV dtype (default float16, or the checkpoint's)")
-    parser.add_argument("--reserve", default="1GiB",
-                        help="per card, for the CUDA context, library workspaces and allocator slack (default 1GiB)")
+    parser.add_argument(
+        "--context", type=int, help="positions each request may use (default: the model's full context)"
+    )
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPE_BYTES), help="weights and KV dtype (default float16, or the checkpoint's)"
+    )
+    parser.add_argument(
+        "--reserve",
+        default="1GiB",
+        help="per card, for the CUDA context, library workspaces and allocator slack (default 1GiB)",
+    )
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
@@ -31,8 +43,12 @@ def plan_command(args: argparse.Namespace) -> int:
     budget = parse_size(args.gpu_memory)
     shape = read_model_shape(args.config)
     spec = shape.spec
-    work = Workload(dtype=args.dtype or shape.dtype or "float16", batch=args.batch,
-                    context=args.context or spec.max_positions, reserve=parse_size(args.reserve, allow_zero=True))
+    work = Workload(
+        dtype=args.dtype or shape.dtype or "float16",
+        batch=args.batch,
+        context=args.context or spec.max_positions,
+        reserve=parse_size(args.reserve, allow_zero=True),
+    )
     if work.context > spec.max_positions:
         raise SliceserveError(f"--context {work.context} exceeds the model's {spec.max_positions} positions")
     if args.round_to < 1:
@@ -44,8 +60,13 @@ def plan_command(args: argparse.Namespace) -> int:
         "layers": spec.num_layers,
         "original_width": spec.original_width,
         "gpu_memory": budget,
-        "workload": {"dtype": work.dtype, "batch": work.batch, "context": work.context,
-                     "prefill_chunk": work.prefill_chunk, "reserve": work.reserve},
+        "workload": {
+            "dtype": work.dtype,
+            "batch": work.batch,
+            "context": work.context,
+            "prefill_chunk": work.prefill_chunk,
+            "reserve": work.reserve,
+        },
         "dense": plan_report(dense_spec(spec), shape, work, budget, "dense"),
         "sliced": {"sparsity": sparsity, **plan_report(sliced, shape, work, budget, "the sliced model")},
     }
@@ -68,16 +89,31 @@ def sliced_variant(shape: ModelShape, sparsity: float | None, round_to: int) -> 
 
 def plan_report(spec: DecoderSpec, shape: ModelShape, work: Workload, budget: int, label: str) -> dict:
     stages = fewest_stages(stage_costs(spec, shape.biases, work), budget, label)
-    widths = sorted({w for layer in spec.layers for w in (layer.input_width, layer.middle_width, layer.output_width)
-                     if w is not None})
-    return {"cards": len(stages), "widths": widths, "weights": sum(s.weights for s in stages),
-            "stages": [stage_report(s) for s in stages]}
+    widths = sorted(
+        {
+            w
+            for layer in spec.layers
+            for w in (layer.input_width, layer.middle_width, layer.output_width)
+            if w is not None
+        }
+    )
+    return {
+        "cards": len(stages),
+        "widths": widths,
+        "weights": sum(s.weights for s in stages),
+        "stages": [stage_report(s) for s in stages],
+    }
 
 
 def stage_report(stage: Stage) -> dict:
-    return {"layers": [stage.layers.start, stage.layers.stop - 1], "weights": stage.weights,
-            "kv_cache": stage.kv_cache, "activations": stage.activations, "reserve": stage.reserve,
-            "total": stage.total}
+    return {
+        "layers": [stage.layers.start, stage.layers.stop - 1],
+        "weights": stage.weights,
+        "kv_cache": stage.kv_cache,
+        "activations": stage.activations,
+        "reserve": stage.reserve,
+        "total": stage.total,
+    }
 
 
 def cards(count: int) -> str:
@@ -87,9 +123,11 @@ def cards(count: int) -> str:
 def print_plan(report: dict) -> None:
     work = report["workload"]
     print(f"{report['model']}: {report['family']}, {report['layers']} layers, width {report['original_width']}")
-    print(f"cards of {format_size(report['gpu_memory'])}; {work['dtype']}, batch {work['batch']} "
-          f"(+1 scratch KV slot), context {work['context']}, prefill chunks of {work['prefill_chunk']}, "
-          f"reserve {format_size(work['reserve'])} a card")
+    print(
+        f"cards of {format_size(report['gpu_memory'])}; {work['dtype']}, batch {work['batch']} "
+        f"(+1 scratch KV slot), context {work['context']}, prefill chunks of {work['prefill_chunk']}, "
+        f"reserve {format_size(work['reserve'])} a card"
+    )
     sliced = report["sliced"]
     kind = f"sliced {sliced['sparsity']:.0%}" if sliced["sparsity"] is not None else "sliced (checkpoint)"
     print(f"dense needs {cards(report['dense']['cards'])}, {kind} needs {sliced['cards']}")
@@ -101,6 +139,8 @@ def print_plan(report: dict) -> None:
         for i, stage in enumerate(plan["stages"]):
             layers = describe_layers(range(stage["layers"][0], stage["layers"][1] + 1))
             extras = ("+emb" if i == 0 else "") + ("+head" if i == last else "")
-            print(f"  {i:<5}{layers + ' ' + extras:<14}{format_size(stage['weights']):>12}"
-                  f"{format_size(stage['kv_cache']):>12}{format_size(stage['activations']):>13}"
-                  f"{format_size(stage['total']):>12}")
+            print(
+                f"  {i:<5}{layers + ' ' + extras:<14}{format_size(stage['weights']):>12}"
+                f"{format_size(stage['kv_cache']):>12}{format_size(stage['activations']):>13}"
+                f"{format_size(stage['total']):>12}"
+            )

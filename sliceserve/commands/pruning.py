@@ -8,10 +8,10 @@ from pathlib import Path
 
 from sliceserve.checkpoint import check_destination
 from sliceserve.commands.slicing import calibration_from_args, check_device, check_seqlen
+from sliceserve.pruning.checkpoint_writer import prune_checkpoint
 from sliceserve.pruning.pattern import check_method, check_pattern_fits, parse_pattern
-from sliceserve.pruning.pipeline import prune_checkpoint
+from sliceserve.slicing.checkpoint_writer import DTYPES
 from sliceserve.slicing.families import decoder_spec
-from sliceserve.slicing.pipeline import DTYPES
 from sliceserve.slicing.sources import open_source
 
 log = logging.getLogger("sliceserve")
@@ -32,9 +32,15 @@ def prune_command(args: argparse.Namespace) -> int:
     else:
         log.info("magnitude pruning reads no calibration text")
     out = prune_checkpoint(
-        source, args.out, batches, pattern=pattern, method=method,
-        dtype=DTYPES[args.dtype] if args.dtype else None, device=args.device,
-        calibration=calibration, overwrite=args.overwrite,
+        source,
+        args.out,
+        batches,
+        pattern=pattern,
+        method=method,
+        dtype=DTYPES[args.dtype] if args.dtype else None,
+        device=args.device,
+        calibration=calibration,
+        overwrite=args.overwrite,
         compute_dtype=DTYPES[args.compute_dtype] if args.compute_dtype else None,
     )
     log.info("wrote %s", out)

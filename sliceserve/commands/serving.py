@@ -19,12 +19,20 @@ DEFAULT_MAX_MODEL_LEN = 2048  # the KV cache reserves this many positions per sl
 
 def add_engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--max-model-len", type=int, default=DEFAULT_MAX_MODEL_LEN,
-                        help=f"longest prompt + completion, in tokens (default {DEFAULT_MAX_MODEL_LEN}, capped by the model)")
+    parser.add_argument(
+        "--max-model-len",
+        type=int,
+        default=DEFAULT_MAX_MODEL_LEN,
+        help=f"longest prompt + completion, in tokens (default {DEFAULT_MAX_MODEL_LEN}, capped by the model)",
+    )
     parser.add_argument("--max-batch", type=int, default=8, help="requests decoded together (KV-cache slots)")
-    parser.add_argument("--runtime", choices=["auto", "fast", "reference"], default="auto",
-                        help="fast: Triton kernels + CUDA graphs (CUDA only); reference: plain PyTorch; "
-                             "auto (default): fast on CUDA, reference elsewhere")
+    parser.add_argument(
+        "--runtime",
+        choices=["auto", "fast", "reference"],
+        default="auto",
+        help="fast: Triton kernels + CUDA graphs (CUDA only); reference: plain PyTorch; "
+        "auto (default): fast on CUDA, reference elsewhere",
+    )
     add_placement_options(parser)
 
 
@@ -32,15 +40,19 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
     add_engine_options(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--api-key", default=os.environ.get("SLICESERVE_API_KEY"),
-                        help="require 'Authorization: Bearer KEY' (default $SLICESERVE_API_KEY)")
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("SLICESERVE_API_KEY"),
+        help="require 'Authorization: Bearer KEY' (default $SLICESERVE_API_KEY)",
+    )
     parser.add_argument("--max-queue", type=int, default=64, help="waiting requests beyond which 429 is answered")
     parser.add_argument("--model-name", help="the model id clients name (default: the folder name)")
 
 
 def make_engine(path: str, args: argparse.Namespace, max_queue: int = 64):
-    from sliceserve.runtime.engine import Engine, load_engine
-    from sliceserve.runtime.loader import load_tokenizer
+    from sliceserve.engine.engine import Engine
+    from sliceserve.engine.loading import load_engine
+    from sliceserve.model.loader import load_tokenizer
 
     check_device(args.device)
     for name in ("max_model_len", "max_batch"):
@@ -50,22 +62,23 @@ def make_engine(path: str, args: argparse.Namespace, max_queue: int = 64):
         raise SliceserveError("--max-queue must be at least 1")
     model = placed_model(path, args)  # stages over several devices or processes, else None
     if model is None:
-        return load_engine(path, device=args.device, max_batch=args.max_batch, max_model_len=args.max_model_len,
-                           max_queue=max_queue, runtime=getattr(args, "runtime", "auto"))
-    engine = Engine(model, load_tokenizer(path), max_batch=args.max_batch, max_model_len=args.max_model_len,
-                    max_queue=max_queue)
-    prepare = getattr(model, "prepare", None)
-    if prepare is not None:  # a fast-path pipeline captures its decode graphs now, as load_engine does
-        prepare(engine.cache)
-    return engine
+        return load_engine(
+            path,
+            device=args.device,
+            max_batch=args.max_batch,
+            max_model_len=args.max_model_len,
+            max_queue=max_queue,
+            runtime=getattr(args, "runtime", "auto"),
+        )
+    return Engine(
+        model, load_tokenizer(path), max_batch=args.max_batch, max_model_len=args.max_model_len, max_queue=max_queue
+    )
 
 
 def release(engine) -> None:
     """Stop the engine, then the model's other stages (a --distributed front stops every rank)."""
     engine.shutdown()
-    close = getattr(engine.model, "close", None)
-    if close is not None:
-        close()
+    engine.model.close()
 
 
 def serve_checkpoint(path: str, args: argparse.Namespace, banner: str = "") -> int:
@@ -105,19 +118,26 @@ def serve_command(args: argparse.Namespace) -> int:
 
 
 def generate_command(args: argparse.Namespace) -> int:
-    from sliceserve.runtime.engine import RequestRejected
-    from sliceserve.runtime.requests import SamplingParams
+    from sliceserve.engine.engine import RequestRejected
+    from sliceserve.engine.requests import SamplingParams
 
     if is_stage_worker(args):
         return run_stage_worker(args.path, args)
     engine = make_engine(args.path, args)
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, seed=args.seed, stop=args.stop or [])
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop=args.stop or [],
+    )
     if args.chat:
         if not getattr(engine.tokenizer, "chat_template", None):
             raise SliceserveError("this checkpoint's tokenizer has no chat template: drop --chat")
-        ids = engine.tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}],
-                                                   add_generation_prompt=True, tokenize=True)
+        ids = engine.tokenizer.apply_chat_template(
+            [{"role": "user", "content": args.prompt}], add_generation_prompt=True, tokenize=True
+        )
         ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
     else:
         ids = engine.tokenizer(args.prompt)["input_ids"]
@@ -128,8 +148,11 @@ def generate_command(args: argparse.Namespace) -> int:
             sys.stdout.write(event.text)
             sys.stdout.flush()
             if event.finished:
-                print(f"\n[{event.finish_reason}: {event.prompt_tokens} prompt + {event.completion_tokens} "
-                      f"generated tokens]", file=sys.stderr)
+                print(
+                    f"\n[{event.finish_reason}: {event.prompt_tokens} prompt + {event.completion_tokens} "
+                    f"generated tokens]",
+                    file=sys.stderr,
+                )
     except RequestRejected as error:
         raise SliceserveError(str(error)) from None
     finally:
@@ -138,39 +161,69 @@ def generate_command(args: argparse.Namespace) -> int:
 
 
 def demo_cache_dir() -> Path:
-    root = os.environ.get("SLICESERVE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sliceserve"
+    root = (
+        os.environ.get("SLICESERVE_CACHE")
+        or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sliceserve"
+    )
     return Path(root)
 
 
 def demo_command(args: argparse.Namespace) -> int:
     from sliceserve.checkpoint import open_checkpoint
     from sliceserve.slicing.calibration import load_calibration
-    from sliceserve.slicing.pipeline import slice_checkpoint
+    from sliceserve.slicing.checkpoint_writer import slice_checkpoint
     from sliceserve.slicing.self_calibration import dense_runtime_model
     from sliceserve.slicing.sources import open_source
 
     if args.distributed:
-        raise SliceserveError("demo does not run --distributed: run `sliceserve demo` once, then "
-                              "torchrun ... -m sliceserve serve CHECKPOINT --distributed")
+        raise SliceserveError(
+            "demo does not run --distributed: run `sliceserve demo` once, then "
+            "torchrun ... -m sliceserve serve CHECKPOINT --distributed"
+        )
     path = demo_cache_dir() / f"smollm2-135m-sliced-{round(args.sparsity * 100)}"
     try:
         open_checkpoint(path, verify=False)
         log.info("using the cached demo checkpoint %s", path)
     except SliceserveError:
-        log.info("slicing SmolLM2-135M at %.0f%% (calibration text sampled from the model itself; once, then cached)",
-                 args.sparsity * 100)
+        log.info(
+            "slicing SmolLM2-135M at %.0f%% (calibration text sampled from the model itself; once, then cached)",
+            args.sparsity * 100,
+        )
         source = open_source("smollm2-135m")
-        batches = load_calibration("generated", source.tokenizer(), nsamples=args.nsamples, seqlen=args.seqlen,
-                                   seed=42, batch_size=16, model_loader=lambda: dense_runtime_model(source))
-        slice_checkpoint(source, path, batches, sparsity=args.sparsity, overwrite=True,
-                         calibration={"source": "generated", "nsamples": args.nsamples, "seqlen": args.seqlen,
-                                      "batch_size": 16, "seed": 42})
+        batches = load_calibration(
+            "generated",
+            source.tokenizer(),
+            nsamples=args.nsamples,
+            seqlen=args.seqlen,
+            seed=42,
+            batch_size=16,
+            model_loader=lambda: dense_runtime_model(source),
+        )
+        slice_checkpoint(
+            source,
+            path,
+            batches,
+            sparsity=args.sparsity,
+            overwrite=True,
+            calibration={
+                "source": "generated",
+                "nsamples": args.nsamples,
+                "seqlen": args.seqlen,
+                "batch_size": 16,
+                "seed": 42,
+            },
+        )
     args.model_name = args.model_name or "sliced"
     base = "http://{host}:{port}/v1"
     auth = ' -H "Authorization: Bearer $SLICESERVE_API_KEY"' if args.api_key else ""
-    banner = ("\nsliceserve demo: SmolLM2-135M-Instruct sliced at " + f"{args.sparsity:.0%}" + f" ({path})\n"
-              "  OpenAI base URL: " + base + "\n"
-              "  try:  curl -s " + base + "/chat/completions -H 'Content-Type: application/json'" + auth +
-              " -d '{{\"model\": \"{name}\", \"messages\": [{{\"role\": \"user\", \"content\": \"What is the capital of France?\"}}], "
-              "\"max_tokens\": 32, \"temperature\": 0}}'\n")
+    banner = (
+        "\nsliceserve demo: SmolLM2-135M-Instruct sliced at " + f"{args.sparsity:.0%}" + f" ({path})\n"
+        "  OpenAI base URL: " + base + "\n"
+        "  try:  curl -s "
+        + base
+        + "/chat/completions -H 'Content-Type: application/json'"
+        + auth
+        + ' -d \'{{"model": "{name}", "messages": [{{"role": "user", "content": "What is the capital of France?"}}], '
+        '"max_tokens": 32, "temperature": 0}}\'\n'
+    )
     return serve_checkpoint(str(path), args, banner)

@@ -9,10 +9,11 @@ from pathlib import Path
 from sliceserve.checkpoint import check_destination
 from sliceserve.errors import SliceserveError
 from sliceserve.slicing.calibration import load_calibration
-from sliceserve.slicing.pipeline import DTYPES, export_checkpoint, slice_checkpoint
+from sliceserve.slicing.checkpoint_writer import DTYPES, export_checkpoint, slice_checkpoint
+from sliceserve.slicing.random_checkpoint import RANDOM_PREFIX, export_random_checkpoint
+from sliceserve.slicing.self_calibration import dense_runtime_model
 from sliceserve.slicing.slicer import kept_width
 from sliceserve.slicing.sources import ModelSource, open_source
-from sliceserve.slicing.self_calibration import dense_runtime_model
 
 log = logging.getLogger("sliceserve")
 
@@ -36,13 +37,24 @@ def calibration_from_args(args: argparse.Namespace, source: ModelSource) -> tupl
     if tokenizer is None:
         raise SliceserveError("this model has no tokenizer, so calibration text cannot be tokenized")
     batches = load_calibration(
-        args.calibration, tokenizer, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
-        batch_size=args.batch_size, data_dir=args.data_dir, model_loader=lambda: dense_runtime_model(source),
+        args.calibration,
+        tokenizer,
+        nsamples=args.nsamples,
+        seqlen=args.seqlen,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        data_dir=args.data_dir,
+        model_loader=lambda: dense_runtime_model(source),
     )
     # Logged once the text is found, so a calibration error stays a one-line message.
     log.info("calibration: %s, %d x %d tokens, seed %d", args.calibration, args.nsamples, args.seqlen, args.seed)
-    calibration = {"source": args.calibration, "nsamples": args.nsamples, "seqlen": args.seqlen,
-                   "batch_size": args.batch_size, "seed": args.seed}
+    calibration = {
+        "source": args.calibration,
+        "nsamples": args.nsamples,
+        "seqlen": args.seqlen,
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+    }
     return batches, calibration
 
 
@@ -56,9 +68,15 @@ def slice_command(args: argparse.Namespace) -> int:
     check_destination(Path(args.out).absolute(), args.overwrite)  # fail before the long work
     batches, calibration = calibration_from_args(args, source)
     out = slice_checkpoint(
-        source, args.out, batches, sparsity=args.sparsity, round_to=args.round_to,
-        dtype=DTYPES[args.dtype] if args.dtype else None, device=args.device,
-        calibration=calibration, overwrite=args.overwrite,
+        source,
+        args.out,
+        batches,
+        sparsity=args.sparsity,
+        round_to=args.round_to,
+        dtype=DTYPES[args.dtype] if args.dtype else None,
+        device=args.device,
+        calibration=calibration,
+        overwrite=args.overwrite,
         compute_dtype=DTYPES[args.compute_dtype] if args.compute_dtype else None,
     )
     log.info("wrote %s", out)
@@ -67,9 +85,31 @@ def slice_command(args: argparse.Namespace) -> int:
 
 def export_command(args: argparse.Namespace) -> int:
     check_device(args.device)
+    if args.model.startswith(RANDOM_PREFIX):
+        return export_random_command(args)
+    given = [option for option in ("tokenizer", "sparsity", "seed") if getattr(args, option) is not None]
+    if given:
+        raise SliceserveError(f"--{given[0]} applies only to random:SHAPE models, not to {args.model}")
     source = open_source(args.model)
     check_destination(Path(args.out).absolute(), args.overwrite)
-    out = export_checkpoint(source, args.out, dtype=DTYPES[args.dtype] if args.dtype else None,
-                            device=args.device, overwrite=args.overwrite)
+    out = export_checkpoint(
+        source, args.out, dtype=DTYPES[args.dtype] if args.dtype else None, device=args.device, overwrite=args.overwrite
+    )
+    log.info("wrote %s", out)
+    return 0
+
+
+def export_random_command(args: argparse.Namespace) -> int:
+    """`export random:SHAPE`: random weights of a real shape, float16 unless --dtype says otherwise."""
+    out = export_random_checkpoint(
+        args.model.removeprefix(RANDOM_PREFIX),
+        args.out,
+        tokenizer_dir=args.tokenizer,
+        sparsity=args.sparsity or 0.0,
+        dtype=DTYPES[args.dtype or "float16"],
+        device=args.device,
+        seed=args.seed or 0,
+        overwrite=args.overwrite,
+    )
     log.info("wrote %s", out)
     return 0

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from sliceserve.kernels.reference import reference_activation  # noqa: F401  (the kernels' reference)
 
 ACTIVATION_CODES = {"none": 0, "silu": 1, "relu": 2, "gelu": 3, "gelu_tanh": 4}
 
@@ -24,17 +24,3 @@ def apply_activation(x, CODE: tl.constexpr):
         u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
         x = x * tl.sigmoid(2.0 * u)
     return x
-
-
-def reference_activation(x: torch.Tensor, name: str) -> torch.Tensor:
-    if name == "none":
-        return x
-    if name == "silu":
-        return F.silu(x)
-    if name == "relu":
-        return F.relu(x)
-    if name == "gelu":
-        return F.gelu(x)
-    if name == "gelu_tanh":
-        return F.gelu(x, approximate="tanh")
-    raise ValueError(f"unknown activation {name!r}")

@@ -26,11 +26,29 @@ from sliceserve.kernels.launch import launch_options, overlap_mode, wait_for_pre
 
 @triton.jit
 def decode_attention_kernel(
-    q_ptr, keys_ptr, values_ptr, positions_ptr, slots_ptr, part_out_ptr, part_max_ptr, part_sum_ptr,
-    stride_q_row, stride_q_head, stride_slot, stride_head, stride_pos,
-    group, head_dim, window, scale,
-    SPLITS: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_P2: tl.constexpr, PRECISION: tl.constexpr,
+    q_ptr,
+    keys_ptr,
+    values_ptr,
+    positions_ptr,
+    slots_ptr,
+    part_out_ptr,
+    part_max_ptr,
+    part_sum_ptr,
+    stride_q_row,
+    stride_q_head,
+    stride_slot,
+    stride_head,
+    stride_pos,
+    group,
+    head_dim,
+    window,
+    scale,
+    SPLITS: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_P2: tl.constexpr,
+    PRECISION: tl.constexpr,
     OVERLAP: tl.constexpr,
 ):
     wait_for_previous_kernel(OVERLAP)
@@ -80,8 +98,15 @@ def decode_attention_kernel(
 
 @triton.jit
 def combine_splits_kernel(
-    part_out_ptr, part_max_ptr, part_sum_ptr, out_ptr, stride_out_row, head_dim,
-    SPLITS: tl.constexpr, HEAD_P2: tl.constexpr, OVERLAP: tl.constexpr,
+    part_out_ptr,
+    part_max_ptr,
+    part_sum_ptr,
+    out_ptr,
+    stride_out_row,
+    head_dim,
+    SPLITS: tl.constexpr,
+    HEAD_P2: tl.constexpr,
+    OVERLAP: tl.constexpr,
 ):
     wait_for_previous_kernel(OVERLAP)
     row = tl.program_id(0)
@@ -94,8 +119,7 @@ def combine_splits_kernel(
     total = tl.sum(tl.load(part_sum_ptr + pair * SPLITS + s) * weights, axis=0)
     acc = tl.load(part_out_ptr + (pair * SPLITS + s)[:, None] * HEAD_P2 + d[None, :])
     out = tl.sum(acc * weights[:, None], axis=0) / total
-    tl.store(out_ptr + row * stride_out_row + head * head_dim + d, out.to(out_ptr.dtype.element_ty),
-             mask=d < head_dim)
+    tl.store(out_ptr + row * stride_out_row + head * head_dim + d, out.to(out_ptr.dtype.element_ty), mask=d < head_dim)
 
 
 def choose_splits(rows: int, kv_heads: int, target_programs: int = 256) -> int:
@@ -107,8 +131,15 @@ def choose_splits(rows: int, kv_heads: int, target_programs: int = 256) -> int:
 
 
 def decode_attention(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-    *, window: int | None = None, splits: int | None = None, out: torch.Tensor | None = None,
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    positions: torch.Tensor,
+    slots: torch.Tensor,
+    *,
+    window: int | None = None,
+    splits: int | None = None,
+    out: torch.Tensor | None = None,
     block_n: int = 64,
 ) -> torch.Tensor:
     """q (M, heads, head_dim) of the token at positions (M,) in cache slots (M,); keys, values
@@ -124,23 +155,58 @@ def decode_attention(
     part_sum = torch.empty_like(part_max)
     overlap = overlap_mode(q.device)
     decode_attention_kernel[(M, num_kv_heads, splits)](
-        q, keys, values, positions, slots, part_out, part_max, part_sum,
-        q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
-        group, head_dim, window or 0, 1.0 / math.sqrt(head_dim),
-        SPLITS=splits, HAS_WINDOW=window is not None,
-        BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, HEAD_P2=head_p2,
-        PRECISION=dot_precision(q.dtype), OVERLAP=overlap, **launch_options(overlap), num_warps=4,
+        q,
+        keys,
+        values,
+        positions,
+        slots,
+        part_out,
+        part_max,
+        part_sum,
+        q.stride(0),
+        q.stride(1),
+        keys.stride(0),
+        keys.stride(1),
+        keys.stride(2),
+        group,
+        head_dim,
+        window or 0,
+        1.0 / math.sqrt(head_dim),
+        SPLITS=splits,
+        HAS_WINDOW=window is not None,
+        BLOCK_H=max(16, triton.next_power_of_2(group)),
+        BLOCK_N=block_n,
+        HEAD_P2=head_p2,
+        PRECISION=dot_precision(q.dtype),
+        OVERLAP=overlap,
+        **launch_options(overlap),
+        num_warps=4,
     )
     out = torch.empty((M, num_heads * head_dim), device=q.device, dtype=q.dtype) if out is None else out
-    combine_splits_kernel[(M, num_heads)](part_out, part_max, part_sum, out, out.stride(0), head_dim,
-                                          SPLITS=splits, HEAD_P2=head_p2, OVERLAP=overlap,
-                                          **launch_options(overlap), num_warps=1)
+    combine_splits_kernel[(M, num_heads)](
+        part_out,
+        part_max,
+        part_sum,
+        out,
+        out.stride(0),
+        head_dim,
+        SPLITS=splits,
+        HEAD_P2=head_p2,
+        OVERLAP=overlap,
+        **launch_options(overlap),
+        num_warps=1,
+    )
     return out
 
 
 def decode_attention_reference(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-    *, window: int | None = None,
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    positions: torch.Tensor,
+    slots: torch.Tensor,
+    *,
+    window: int | None = None,
 ) -> torch.Tensor:
     M, num_heads, head_dim = q.shape
     group = num_heads // keys.shape[1]

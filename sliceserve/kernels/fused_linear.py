@@ -96,34 +96,71 @@ def sumsq_tiles(n: int, tiles: TileConfig) -> int:
 def row_scale_from_partials(partials_ptr, stride, offs_m, M, tiles, width, eps, TILES_P2: tl.constexpr):
     """1/rms per row from the partial sums of squares of its tiles."""
     t = tl.arange(0, TILES_P2)
-    p = tl.load(partials_ptr + offs_m[:, None] * stride + t[None, :],
-                mask=(offs_m[:, None] < M) & (t[None, :] < tiles), other=0.0)
+    p = tl.load(
+        partials_ptr + offs_m[:, None] * stride + t[None, :],
+        mask=(offs_m[:, None] < M) & (t[None, :] < tiles),
+        other=0.0,
+    )
     return 1.0 / tl.sqrt(tl.sum(p, axis=1) / width + eps)
 
 
 @triton.jit
-def accumulate_product(acc, a_ptr, stride_a, w_ptr, stride_w, offs_m, offs_n, M, N, K,
-                       BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+def accumulate_product(
+    acc, a_ptr, stride_a, w_ptr, stride_w, offs_m, offs_n, M, N, K, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr
+):
     offs_k = tl.arange(0, BLOCK_K)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + offs_k
-        a = tl.load(a_ptr + offs_m[:, None] * stride_a + k[None, :],
-                    mask=(offs_m[:, None] < M) & (k[None, :] < K), other=0.0)
-        w = tl.load(w_ptr + offs_n[None, :] * stride_w + k[:, None],
-                    mask=(offs_n[None, :] < N) & (k[:, None] < K), other=0.0)
+        a = tl.load(
+            a_ptr + offs_m[:, None] * stride_a + k[None, :], mask=(offs_m[:, None] < M) & (k[None, :] < K), other=0.0
+        )
+        w = tl.load(
+            w_ptr + offs_n[None, :] * stride_w + k[:, None], mask=(offs_n[None, :] < N) & (k[:, None] < K), other=0.0
+        )
         acc += tl.dot(a, w, input_precision=PRECISION)
     return acc
 
 
 @triton.jit
 def fused_linear_kernel(
-    a_ptr, w_ptr, a2_ptr, w2_ptr, bias_ptr, res_ptr, out_ptr, norm_ptr, sumsq_ptr,
-    M, N, K, K2, norm_tiles, norm_width, eps,
-    stride_a, stride_w, stride_a2, stride_w2, stride_res, stride_out, stride_norm, stride_sumsq,
-    HAS_A2: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, NORM_IN: tl.constexpr,
-    SUMSQ_OUT: tl.constexpr, ACTIVATION: tl.constexpr, NORM_TILES_P2: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
-    OVERLAP: tl.constexpr, PREFETCH_LINES: tl.constexpr, LINE: tl.constexpr,
+    a_ptr,
+    w_ptr,
+    a2_ptr,
+    w2_ptr,
+    bias_ptr,
+    res_ptr,
+    out_ptr,
+    norm_ptr,
+    sumsq_ptr,
+    M,
+    N,
+    K,
+    K2,
+    norm_tiles,
+    norm_width,
+    eps,
+    stride_a,
+    stride_w,
+    stride_a2,
+    stride_w2,
+    stride_res,
+    stride_out,
+    stride_norm,
+    stride_sumsq,
+    HAS_A2: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    NORM_IN: tl.constexpr,
+    SUMSQ_OUT: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    NORM_TILES_P2: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+    OVERLAP: tl.constexpr,
+    PREFETCH_LINES: tl.constexpr,
+    LINE: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -136,7 +173,9 @@ def fused_linear_kernel(
         r = row_scale_from_partials(norm_ptr, stride_norm, offs_m, M, norm_tiles, norm_width, eps, NORM_TILES_P2)
         acc = acc * r[:, None]
     if HAS_A2:
-        acc = accumulate_product(acc, a2_ptr, stride_a2, w2_ptr, stride_w2, offs_m, offs_n, M, N, K2, BLOCK_K, PRECISION)
+        acc = accumulate_product(
+            acc, a2_ptr, stride_a2, w2_ptr, stride_w2, offs_m, offs_n, M, N, K2, BLOCK_K, PRECISION
+        )
     main_loop_done(OVERLAP)
     n_ok = offs_n < N
     if HAS_BIAS:
@@ -154,10 +193,18 @@ def fused_linear_kernel(
 
 
 def fused_linear(
-    a: torch.Tensor, w: torch.Tensor, *, a2: torch.Tensor | None = None, w2: torch.Tensor | None = None,
-    bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-    norm: tuple[torch.Tensor, int, float] | None = None, activation: str = "none",
-    sumsq: bool = False, out: torch.Tensor | None = None, tiles: TileConfig | None = None,
+    a: torch.Tensor,
+    w: torch.Tensor,
+    *,
+    a2: torch.Tensor | None = None,
+    w2: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    norm: tuple[torch.Tensor, int, float] | None = None,
+    activation: str = "none",
+    sumsq: bool = False,
+    out: torch.Tensor | None = None,
+    tiles: TileConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(out, partial sums of squares of out or None); see the module docstring.
 
@@ -176,20 +223,47 @@ def fused_linear(
     overlap = overlap_mode(a.device)
     lines, line = prefetch_lines(w.element_size())
     fused_linear_kernel[grid](
-        a, w, a2 if a2 is not None else dummy, w2 if w2 is not None else dummy,
-        bias if bias is not None else dummy, residual if residual is not None else dummy, out,
-        norm_partials if norm_partials is not None else dummy, partials if partials is not None else dummy,
-        M, N, K, a2.shape[1] if a2 is not None else 0,
-        norm_partials.shape[1] if norm_partials is not None else 1, float(norm_width), float(eps),
-        a.stride(0), w.stride(0), a2.stride(0) if a2 is not None else 0, w2.stride(0) if w2 is not None else 0,
-        residual.stride(0) if residual is not None else 0, out.stride(0),
-        norm_partials.stride(0) if norm_partials is not None else 0, partials.stride(0) if partials is not None else 0,
-        HAS_A2=a2 is not None, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
-        NORM_IN=norm_partials is not None, SUMSQ_OUT=sumsq, ACTIVATION=ACTIVATION_CODES[activation],
+        a,
+        w,
+        a2 if a2 is not None else dummy,
+        w2 if w2 is not None else dummy,
+        bias if bias is not None else dummy,
+        residual if residual is not None else dummy,
+        out,
+        norm_partials if norm_partials is not None else dummy,
+        partials if partials is not None else dummy,
+        M,
+        N,
+        K,
+        a2.shape[1] if a2 is not None else 0,
+        norm_partials.shape[1] if norm_partials is not None else 1,
+        float(norm_width),
+        float(eps),
+        a.stride(0),
+        w.stride(0),
+        a2.stride(0) if a2 is not None else 0,
+        w2.stride(0) if w2 is not None else 0,
+        residual.stride(0) if residual is not None else 0,
+        out.stride(0),
+        norm_partials.stride(0) if norm_partials is not None else 0,
+        partials.stride(0) if partials is not None else 0,
+        HAS_A2=a2 is not None,
+        HAS_BIAS=bias is not None,
+        HAS_RES=residual is not None,
+        NORM_IN=norm_partials is not None,
+        SUMSQ_OUT=sumsq,
+        ACTIVATION=ACTIVATION_CODES[activation],
         NORM_TILES_P2=triton.next_power_of_2(norm_partials.shape[1]) if norm_partials is not None else 1,
-        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, PRECISION=dot_precision(a.dtype),
-        OVERLAP=overlap, PREFETCH_LINES=lines, LINE=line, **launch_options(overlap),
-        num_warps=tiles.num_warps, num_stages=fitting_stages(tiles, 2 if a2 is not None else 1, a.element_size(), a.device),
+        BLOCK_M=tiles.block_m,
+        BLOCK_N=tiles.block_n,
+        BLOCK_K=tiles.block_k,
+        PRECISION=dot_precision(a.dtype),
+        OVERLAP=overlap,
+        PREFETCH_LINES=lines,
+        LINE=line,
+        **launch_options(overlap),
+        num_warps=tiles.num_warps,
+        num_stages=fitting_stages(tiles, 2 if a2 is not None else 1, a.element_size(), a.device),
     )
     return out, partials
 
@@ -199,9 +273,16 @@ def row_scale_reference(partials: torch.Tensor, width: int, eps: float) -> torch
 
 
 def fused_linear_reference(
-    a: torch.Tensor, w: torch.Tensor, *, a2: torch.Tensor | None = None, w2: torch.Tensor | None = None,
-    bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-    norm: tuple[torch.Tensor, int, float] | None = None, activation: str = "none", sumsq: bool = False,
+    a: torch.Tensor,
+    w: torch.Tensor,
+    *,
+    a2: torch.Tensor | None = None,
+    w2: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    norm: tuple[torch.Tensor, int, float] | None = None,
+    activation: str = "none",
+    sumsq: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The same function in plain PyTorch, in float32; partial sums collapsed to one column."""
     acc = a.float() @ w.float().T

@@ -31,12 +31,34 @@ from sliceserve.kernels.launch import (
 
 @triton.jit
 def gated_linear_kernel(
-    a_ptr, gate_ptr, up_ptr, gate_bias_ptr, up_bias_ptr, out_ptr, norm_ptr,
-    M, N, K, norm_tiles, norm_width, eps,
-    stride_a, stride_w, stride_out, stride_norm,
-    HAS_BIAS: tl.constexpr, NORM_IN: tl.constexpr, ACTIVATION: tl.constexpr, NORM_TILES_P2: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
-    OVERLAP: tl.constexpr, PREFETCH_LINES: tl.constexpr, LINE: tl.constexpr,
+    a_ptr,
+    gate_ptr,
+    up_ptr,
+    gate_bias_ptr,
+    up_bias_ptr,
+    out_ptr,
+    norm_ptr,
+    M,
+    N,
+    K,
+    norm_tiles,
+    norm_width,
+    eps,
+    stride_a,
+    stride_w,
+    stride_out,
+    stride_norm,
+    HAS_BIAS: tl.constexpr,
+    NORM_IN: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    NORM_TILES_P2: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+    OVERLAP: tl.constexpr,
+    PREFETCH_LINES: tl.constexpr,
+    LINE: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -48,8 +70,9 @@ def gated_linear_kernel(
     up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + offs_k
-        a = tl.load(a_ptr + offs_m[:, None] * stride_a + k[None, :],
-                    mask=(offs_m[:, None] < M) & (k[None, :] < K), other=0.0)
+        a = tl.load(
+            a_ptr + offs_m[:, None] * stride_a + k[None, :], mask=(offs_m[:, None] < M) & (k[None, :] < K), other=0.0
+        )
         w_mask = (offs_n[None, :] < N) & (k[:, None] < K)
         w_offsets = offs_n[None, :] * stride_w + k[:, None]
         gate += tl.dot(a, tl.load(gate_ptr + w_offsets, mask=w_mask, other=0.0), input_precision=PRECISION)
@@ -69,9 +92,15 @@ def gated_linear_kernel(
 
 
 def gated_linear(
-    a: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, *, activation: str = "silu",
-    gate_bias: torch.Tensor | None = None, up_bias: torch.Tensor | None = None,
-    norm: tuple[torch.Tensor, int, float] | None = None, out: torch.Tensor | None = None,
+    a: torch.Tensor,
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    *,
+    activation: str = "silu",
+    gate_bias: torch.Tensor | None = None,
+    up_bias: torch.Tensor | None = None,
+    norm: tuple[torch.Tensor, int, float] | None = None,
+    out: torch.Tensor | None = None,
     tiles: TileConfig | None = None,
 ) -> torch.Tensor:
     """a (M, K); gate, up (N, K), same layout and strides; biases both or neither."""
@@ -86,22 +115,49 @@ def gated_linear(
     overlap = overlap_mode(a.device)
     lines, line = prefetch_lines(gate.element_size())
     gated_linear_kernel[grid](
-        a, gate, up, gate_bias if gate_bias is not None else out, up_bias if up_bias is not None else out, out,
+        a,
+        gate,
+        up,
+        gate_bias if gate_bias is not None else out,
+        up_bias if up_bias is not None else out,
+        out,
         norm_partials if norm_partials is not None else out,
-        M, N, K, norm_partials.shape[1] if norm_partials is not None else 1, float(norm_width), float(eps),
-        a.stride(0), gate.stride(0), out.stride(0), norm_partials.stride(0) if norm_partials is not None else 0,
-        HAS_BIAS=gate_bias is not None, NORM_IN=norm_partials is not None, ACTIVATION=ACTIVATION_CODES[activation],
+        M,
+        N,
+        K,
+        norm_partials.shape[1] if norm_partials is not None else 1,
+        float(norm_width),
+        float(eps),
+        a.stride(0),
+        gate.stride(0),
+        out.stride(0),
+        norm_partials.stride(0) if norm_partials is not None else 0,
+        HAS_BIAS=gate_bias is not None,
+        NORM_IN=norm_partials is not None,
+        ACTIVATION=ACTIVATION_CODES[activation],
         NORM_TILES_P2=triton.next_power_of_2(norm_partials.shape[1]) if norm_partials is not None else 1,
-        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, PRECISION=dot_precision(a.dtype),
-        OVERLAP=overlap, PREFETCH_LINES=lines, LINE=line, **launch_options(overlap),
-        num_warps=tiles.num_warps, num_stages=fitting_stages(tiles, 2, a.element_size(), a.device),
+        BLOCK_M=tiles.block_m,
+        BLOCK_N=tiles.block_n,
+        BLOCK_K=tiles.block_k,
+        PRECISION=dot_precision(a.dtype),
+        OVERLAP=overlap,
+        PREFETCH_LINES=lines,
+        LINE=line,
+        **launch_options(overlap),
+        num_warps=tiles.num_warps,
+        num_stages=fitting_stages(tiles, 2, a.element_size(), a.device),
     )
     return out
 
 
 def gated_linear_reference(
-    a: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, *, activation: str = "silu",
-    gate_bias: torch.Tensor | None = None, up_bias: torch.Tensor | None = None,
+    a: torch.Tensor,
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    *,
+    activation: str = "silu",
+    gate_bias: torch.Tensor | None = None,
+    up_bias: torch.Tensor | None = None,
     norm: tuple[torch.Tensor, int, float] | None = None,
 ) -> torch.Tensor:
     g, u = a.float() @ gate.float().T, a.float() @ up.float().T

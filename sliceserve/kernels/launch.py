@@ -39,8 +39,12 @@ OVERLAP_OFF = 0
 OVERLAP_WAIT = 1  # launched early, waits before reading
 OVERLAP_PREFETCH = 2  # and warms L2 with its first weight lines meanwhile
 OVERLAP_LATE = 3  # as 2, but a matrix product lets the next kernel start only after its main loop
-OVERLAP_MODES = {"off": OVERLAP_OFF, "pdl": OVERLAP_WAIT, "pdl+prefetch": OVERLAP_PREFETCH,
-                 "pdl+prefetch+late": OVERLAP_LATE}
+OVERLAP_MODES = {
+    "off": OVERLAP_OFF,
+    "pdl": OVERLAP_WAIT,
+    "pdl+prefetch": OVERLAP_PREFETCH,
+    "pdl+prefetch+late": OVERLAP_LATE,
+}
 # The setting; SLICESERVE_KERNEL_OVERLAP=<a key of OVERLAP_MODES> sets it for a whole process.
 OVERLAP = OVERLAP_MODES[os.environ.get("SLICESERVE_KERNEL_OVERLAP", "off")]
 PREFETCH_BYTES = 1024  # of each weight row: eight 128-byte lines, two 256-wide K-blocks at fp16
@@ -87,8 +91,9 @@ def prefetch_then_wait(w_ptr, stride_w, offs_n, N, K, OVERLAP: tl.constexpr, LIN
         cols = tl.arange(0, LINES) * LINE
         ok = (offs_n[:, None] < N) & (cols[None, :] < K)
         lines = tl.where(ok, w_ptr + offs_n[:, None] * stride_w + cols[None, :], w_ptr)
-        tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // $0", "=r,l", [lines], dtype=tl.int32,
-                                  is_pure=False, pack=1)
+        tl.inline_asm_elementwise(
+            "prefetch.global.L2 [$1]; // $0", "=r,l", [lines], dtype=tl.int32, is_pure=False, pack=1
+        )
     if OVERLAP == 3:  # OVERLAP_LATE: released by main_loop_done
         gdc_wait()
     else:

@@ -14,11 +14,23 @@ import triton
 import triton.language as tl
 
 from sliceserve.kernels.launch import launch_options, overlap_mode, wait_for_previous_kernel
+from sliceserve.kernels.reference import rms_norm_reference  # noqa: F401  (the kernel's reference)
 
 
 @triton.jit
-def rms_norm_kernel(x_ptr, out_ptr, sumsq_ptr, stride_x, stride_out, width, original_width, eps,
-                    SUMSQ_ONLY: tl.constexpr, BLOCK: tl.constexpr, OVERLAP: tl.constexpr):
+def rms_norm_kernel(
+    x_ptr,
+    out_ptr,
+    sumsq_ptr,
+    stride_x,
+    stride_out,
+    width,
+    original_width,
+    eps,
+    SUMSQ_ONLY: tl.constexpr,
+    BLOCK: tl.constexpr,
+    OVERLAP: tl.constexpr,
+):
     wait_for_previous_kernel(OVERLAP)
     row = tl.program_id(0)
     i = tl.arange(0, BLOCK)
@@ -40,14 +52,19 @@ def rms_norm(x: torch.Tensor, original_width: int, eps: float, *, sumsq_only: bo
     else:
         out = torch.empty_like(x)
     overlap = overlap_mode(x.device)
-    rms_norm_kernel[(M,)](x, out, out, x.stride(0), out.stride(0), width, float(original_width), float(eps),
-                          SUMSQ_ONLY=sumsq_only, BLOCK=triton.next_power_of_2(width), OVERLAP=overlap,
-                          **launch_options(overlap), num_warps=4)
+    rms_norm_kernel[(M,)](
+        x,
+        out,
+        out,
+        x.stride(0),
+        out.stride(0),
+        width,
+        float(original_width),
+        float(eps),
+        SUMSQ_ONLY=sumsq_only,
+        BLOCK=triton.next_power_of_2(width),
+        OVERLAP=overlap,
+        **launch_options(overlap),
+        num_warps=4,
+    )
     return out
-
-
-def rms_norm_reference(x: torch.Tensor, original_width: int, eps: float, *, sumsq_only: bool = False) -> torch.Tensor:
-    sumsq = x.float().pow(2).sum(-1, keepdim=True)
-    if sumsq_only:
-        return sumsq
-    return (x.float() * torch.rsqrt(sumsq / original_width + eps)).to(x.dtype)

@@ -18,8 +18,17 @@ from sliceserve.kernels.launch import launch_options, overlap_mode, wait_for_pre
 
 
 @triton.jit
-def rotate_head(src_ptr, dst_ptr, cos_ptr, sin_ptr, head_dim, rot_half,
-                HAS_ROPE: tl.constexpr, HALF_P2: tl.constexpr, HEAD_P2: tl.constexpr):
+def rotate_head(
+    src_ptr,
+    dst_ptr,
+    cos_ptr,
+    sin_ptr,
+    head_dim,
+    rot_half,
+    HAS_ROPE: tl.constexpr,
+    HALF_P2: tl.constexpr,
+    HEAD_P2: tl.constexpr,
+):
     d = tl.arange(0, HEAD_P2)
     if HAS_ROPE:
         i = tl.arange(0, HALF_P2)
@@ -38,10 +47,28 @@ def rotate_head(src_ptr, dst_ptr, cos_ptr, sin_ptr, head_dim, rot_half,
 
 @triton.jit
 def rope_store_kernel(
-    qkv_ptr, q_ptr, keys_ptr, values_ptr, cos_ptr, sin_ptr, positions_ptr, slots_ptr,
-    stride_qkv, stride_q, stride_cache_slot, stride_cache_head, stride_cache_pos, stride_table,
-    num_heads, num_kv_heads, head_dim, rot_half,
-    HAS_ROPE: tl.constexpr, HALF_P2: tl.constexpr, HEAD_P2: tl.constexpr, OVERLAP: tl.constexpr,
+    qkv_ptr,
+    q_ptr,
+    keys_ptr,
+    values_ptr,
+    cos_ptr,
+    sin_ptr,
+    positions_ptr,
+    slots_ptr,
+    stride_qkv,
+    stride_q,
+    stride_cache_slot,
+    stride_cache_head,
+    stride_cache_pos,
+    stride_table,
+    num_heads,
+    num_kv_heads,
+    head_dim,
+    rot_half,
+    HAS_ROPE: tl.constexpr,
+    HALF_P2: tl.constexpr,
+    HEAD_P2: tl.constexpr,
+    OVERLAP: tl.constexpr,
 ):
     wait_for_previous_kernel(OVERLAP)
     m = tl.program_id(0)
@@ -51,14 +78,32 @@ def rope_store_kernel(
     sin_row = sin_ptr + position * stride_table
     row = qkv_ptr + m * stride_qkv
     if j < num_heads:
-        rotate_head(row + j * head_dim, q_ptr + m * stride_q + j * head_dim, cos_row, sin_row, head_dim, rot_half,
-                    HAS_ROPE, HALF_P2, HEAD_P2)
+        rotate_head(
+            row + j * head_dim,
+            q_ptr + m * stride_q + j * head_dim,
+            cos_row,
+            sin_row,
+            head_dim,
+            rot_half,
+            HAS_ROPE,
+            HALF_P2,
+            HEAD_P2,
+        )
     else:
         h = j - num_heads
         slot = tl.load(slots_ptr + m)
         where = slot * stride_cache_slot + h * stride_cache_head + position * stride_cache_pos
-        rotate_head(row + (num_heads + h) * head_dim, keys_ptr + where, cos_row, sin_row, head_dim, rot_half,
-                    HAS_ROPE, HALF_P2, HEAD_P2)
+        rotate_head(
+            row + (num_heads + h) * head_dim,
+            keys_ptr + where,
+            cos_row,
+            sin_row,
+            head_dim,
+            rot_half,
+            HAS_ROPE,
+            HALF_P2,
+            HEAD_P2,
+        )
         d = tl.arange(0, HEAD_P2)
         ok = d < head_dim
         v = tl.load(row + (num_heads + num_kv_heads + h) * head_dim + d, mask=ok, other=0.0)
@@ -66,8 +111,17 @@ def rope_store_kernel(
 
 
 def rope_store(
-    qkv: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-    cos: torch.Tensor | None, sin: torch.Tensor | None, *, num_heads: int, num_kv_heads: int, head_dim: int,
+    qkv: torch.Tensor,
+    positions: torch.Tensor,
+    slots: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    *,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
     q_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Rotated queries (M, heads, head_dim). qkv (M, (heads + 2 kv_heads) * head_dim);
@@ -80,27 +134,54 @@ def rope_store(
     table = cos if cos is not None else q  # stands in; never read without rope
     overlap = overlap_mode(qkv.device)
     rope_store_kernel[(M, num_heads + num_kv_heads)](
-        qkv, q, keys, values, table, sin if sin is not None else table, positions, slots,
-        qkv.stride(0), q.stride(0), keys.stride(0), keys.stride(1), keys.stride(2),
+        qkv,
+        q,
+        keys,
+        values,
+        table,
+        sin if sin is not None else table,
+        positions,
+        slots,
+        qkv.stride(0),
+        q.stride(0),
+        keys.stride(0),
+        keys.stride(1),
+        keys.stride(2),
         cos.stride(0) if cos is not None else 0,
-        num_heads, num_kv_heads, head_dim, rot_half,
-        HAS_ROPE=cos is not None, HALF_P2=triton.next_power_of_2(max(rot_half, 1)),
-        HEAD_P2=triton.next_power_of_2(head_dim), OVERLAP=overlap, **launch_options(overlap), num_warps=1,
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        rot_half,
+        HAS_ROPE=cos is not None,
+        HALF_P2=triton.next_power_of_2(max(rot_half, 1)),
+        HEAD_P2=triton.next_power_of_2(head_dim),
+        OVERLAP=overlap,
+        **launch_options(overlap),
+        num_warps=1,
     )
     return q
 
 
 def rope_half_tables(inv_freq: torch.Tensor, max_positions: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of position * inverse frequency, (max_positions, rotary_dim / 2), float32,
-    computed exactly as runtime/rope.py computes its tables."""
+    computed exactly as model/rope.py computes its tables."""
     positions = torch.arange(max_positions, device=device).to(torch.float32)
     angles = positions[:, None] * inv_freq.to(device, torch.float32)
     return angles.cos().contiguous(), angles.sin().contiguous()
 
 
 def rope_store_reference(
-    qkv: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-    cos: torch.Tensor | None, sin: torch.Tensor | None, *, num_heads: int, num_kv_heads: int, head_dim: int,
+    qkv: torch.Tensor,
+    positions: torch.Tensor,
+    slots: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    *,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
 ) -> torch.Tensor:
     M = qkv.shape[0]
     heads = qkv.view(M, num_heads + 2 * num_kv_heads, head_dim).float()

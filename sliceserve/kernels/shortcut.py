@@ -23,8 +23,14 @@ from sliceserve.kernels.fused_linear import (
 )
 
 
-def shortcut_step(x: torch.Tensor, shortcut: torch.Tensor, y: torch.Tensor, *,
-                  tiles: TileConfig | None = None, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def shortcut_step(
+    x: torch.Tensor,
+    shortcut: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    tiles: TileConfig | None = None,
+    out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(x_new, partial sums of squares of x_new). x (M, d_in); shortcut (d_out, d_in) in
     F.linear layout; y (M, d_out)."""
     return fused_linear(x, shortcut, residual=y, sumsq=True, tiles=tiles, out=out)
@@ -35,5 +41,7 @@ def row_scale(partials: torch.Tensor, original_width: int, eps: float) -> torch.
     return row_scale_reference(partials, original_width, eps)
 
 
-def shortcut_step_reference(x: torch.Tensor, shortcut: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def shortcut_step_reference(
+    x: torch.Tensor, shortcut: torch.Tensor, y: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     return fused_linear_reference(x, shortcut, residual=y, sumsq=True)

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sliceserve.decoder_spec import (
+from sliceserve.errors import SliceserveError
+from sliceserve.model.spec import (
     DecoderSpec,
     embedding_parameter_count,
     head_parameter_count,
     layer_parameter_count,
 )
-from sliceserve.errors import SliceserveError
 
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
 DEFAULT_RESERVE = 2**30  # 1 GiB a card: see the README's planner section for why

@@ -16,12 +16,10 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from sliceserve.decoder_spec import DecoderSpec, LayerWidths
 from sliceserve.errors import SliceserveError
+from sliceserve.model.spec import BIAS_NAMES, DecoderSpec, LayerWidths
 from sliceserve.slicing.families import Family, decoder_spec, family_for
 from sliceserve.slicing.slicer import kept_width
-
-BIAS_NAMES = ("q", "k", "v", "o", "gate", "up", "down", "head")
 
 
 @dataclass
@@ -81,7 +79,7 @@ def hf_bias_flags(family: Family, config: Any) -> dict[str, bool]:
 
 
 def checkpoint_shape(name: str, config: dict, folder: Path) -> ModelShape:
-    from sliceserve.runtime.loader import checkpoint_spec
+    from sliceserve.checkpoint import checkpoint_spec
 
     spec = checkpoint_spec(config)
     return ModelShape(name, spec, checkpoint_bias_flags(folder), config.get("dtype"))

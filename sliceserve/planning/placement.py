@@ -16,8 +16,9 @@ def serving_workload(dtype: str | None, *, max_batch: int, max_model_len: int) -
     return Workload(dtype=dtype if dtype in DTYPE_BYTES else "float16", batch=max_batch, context=max_model_len)
 
 
-def checkpoint_stage_ranges(path: str | Path, count: int, *, max_batch: int, max_model_len: int,
-                            budget: int | None = None) -> list[range]:
+def checkpoint_stage_ranges(
+    path: str | Path, count: int, *, max_batch: int, max_model_len: int, budget: int | None = None
+) -> list[range]:
     """`count` contiguous layer ranges balanced by bytes (weights, KV cache, activations);
     with a per-device `budget`, a SliceserveError when a stage would not fit in it."""
     shape = read_model_shape(path)

@@ -43,8 +43,13 @@ class StagePricer:
         first, last = layers.start == 0, layers.stop == self.num_layers
         weights = self.weights[layers.stop] - self.weights[layers.start]
         weights += c.embedding * first + c.head * last
-        return Stage(layers, weights, self.kv_cache[layers.stop] - self.kv_cache[layers.start],
-                     c.activations + c.logits * last, c.reserve)
+        return Stage(
+            layers,
+            weights,
+            self.kv_cache[layers.stop] - self.kv_cache[layers.start],
+            c.activations + c.logits * last,
+            c.reserve,
+        )
 
     def total(self, start: int, stop: int) -> int:
         return self.stage(range(start, stop)).total
@@ -106,10 +111,12 @@ def cannot_fit(pricer: StagePricer, budget: int, label: str) -> str:
     candidates += [range(i, i + 1) for i in range(pricer.num_layers)]
     worst = max((pricer.stage(r) for r in candidates), key=lambda s: s.total)
     first = worst.layers.start
-    return (f"{label} cannot fit on cards of {format_size(budget)}: a stage holding only layer {first} "
-            f"needs {format_size(worst.total)} ({format_size(worst.weights)} of weights, "
-            f"{format_size(worst.kv_cache)} of KV cache, {format_size(worst.activations)} of activations, "
-            f"{format_size(worst.reserve)} reserve)")
+    return (
+        f"{label} cannot fit on cards of {format_size(budget)}: a stage holding only layer {first} "
+        f"needs {format_size(worst.total)} ({format_size(worst.weights)} of weights, "
+        f"{format_size(worst.kv_cache)} of KV cache, {format_size(worst.activations)} of activations, "
+        f"{format_size(worst.reserve)} reserve)"
+    )
 
 
 def describe_layers(layers: range) -> str:

@@ -11,13 +11,13 @@ from dataclasses import dataclass
 
 import torch
 
-from sliceserve.decoder_spec import DecoderSpec
 from sliceserve.errors import SliceserveError
+from sliceserve.model.spec import ATTENTION_READERS, BLOCK_LINEARS, DecoderSpec
 
 METHODS = ("sparsegpt", "magnitude")
 
 # Every linear of a decoder layer is pruned; embeddings and the head stay dense, as in SparseGPT.
-PRUNED_LINEARS = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down")
+PRUNED_LINEARS = BLOCK_LINEARS
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ def check_method(method: str) -> str:
 
 def linear_input_widths(spec: DecoderSpec) -> dict[str, int]:
     """Input width of each pruned linear of a dense layer."""
-    widths = {name: spec.original_width for name in ("attn.q", "attn.k", "attn.v", "mlp.up")}
+    widths = {name: spec.original_width for name in (*ATTENTION_READERS, "mlp.up")}
     if spec.gated_mlp:
         widths["mlp.gate"] = spec.original_width
     widths["attn.o"] = spec.num_heads * spec.head_dim

@@ -77,8 +77,12 @@ def prune_group(weights: torch.Tensor, scale: torch.Tensor, strict: torch.Tensor
 
 
 def sparsegpt_prune(
-    weight: torch.Tensor, gram: torch.Tensor, pattern: NMPattern, *,
-    block_columns: int = BLOCK_COLUMNS, damping: float = DAMPING,
+    weight: torch.Tensor,
+    gram: torch.Tensor,
+    pattern: NMPattern,
+    *,
+    block_columns: int = BLOCK_COLUMNS,
+    damping: float = DAMPING,
 ) -> torch.Tensor:
     """`weight` (out, in) pruned to `pattern` with error compensation, given H = X^T X (in, in).
 

@@ -19,22 +19,19 @@ it ranks the fused weights.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from sliceserve.decoder_spec import DecoderSpec
+from sliceserve.model.decoder import MLP, Attention, rms_norm
+from sliceserve.model.rope import inverse_frequencies, rope_tables
+from sliceserve.model.spec import ATTENTION_READERS, ATTENTION_WRITER, MLP_READERS, MLP_WRITER, DecoderSpec
 from sliceserve.pruning.pattern import NMPattern
 from sliceserve.pruning.sparsegpt import reconstruction_error, sparsegpt_prune
-from sliceserve.runtime.model import MLP, Attention, rms_norm
-from sliceserve.runtime.rope import inverse_frequencies, rope_tables
 from sliceserve.slicing.fusion import Tensors
 from sliceserve.slicing.pca import Covariance
 from sliceserve.slicing.slicer import ActivationStore, Batches, activations_fit, module_inputs
-
-ATTENTION_INPUTS = ("attn.q", "attn.k", "attn.v")
-MLP_INPUTS = ("mlp.gate", "mlp.up")
 
 Activation = Callable[[torch.Tensor], torch.Tensor]
 
@@ -42,8 +39,15 @@ Activation = Callable[[torch.Tensor], torch.Tensor]
 class SparseGPTStream:
     """The calibration stream (original coordinates) and the pruning of one layer at a time."""
 
-    def __init__(self, spec: DecoderSpec, embeddings: Tensors, batches: Batches, pattern: NMPattern,
-                 device: torch.device, compute_dtype: torch.dtype):
+    def __init__(
+        self,
+        spec: DecoderSpec,
+        embeddings: Tensors,
+        batches: Batches,
+        pattern: NMPattern,
+        device: torch.device,
+        compute_dtype: torch.dtype,
+    ):
         self.spec, self.pattern, self.device, self.compute_dtype = spec, pattern, device, compute_dtype
         self.masks = [mask.to(device) for _, mask in batches]
         tokens = sum(int(ids.numel()) for ids, _ in batches)
@@ -113,28 +117,31 @@ class SparseGPTStream:
         return self.prune_sequential_layer(tensors)
 
     def prune_sequential_layer(self, tensors: Tensors) -> dict[str, float]:
-        errors = self.prune_readers(tensors, ATTENTION_INPUTS, *self.grams(self.norm))
+        errors = self.prune_readers(tensors, ATTENTION_READERS, *self.grams(self.norm))
         heads = self.module(Attention, tensors, "attn", without="o")
-        errors |= self.prune_readers(tensors, ("attn.o",), *self.grams(lambda x: heads(self.norm(x), self.rope(x))))
+        errors |= self.prune_readers(
+            tensors, (ATTENTION_WRITER,), *self.grams(lambda x: heads(self.norm(x), self.rope(x)))
+        )
         attention = self.module(Attention, tensors, "attn")
         self.advance(lambda x: x + attention(self.norm(x), self.rope(x)))
 
-        errors |= self.prune_readers(tensors, MLP_INPUTS, *self.grams(self.norm))
+        errors |= self.prune_readers(tensors, MLP_READERS, *self.grams(self.norm))
         hidden = self.module(MLP, tensors, "mlp", without="down")
-        errors |= self.prune_readers(tensors, ("mlp.down",), *self.grams(lambda x: hidden(self.norm(x))))
+        errors |= self.prune_readers(tensors, (MLP_WRITER,), *self.grams(lambda x: hidden(self.norm(x))))
         mlp = self.module(MLP, tensors, "mlp")
         self.advance(lambda x: x + mlp(self.norm(x)))
         return errors
 
     def prune_parallel_layer(self, tensors: Tensors) -> dict[str, float]:
         """Attention and MLP read one norm of the input and both write the output."""
-        errors = self.prune_readers(tensors, ATTENTION_INPUTS + MLP_INPUTS, *self.grams(self.norm))
+        errors = self.prune_readers(tensors, ATTENTION_READERS + MLP_READERS, *self.grams(self.norm))
         heads = self.module(Attention, tensors, "attn", without="o")
         hidden = self.module(MLP, tensors, "mlp", without="down")
-        heads_gram, hidden_gram = self.grams(lambda x: heads(self.norm(x), self.rope(x)),
-                                             lambda x: hidden(self.norm(x)))
-        errors |= self.prune_readers(tensors, ("attn.o",), heads_gram)
-        errors |= self.prune_readers(tensors, ("mlp.down",), hidden_gram)
+        heads_gram, hidden_gram = self.grams(
+            lambda x: heads(self.norm(x), self.rope(x)), lambda x: hidden(self.norm(x))
+        )
+        errors |= self.prune_readers(tensors, (ATTENTION_WRITER,), heads_gram)
+        errors |= self.prune_readers(tensors, (MLP_WRITER,), hidden_gram)
         attention, mlp = self.module(Attention, tensors, "attn"), self.module(MLP, tensors, "mlp")
 
         def block(x: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
-from sliceserve.runtime.engine import QueueFull, RequestRejected
+from sliceserve.engine.engine import QueueFull, RequestRejected
 from sliceserve.server.chat import create_chat_completion
 from sliceserve.server.completions import create_completion
 from sliceserve.server.errors import APIError, bad_request, install_error_handlers, queue_full
@@ -33,8 +33,13 @@ def create_app(engine: Any, settings: ServerSettings | None = None) -> FastAPI:
     created = int(time.time())
 
     def model_card() -> dict:
-        return {"id": settings.model_name, "object": "model", "created": created, "owned_by": "sliceserve",
-                "max_model_len": engine.max_model_len}
+        return {
+            "id": settings.model_name,
+            "object": "model",
+            "created": created,
+            "owned_by": "sliceserve",
+            "max_model_len": engine.max_model_len,
+        }
 
     @app.get("/health")
     async def health() -> dict:
@@ -52,8 +57,9 @@ def create_app(engine: Any, settings: ServerSettings | None = None) -> FastAPI:
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str) -> dict:
         if model_id != settings.model_name:
-            raise APIError(404, f"the model '{model_id}' does not exist", "invalid_request_error", "model",
-                           "model_not_found")
+            raise APIError(
+                404, f"the model '{model_id}' does not exist", "invalid_request_error", "model", "model_not_found"
+            )
         return model_card()
 
     app.add_api_route("/v1/completions", create_completion, methods=["POST"])
@@ -69,8 +75,13 @@ def create_app(engine: Any, settings: ServerSettings | None = None) -> FastAPI:
 
     install_error_handlers(app)
     routes = {route.path for route in app.routes}
-    app.add_middleware(Gate, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes, routes=routes,
-                       responses=app.state.responses)
+    app.add_middleware(
+        Gate,
+        api_key=settings.api_key,
+        max_body_bytes=settings.max_body_bytes,
+        routes=routes,
+        responses=app.state.responses,
+    )
     return app
 
 
@@ -84,8 +95,11 @@ def serve(engine: Any, settings: ServerSettings) -> None:
     import uvicorn
 
     app = create_app(engine, settings)
-    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
-                                           lifespan="off", timeout_graceful_shutdown=5))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app, host=settings.host, port=settings.port, log_level="info", lifespan="off", timeout_graceful_shutdown=5
+        )
+    )
 
     async def run() -> None:
         serving = asyncio.create_task(server.serve())
@@ -93,8 +107,11 @@ def serve(engine: Any, settings: ServerSettings) -> None:
             await asyncio.sleep(0.05)
         if server.started:
             port = server.servers[0].sockets[0].getsockname()[1] if server.servers else settings.port
-            print(f"sliceserve: serving {settings.model_name} at {display_url(settings.host, port)}/v1"
-                  f"{' (API key required)' if settings.api_key else ''}", flush=True)
+            print(
+                f"sliceserve: serving {settings.model_name} at {display_url(settings.host, port)}/v1"
+                f"{' (API key required)' if settings.api_key else ''}",
+                flush=True,
+            )
         await serving
 
     engine.start()

@@ -9,7 +9,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
-from sliceserve.runtime.requests import GenerationEvent, TokenLogprob
+from sliceserve.engine.requests import GenerationEvent, TokenLogprob
 from sliceserve.server.errors import bad_request
 from sliceserve.server.generation import AnswerShape, check_model, max_tokens_for, parse_body, respond
 from sliceserve.server.protocol import ChatCompletionRequest, ChatMessage
@@ -22,8 +22,12 @@ def chat_prompt_ids(tokenizer: Any, messages: list[ChatMessage]) -> list[int]:
     from jinja2 import TemplateError
 
     if not getattr(tokenizer, "chat_template", None):
-        raise bad_request("this model's tokenizer has no chat template, so it cannot take chat messages; "
-                          "use /v1/completions with a plain prompt", "messages", "no_chat_template")
+        raise bad_request(
+            "this model's tokenizer has no chat template, so it cannot take chat messages; "
+            "use /v1/completions with a plain prompt",
+            "messages",
+            "no_chat_template",
+        )
     conversation = []
     for message in messages:
         entry = {"role": message.role, "content": message.text()}
@@ -46,8 +50,12 @@ def token_entry(token: str, logprob: float) -> dict:
 
 
 def chat_logprobs(logprobs: list[TokenLogprob]) -> dict:
-    return {"content": [{**token_entry(lp.token, lp.logprob), "top_logprobs": [token_entry(t, v) for t, v in lp.top]}
-                        for lp in logprobs]}
+    return {
+        "content": [
+            {**token_entry(lp.token, lp.logprob), "top_logprobs": [token_entry(t, v) for t, v in lp.top]}
+            for lp in logprobs
+        ]
+    }
 
 
 async def create_chat_completion(request: Request) -> Response:
@@ -58,24 +66,38 @@ async def create_chat_completion(request: Request) -> Response:
         raise bad_request(f"n is {body.choices}; this server allows at most {settings.max_choices}", "n")
     prompt_ids = await run_in_threadpool(chat_prompt_ids, engine.tokenizer, body.messages)
     tokens_param = "max_tokens" if body.max_completion_tokens is None else "max_completion_tokens"
-    max_tokens = max_tokens_for(len(prompt_ids), body.requested_max_tokens(), None, engine.max_model_len,
-                                "messages", tokens_param)
+    max_tokens = max_tokens_for(
+        len(prompt_ids), body.requested_max_tokens(), None, engine.max_model_len, "messages", tokens_param
+    )
     logprobs = body.logprobs_count()
     choices = [Choice(i, 0, prompt_ids, body.sampling_params(max_tokens, i, logprobs)) for i in range(body.choices)]
 
     def whole(streams: ChoiceStreams, response_id: str, created: int) -> dict:
-        entries = [{
-            "index": c.index,
-            "message": {"role": "assistant", "content": c.text},
-            "logprobs": None if logprobs is None else chat_logprobs(c.logprobs),
-            "finish_reason": c.finish_reason,
-        } for c in streams.choices]
-        return {"id": response_id, "object": "chat.completion", "created": created, "model": model,
-                "choices": entries, "usage": streams.usage()}
+        entries = [
+            {
+                "index": c.index,
+                "message": {"role": "assistant", "content": c.text},
+                "logprobs": None if logprobs is None else chat_logprobs(c.logprobs),
+                "finish_reason": c.finish_reason,
+            }
+            for c in streams.choices
+        ]
+        return {
+            "id": response_id,
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "choices": entries,
+            "usage": streams.usage(),
+        }
 
     def opening(choice: Choice) -> dict:
-        return {"index": choice.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                "finish_reason": None}
+        return {
+            "index": choice.index,
+            "delta": {"role": "assistant", "content": ""},
+            "logprobs": None,
+            "finish_reason": None,
+        }
 
     def chunk_choice(choice: Choice, event: GenerationEvent) -> dict | None:
         if not (event.text or event.logprobs or event.finished):

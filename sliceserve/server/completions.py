@@ -6,7 +6,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
-from sliceserve.runtime.requests import GenerationEvent, TokenLogprob
+from sliceserve.engine.requests import GenerationEvent, TokenLogprob
 from sliceserve.server.errors import bad_request
 from sliceserve.server.generation import AnswerShape, check_model, max_tokens_for, parse_body, respond
 from sliceserve.server.protocol import CompletionRequest
@@ -16,8 +16,7 @@ DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 
 
 def vocabulary_size(engine) -> int:
-    spec = getattr(getattr(engine, "model", None), "spec", None)
-    return spec.vocab_size if spec is not None else len(engine.tokenizer)
+    return engine.model.spec.vocab_size
 
 
 def tokenize(tokenizer, prompts: list[str | list[int]], vocab: int) -> list[list[int]]:
@@ -55,8 +54,11 @@ async def create_completion(request: Request) -> Response:
     engine, settings = request.app.state.engine, request.app.state.settings
     prompts = body.prompts()
     if len(prompts) * body.choices > settings.max_choices:
-        raise bad_request(f"n times the number of prompts is {len(prompts) * body.choices}; this server allows "
-                          f"at most {settings.max_choices}", "n")
+        raise bad_request(
+            f"n times the number of prompts is {len(prompts) * body.choices}; this server allows "
+            f"at most {settings.max_choices}",
+            "n",
+        )
     token_lists = await run_in_threadpool(tokenize, engine.tokenizer, prompts, vocabulary_size(engine))
     choices = []
     for p, ids in enumerate(token_lists):
@@ -66,14 +68,23 @@ async def create_completion(request: Request) -> Response:
             choices.append(Choice(p * body.choices + i, p, ids, body.sampling_params(max_tokens, i, body.logprobs)))
 
     def whole(streams: ChoiceStreams, response_id: str, created: int) -> dict:
-        entries = [{
-            "index": c.index,
-            "text": c.text,
-            "logprobs": None if body.logprobs is None else completion_logprobs(c.logprobs, 0),
-            "finish_reason": c.finish_reason,
-        } for c in streams.choices]
-        return {"id": response_id, "object": "text_completion", "created": created, "model": model,
-                "choices": entries, "usage": streams.usage()}
+        entries = [
+            {
+                "index": c.index,
+                "text": c.text,
+                "logprobs": None if body.logprobs is None else completion_logprobs(c.logprobs, 0),
+                "finish_reason": c.finish_reason,
+            }
+            for c in streams.choices
+        ]
+        return {
+            "id": response_id,
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "choices": entries,
+            "usage": streams.usage(),
+        }
 
     def chunk_choice(choice: Choice, event: GenerationEvent) -> dict | None:
         if not (event.text or event.logprobs or event.finished):

@@ -12,9 +12,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+
 class APIError(Exception):
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = headers
@@ -31,18 +39,35 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
 
 
 def queue_full() -> APIError:
-    return APIError(429, "the server is at capacity: its request queue is full, retry later",
-                    "rate_limit_exceeded", None, "queue_full", headers={"Retry-After": "1"})
+    return APIError(
+        429,
+        "the server is at capacity: its request queue is full, retry later",
+        "rate_limit_exceeded",
+        None,
+        "queue_full",
+        headers={"Retry-After": "1"},
+    )
 
 
 def unauthorized() -> APIError:
-    return APIError(401, "missing or incorrect API key: send 'Authorization: Bearer <key>'",
-                    "authentication_error", None, "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+    return APIError(
+        401,
+        "missing or incorrect API key: send 'Authorization: Bearer <key>'",
+        "authentication_error",
+        None,
+        "invalid_api_key",
+        headers={"WWW-Authenticate": "Bearer"},
+    )
 
 
 def too_large(limit: int) -> APIError:
-    return APIError(413, f"request body larger than the server's limit of {limit} bytes",
-                    "invalid_request_error", None, "request_too_large")
+    return APIError(
+        413,
+        f"request body larger than the server's limit of {limit} bytes",
+        "invalid_request_error",
+        None,
+        "request_too_large",
+    )
 
 
 def internal_error() -> APIError:
@@ -60,8 +85,11 @@ TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none", "literal", "
 
 
 def location(loc: tuple) -> list[str]:
-    return [str(part) for part in loc
-            if part != "body" and not (isinstance(part, str) and (part in TYPE_TAGS or "[" in part or "-" in part))]
+    return [
+        str(part)
+        for part in loc
+        if part != "body" and not (isinstance(part, str) and (part in TYPE_TAGS or "[" in part or "-" in part))
+    ]
 
 
 def validation_message(errors: list[dict]) -> tuple[str, str | None]:

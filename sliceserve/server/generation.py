@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from sliceserve.runtime.requests import GenerationEvent
+from sliceserve.engine.requests import GenerationEvent
 from sliceserve.server.errors import APIError, bad_request, internal_error, validation_message
 from sliceserve.server.protocol import GenerationRequest
 from sliceserve.server.streams import Choice, ChoiceStreams, ClientGone, unless_disconnected
@@ -51,23 +51,41 @@ async def parse_body(request: Request, model: type[R]) -> R:
 def check_model(request: Request, body: GenerationRequest) -> str:
     served = request.app.state.settings.model_name
     if body.model is not None and body.model != served:
-        raise APIError(404, f"the model '{body.model}' does not exist; this server serves '{served}'",
-                       "invalid_request_error", "model", "model_not_found")
+        raise APIError(
+            404,
+            f"the model '{body.model}' does not exist; this server serves '{served}'",
+            "invalid_request_error",
+            "model",
+            "model_not_found",
+        )
     return served
 
 
-def max_tokens_for(prompt_tokens: int, requested: int | None, default: int | None, max_model_len: int,
-                   prompt_param: str, tokens_param: str = "max_tokens") -> int:
+def max_tokens_for(
+    prompt_tokens: int,
+    requested: int | None,
+    default: int | None,
+    max_model_len: int,
+    prompt_param: str,
+    tokens_param: str = "max_tokens",
+) -> int:
     """The tokens to generate: as asked, or the default clipped to the context left."""
     if prompt_tokens >= max_model_len:
-        raise bad_request(f"the prompt is {prompt_tokens} tokens long; this model's context is {max_model_len} tokens",
-                          prompt_param, "context_length_exceeded")
+        raise bad_request(
+            f"the prompt is {prompt_tokens} tokens long; this model's context is {max_model_len} tokens",
+            prompt_param,
+            "context_length_exceeded",
+        )
     room = max_model_len - prompt_tokens
     if requested is None:
         return room if default is None else min(default, room)
     if requested > room:
-        raise bad_request(f"the prompt ({prompt_tokens} tokens) plus {tokens_param} ({requested}) exceed this model's "
-                          f"context of {max_model_len} tokens", tokens_param, "context_length_exceeded")
+        raise bad_request(
+            f"the prompt ({prompt_tokens} tokens) plus {tokens_param} ({requested}) exceed this model's "
+            f"context of {max_model_len} tokens",
+            tokens_param,
+            "context_length_exceeded",
+        )
     return requested
 
 
@@ -79,11 +97,13 @@ def sse(data: dict | str) -> bytes:
 def failure(event: GenerationEvent) -> APIError | None:
     """The error an event reports (engine failure, or a request cancelled by shutdown)."""
     if event.finish_reason == "error":
-        return APIError(500, f"generation failed: {event.error or 'engine error'}", "server_error", None,
-                        "internal_error")
+        return APIError(
+            500, f"generation failed: {event.error or 'engine error'}", "server_error", None, "internal_error"
+        )
     if event.finish_reason == "cancelled":
-        return APIError(503, "the request was cancelled: the server is shutting down", "server_error", None,
-                        "cancelled")
+        return APIError(
+            503, "the request was cancelled: the server is shutting down", "server_error", None, "cancelled"
+        )
     return None
 
 
@@ -106,8 +126,9 @@ async def collect(streams: ChoiceStreams) -> None:
             raise error
 
 
-async def respond(request: Request, body: GenerationRequest, model: str, choices: list[Choice],
-                  shape: AnswerShape) -> Response:
+async def respond(
+    request: Request, body: GenerationRequest, model: str, choices: list[Choice], shape: AnswerShape
+) -> Response:
     """Run the choices and answer: one JSON object, or server-sent events when body.stream."""
     streams = ChoiceStreams(request.app.state.engine, choices)
     response_id, created = f"{shape.id_prefix}-{uuid.uuid4().hex}", int(time.time())
@@ -124,8 +145,7 @@ async def respond(request: Request, body: GenerationRequest, model: str, choices
         return JSONResponse(shape.whole(streams, response_id, created))
 
     def chunk(entries: list[dict]) -> dict:
-        out = {"id": response_id, "object": shape.chunk_object, "created": created, "model": model,
-               "choices": entries}
+        out = {"id": response_id, "object": shape.chunk_object, "created": created, "model": model, "choices": entries}
         if body.include_usage:
             out["usage"] = None
         return out
@@ -154,5 +174,6 @@ async def respond(request: Request, body: GenerationRequest, model: str, choices
             streams.close()
         yield sse("[DONE]")
 
-    return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )

@@ -7,7 +7,7 @@ import threading
 from collections import Counter
 from typing import Any
 
-from sliceserve.runtime.stats import EngineStats, Histogram
+from sliceserve.engine.stats import EngineStats, Histogram
 
 PREFIX = "sliceserve"
 
@@ -78,8 +78,9 @@ def engine_metrics(out: Exposition, stats: EngineStats) -> None:
     with stats.lock:  # copy under the lock, render outside it
         finished = dict(stats.finished)
         prompt_tokens, generation_tokens = stats.prompt_tokens, stats.generation_tokens
-        ttft, itl, latency = (copy_histogram(h) for h in
-                              (stats.time_to_first_token, stats.inter_token_latency, stats.request_latency))
+        ttft, itl, latency = (
+            copy_histogram(h) for h in (stats.time_to_first_token, stats.inter_token_latency, stats.request_latency)
+        )
         running, waiting = stats.running, stats.waiting
         slots_used, slots_total, kv_bytes = stats.kv_slots_used, stats.kv_slots_total, stats.kv_cache_bytes
     name = out.family("requests_finished_total", "counter", "Generation requests finished, by reason.")
@@ -94,8 +95,12 @@ def engine_metrics(out: Exposition, stats: EngineStats) -> None:
     out.single("requests_waiting", "gauge", "Requests waiting in the queue.", waiting)
     out.single("kv_cache_slots_used", "gauge", "KV cache slots in use.", slots_used)
     out.single("kv_cache_slots_total", "gauge", "KV cache slots in all.", slots_total)
-    out.single("kv_cache_usage_ratio", "gauge", "Fraction of the KV cache slots in use.",
-               slots_used / slots_total if slots_total else 0.0)
+    out.single(
+        "kv_cache_usage_ratio",
+        "gauge",
+        "Fraction of the KV cache slots in use.",
+        slots_used / slots_total if slots_total else 0.0,
+    )
     out.single("kv_cache_bytes", "gauge", "Bytes the KV cache holds allocated.", kv_bytes)
 
 

@@ -15,8 +15,9 @@ OPEN_PATHS = {"/health"}  # answered without the API key
 
 
 class Gate:
-    def __init__(self, app: ASGIApp, *, api_key: str | None, max_body_bytes: int, routes: set[str],
-                 responses: ResponseCounter):
+    def __init__(
+        self, app: ASGIApp, *, api_key: str | None, max_body_bytes: int, routes: set[str], responses: ResponseCounter
+    ):
         self.app = app
         self.api_key = api_key
         self.max_body_bytes = max_body_bytes

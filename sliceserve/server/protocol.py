@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from sliceserve.runtime.requests import SamplingParams
+from sliceserve.engine.requests import SamplingParams
 from sliceserve.server.errors import bad_request
 
 MAX_STOP_SEQUENCES = 16
@@ -161,8 +161,9 @@ class ChatCompletionRequest(GenerationRequest):
 
     def check(self) -> None:
         if self.max_completion_tokens is not None and self.max_completion_tokens < 1:
-            raise bad_request(f"max_completion_tokens must be at least 1, got {self.max_completion_tokens}",
-                              "max_completion_tokens")
+            raise bad_request(
+                f"max_completion_tokens must be at least 1, got {self.max_completion_tokens}", "max_completion_tokens"
+            )
         super().check()
         if self.top_logprobs is not None and not self.logprobs:
             raise bad_request("top_logprobs needs logprobs set to true", "top_logprobs")

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 from starlette.requests import Request
 
-from sliceserve.runtime.requests import GenerationEvent, SamplingParams, TokenLogprob
+from sliceserve.engine.requests import GenerationEvent, SamplingParams, TokenLogprob
 
 T = TypeVar("T")
 
@@ -106,8 +106,11 @@ class ChoiceStreams:
         """Prompt tokens counted once per prompt (as OpenAI does with n > 1), completions per choice."""
         prompts = {c.prompt_index: c.prompt_tokens for c in self.choices}
         prompt_tokens, completion_tokens = sum(prompts.values()), sum(c.completion_tokens for c in self.choices)
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens}
+        return {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
 
 
 class ClientGone(Exception):

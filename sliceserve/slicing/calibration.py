@@ -8,8 +8,8 @@ padding out of the slicing statistics.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sliceserve.decoder_spec import DecoderSpec, RopeSpec
 from sliceserve.errors import SliceserveError
+from sliceserve.model.spec import DecoderSpec, RopeSpec
 
 ACTIVATION_NAMES = {
     "silu": "silu",
@@ -193,7 +193,7 @@ def decoder_spec(family: Family, config: Any) -> DecoderSpec:
     width = config.hidden_size
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or width // heads
-    activation = getattr(config, "hidden_act", None) or getattr(config, "activation_function")
+    activation = getattr(config, "hidden_act", None) or config.activation_function
     eps = getattr(config, "rms_norm_eps", None) or getattr(config, "layer_norm_eps", None) or 1e-5
     sliding = getattr(config, "sliding_window", None) if family.name == "mistral" else None
     spec = DecoderSpec(
@@ -204,7 +204,7 @@ def decoder_spec(family: Family, config: Any) -> DecoderSpec:
         num_heads=heads,
         num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
         head_dim=head_dim,
-        intermediate_size=getattr(config, "intermediate_size", None) or getattr(config, "ffn_dim"),
+        intermediate_size=getattr(config, "intermediate_size", None) or config.ffn_dim,
         activation=ACTIVATION_NAMES[activation],
         gated_mlp="gate" in family.mlp,
         parallel_block=family.parallel_block,

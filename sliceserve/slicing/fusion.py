@@ -6,7 +6,7 @@ writes the residual stream (embedding and position rows, attention and MLP outpu
 linears), so that the stream has zero mean and LN(x) = g * rmsnorm(x) + b; then fold g
 into the readers' weights and b into their biases (bias <- bias + W b).
 
-The results are canonical tensors (names of ``sliceserve.runtime.model``) in the original
+The results are canonical tensors (names of ``sliceserve.model.decoder``) in the original
 residual coordinates, computed in float64 when asked so that rounding stays negligible.
 """
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from sliceserve.model.spec import ATTENTION_READERS, ATTENTION_WRITER, MLP_READERS, MLP_WRITER
 from sliceserve.slicing.families import OPT_POSITION_OFFSET, Family
 from sliceserve.slicing.sources import ModelSource
 
@@ -27,9 +28,7 @@ def read(source: ModelSource, stem: str, device: torch.device, dtype: torch.dtyp
     return move(weight), move(bias)
 
 
-def fold_norm(
-    tensors: Tensors, reader: str, norm_weight: torch.Tensor | None, norm_bias: torch.Tensor | None
-) -> None:
+def fold_norm(tensors: Tensors, reader: str, norm_weight: torch.Tensor | None, norm_bias: torch.Tensor | None) -> None:
     """Make the linear `reader` read a weightless norm instead of one with (g, b)."""
     weight = tensors[f"{reader}.weight"]
     if norm_bias is not None:
@@ -73,14 +72,14 @@ def fused_layer(source: ModelSource, family: Family, index: int, device, dtype) 
             tensors[f"{canonical}.bias"] = bias
     attn_norm = read(source, names["attn_norm"], device, dtype)
     mlp_norm = attn_norm if family.parallel_block else read(source, names["mlp_norm"], device, dtype)
-    for reader in ("attn.q", "attn.k", "attn.v"):
+    for reader in ATTENTION_READERS:
         fold_norm(tensors, reader, *attn_norm)
-    for reader in ("mlp.gate", "mlp.up"):
+    for reader in MLP_READERS:
         if f"{reader}.weight" in tensors:
             fold_norm(tensors, reader, *mlp_norm)
     if family.layer_norm:
-        centre_writer(tensors, "attn.o")
-        centre_writer(tensors, "mlp.down")
+        centre_writer(tensors, ATTENTION_WRITER)
+        centre_writer(tensors, MLP_WRITER)
     return tensors
 
 

@@ -13,10 +13,10 @@ import queue
 import torch
 from tqdm import tqdm
 
+from sliceserve.engine.engine import Engine
+from sliceserve.engine.requests import SamplingParams
 from sliceserve.errors import SliceserveError
-from sliceserve.runtime.engine import Engine
-from sliceserve.runtime.model import Transformer
-from sliceserve.runtime.requests import SamplingParams
+from sliceserve.model.decoder import Transformer
 from sliceserve.slicing.families import decoder_spec
 from sliceserve.slicing.fusion import fused_embeddings, fused_head, fused_layer
 from sliceserve.slicing.sources import ModelSource
@@ -70,8 +70,14 @@ def generated_token_windows(
     if prompt == [None]:
         raise SliceserveError("the tokenizer has neither a BOS nor an EOS token to start generating from")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
-    engine = Engine(model, tokenizer, max_batch=min(batch_size, nsamples), max_model_len=seqlen,
-                    max_queue=nsamples, prefill_chunk=seqlen)
+    engine = Engine(
+        model,
+        tokenizer,
+        max_batch=min(batch_size, nsamples),
+        max_model_len=seqlen,
+        max_queue=nsamples,
+        prefill_chunk=seqlen,
+    )
     if tokenizer.eos_token_id is not None:
         engine.eos = {tokenizer.eos_token_id}
     events: queue.Queue = queue.Queue()
@@ -79,11 +85,16 @@ def generated_token_windows(
     engine.start()
     try:
         for i in range(nsamples):
-            params = SamplingParams(max_tokens=seqlen - len(prompt), temperature=1.0, seed=seed + i,
-                                    ignore_eos=chat_prefix is not None)
+            params = SamplingParams(
+                max_tokens=seqlen - len(prompt), temperature=1.0, seed=seed + i, ignore_eos=chat_prefix is not None
+            )
             engine.submit(prompt, params, lambda event, i=i: events.put((i, event)))
-        with tqdm(total=nsamples * (seqlen - len(prompt)), desc="generating calibration text", unit="tok",
-                  disable=not progress) as bar:
+        with tqdm(
+            total=nsamples * (seqlen - len(prompt)),
+            desc="generating calibration text",
+            unit="tok",
+            disable=not progress,
+        ) as bar:
             done = 0
             while done < nsamples:
                 i, event = events.get()
@@ -91,7 +102,9 @@ def generated_token_windows(
                 bar.update(len(event.token_ids))
                 if event.finished:
                     if event.finish_reason not in ("stop", "length"):
-                        raise SliceserveError(f"generating calibration text failed: {event.error or event.finish_reason}")
+                        raise SliceserveError(
+                            f"generating calibration text failed: {event.error or event.finish_reason}"
+                        )
                     bar.update(seqlen - len(outputs[i]))
                     done += 1
     finally:

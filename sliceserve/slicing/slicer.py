@@ -21,10 +21,17 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from sliceserve.decoder_spec import DecoderSpec, LayerWidths
 from sliceserve.errors import SliceserveError
-from sliceserve.runtime.model import MLP, Attention, rms_norm
-from sliceserve.runtime.rope import inverse_frequencies, rope_tables
+from sliceserve.model.decoder import MLP, Attention, rms_norm
+from sliceserve.model.rope import inverse_frequencies, rope_tables
+from sliceserve.model.spec import (
+    ATTENTION_READERS,
+    ATTENTION_WRITER,
+    MLP_READERS,
+    MLP_WRITER,
+    DecoderSpec,
+    LayerWidths,
+)
 from sliceserve.slicing.families import decoder_spec
 from sliceserve.slicing.fusion import Tensors, fused_embeddings, fused_head, fused_layer
 from sliceserve.slicing.pca import Covariance, explained_variance
@@ -92,8 +99,17 @@ def module_inputs(tensors: Tensors, dtype: torch.dtype):
 class Slicer:
     """Holds the state of one slicing run (spec, widths, activations, writer)."""
 
-    def __init__(self, source: ModelSource, writer, *, sparsity: float, round_to: int,
-                 device: torch.device, compute_dtype: torch.dtype, progress: bool = True):
+    def __init__(
+        self,
+        source: ModelSource,
+        writer,
+        *,
+        sparsity: float,
+        round_to: int,
+        device: torch.device,
+        compute_dtype: torch.dtype,
+        progress: bool = True,
+    ):
         self.source, self.writer, self.family = source, writer, source.family
         self.spec = decoder_spec(self.family, source.config)
         self.device, self.compute_dtype, self.progress = device, compute_dtype, progress
@@ -167,7 +183,7 @@ class Slicer:
 
     def sequential_layer(self, tensors: Tensors, q_in: torch.Tensor, store: ActivationStore, masks):
         """Attention reads the input point, the MLP the middle point; rotate and slice both."""
-        for reader in ("attn.q", "attn.k", "attn.v"):
+        for reader in ATTENTION_READERS:
             tensors[f"{reader}.weight"] = tensors[f"{reader}.weight"] @ q_in
         attention = Attention(self.spec, module_inputs(tensors, self.compute_dtype), "attn")
         q_in_c = q_in.to(self.compute_dtype)
@@ -178,10 +194,10 @@ class Slicer:
             cov.add(middle, mask)
             store.put(i, middle)
         q_mid, mid_explained = self.basis(cov)
-        rotate_writer(tensors, "attn.o", q_mid)
+        rotate_writer(tensors, ATTENTION_WRITER, q_mid)
         tensors["attn_shortcut"] = q_mid.T @ q_in
 
-        for reader in ("mlp.gate", "mlp.up"):
+        for reader in MLP_READERS:
             if f"{reader}.weight" in tensors:
                 tensors[f"{reader}.weight"] = tensors[f"{reader}.weight"] @ q_mid
         mlp = MLP(self.spec, module_inputs(tensors, self.compute_dtype), "mlp")
@@ -193,7 +209,7 @@ class Slicer:
             cov.add(output, mask)
             store.put(i, output)
         q_out, out_explained = self.basis(cov)
-        rotate_writer(tensors, "mlp.down", q_out)
+        rotate_writer(tensors, MLP_WRITER, q_out)
         tensors["mlp_shortcut"] = q_out.T @ q_mid
         q_out_c = q_out.to(self.compute_dtype)
         for i in range(len(masks)):
@@ -203,7 +219,7 @@ class Slicer:
 
     def parallel_layer(self, tensors: Tensors, q_in: torch.Tensor, store: ActivationStore, masks):
         """Attention and MLP both read the input point and write the output point."""
-        for reader in ("attn.q", "attn.k", "attn.v", "mlp.gate", "mlp.up"):
+        for reader in ATTENTION_READERS + MLP_READERS:
             if f"{reader}.weight" in tensors:
                 tensors[f"{reader}.weight"] = tensors[f"{reader}.weight"] @ q_in
         get = module_inputs(tensors, self.compute_dtype)
@@ -217,8 +233,8 @@ class Slicer:
             cov.add(output, mask)
             store.put(i, output)
         q_out, out_explained = self.basis(cov)
-        rotate_writer(tensors, "attn.o", q_out)
-        rotate_writer(tensors, "mlp.down", q_out)
+        rotate_writer(tensors, ATTENTION_WRITER, q_out)
+        rotate_writer(tensors, MLP_WRITER, q_out)
         tensors["shortcut"] = q_out.T @ q_in
         q_out_c = q_out.to(self.compute_dtype)
         for i in range(len(masks)):

@@ -1,0 +1,316 @@
+"""Served speed against model speed, dense and sliced, in one run on one GPU.
+
+For each variant (random weights of a real shape, written by `sliceserve export random:SHAPE`):
+  1. model level: the fast path's CUDA-graph decode step alone (the graph the engine replays),
+     `batch` rows at the scenario's context, greedy argmax fed back on the GPU: tok/s;
+  2. served: `sliceserve serve` in its own process, loaded by benchmarks/serve_bench.py over
+     HTTP (streaming, greedy, ignore_eos), at each scenario's concurrency, with the GPU's
+     utilisation sampled through NVML while it runs.
+The report gives served / model-level per scenario and sliced / dense served, against the
+serving issue's targets.
+
+    python benchmarks/serve_gpu.py --tokenizer .tokenizer/smollm2 --out-dir $OUT
+    python benchmarks/serve_gpu.py --quick --tokenizer DIR --out-dir /tmp/x     # CPU smoke run (tiny shape)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from serve_bench import BenchConfig, run_benchmark  # noqa: E402
+
+
+@dataclass
+class Scenario:
+    name: str
+    concurrency: int
+    input_len: int
+    output_len: int
+    num_prompts: int
+    target: float | None  # served / model-level wanted
+
+
+SCENARIOS = [
+    Scenario("c64", 64, 256, 256, 128, 0.85),
+    Scenario("c16", 16, 256, 256, 64, 0.9),
+    Scenario("c1", 1, 256, 256, 6, 0.95),
+    Scenario("c64-short", 64, 32, 64, 256, 0.7),
+]
+QUICK = [Scenario("c4", 4, 16, 8, 12, None), Scenario("c1", 1, 16, 8, 3, None)]
+
+
+def export(shape: str, sparsity: float, tokenizer: str, out: Path, device: str) -> Path:
+    if not (out / "config.json").exists():
+        command = [
+            sys.executable,
+            "-m",
+            "sliceserve",
+            "export",
+            f"random:{shape}",
+            "--tokenizer",
+            tokenizer,
+            "--sparsity",
+            str(sparsity),
+            "--device",
+            device,
+            "--out",
+            str(out),
+        ]
+        subprocess.run(command, check=True)
+    return out
+
+
+@torch.inference_mode()
+def model_decode_tok_s(model, device: str, batch: int, context: int, steps: int) -> float:
+    """Decode tok/s of the fast path alone: `steps` graph replays of `batch` rows whose prompts
+    of `context` tokens were prefilled, each step's argmax the next step's input."""
+    from sliceserve.model.kv_cache import PrefillChunk
+
+    cache = model.new_cache(slots=batch, max_len=context + steps + 4)
+    vocab = model.spec.vocab_size
+    prompts = torch.randint(0, vocab, (batch, context), generator=torch.Generator().manual_seed(0))
+    logits = model.prefill([PrefillChunk(p.tolist(), 0, slot) for slot, p in enumerate(prompts)], cache)
+    tokens = logits.argmax(-1)
+    slots = torch.arange(batch, device=device)
+    position = torch.full((batch,), context, device=device)
+    if device.startswith("cuda"):
+        graphs = model.decode_graphs(cache)
+        run = lambda t, p: graphs.run(t, p, slots)
+    else:
+        run = lambda t, p: model.forward_cached(t[:, None], p[:, None], slots, cache)[:, 0]
+    tokens = run(tokens, position).argmax(-1)  # warm-up (captures the graph)
+    sync(device)
+    start = time.perf_counter()
+    for step in range(1, steps):
+        tokens = run(tokens, position + step).argmax(-1)
+    sync(device)
+    seconds = time.perf_counter() - start
+    model.graphs = None  # the graphs pin this cache
+    return batch * (steps - 1) / seconds
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+class Utilisation:
+    """GPU utilisation (NVML's percent of time a kernel ran) sampled every 100 ms."""
+
+    def __init__(self):
+        self.samples: list[int] = []
+        self.handle, self.stop = None, threading.Event()
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self.handle, self.nvml = pynvml.nvmlDeviceGetHandleByIndex(0), pynvml
+        except Exception:  # no NVML (a CPU run): no samples
+            pass
+
+    def __enter__(self):
+        if self.handle is not None:
+            self.thread = threading.Thread(target=self.sample, daemon=True)
+            self.thread.start()
+        return self
+
+    def sample(self) -> None:
+        while not self.stop.wait(0.1):
+            self.samples.append(self.nvml.nvmlDeviceGetUtilizationRates(self.handle).gpu)
+
+    def __exit__(self, *exc):
+        self.stop.set()
+
+    def summary(self) -> dict | None:
+        if not self.samples:
+            return None
+        ordered = sorted(self.samples)
+        return {
+            "mean": round(sum(ordered) / len(ordered), 1),
+            "p10": ordered[len(ordered) // 10],
+            "samples": len(ordered),
+        }
+
+
+def start_server(checkpoint: Path, device: str, port: int, max_batch: int, max_model_len: int, log: Path):
+    command = [
+        sys.executable,
+        "-m",
+        "sliceserve",
+        "serve",
+        str(checkpoint),
+        "--device",
+        device,
+        "--port",
+        str(port),
+        "--max-batch",
+        str(max_batch),
+        "--max-model-len",
+        str(max_model_len),
+        "--max-queue",
+        "4096",
+    ]
+    server = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"the server exited with {server.returncode}: {log.read_text()[-2000:]}")
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            return server
+        except OSError:
+            time.sleep(1)
+    server.kill()
+    raise RuntimeError("the server did not come up in 10 minutes")
+
+
+def run_variant(name: str, checkpoint: Path, args, scenarios: list[Scenario], out_dir: Path) -> dict:
+    from sliceserve.fast.model import FastTransformer
+    from sliceserve.model.loader import load_model
+
+    result = {"variant": name, "checkpoint": str(checkpoint), "scenarios": []}
+    model = FastTransformer(load_model(checkpoint, device=args.device))
+    for s in scenarios:
+        steps = min(s.output_len, 128)
+        s_model = model_decode_tok_s(model, args.device, s.concurrency, s.input_len + s.output_len // 2, steps)
+        result["scenarios"].append({"name": s.name, "model_tok_s": s_model})
+        print(f"{name} {s.name}: model-level decode {s_model:,.0f} tok/s", flush=True)
+    del model
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    vocab = json.loads((checkpoint / "config.json").read_text())["model"]["vocab_size"]
+    max_len = max(s.input_len + s.output_len for s in scenarios) + 8
+    server = start_server(checkpoint, args.device, args.port, args.max_batch, max_len, out_dir / f"server_{name}.log")
+    try:
+        for s, row in zip(scenarios, result["scenarios"]):
+            config = BenchConfig(
+                base_url=f"http://127.0.0.1:{args.port}/v1",
+                num_prompts=s.num_prompts,
+                input_len=s.input_len,
+                output_len=s.output_len,
+                concurrency=s.concurrency,
+                warmup=min(s.concurrency, 8),
+                label=f"{name}-{s.name}",
+                seed=1,
+                vocab_size=vocab,
+            )
+            with Utilisation() as utilisation:
+                served = asyncio.run(run_benchmark(config))
+            row["served"] = {k: served[k] for k in ("metrics",) if k in served} or served
+            row["gpu_utilisation"] = utilisation.summary()
+            tok_s = served["metrics"]["output_throughput"]
+            row["served_tok_s"], row["served_over_model"] = tok_s, tok_s / row["model_tok_s"]
+            row["target"] = s.target
+            print(
+                f"{name} {s.name}: served {tok_s:,.0f} tok/s = {row['served_over_model']:.2f} of model level, "
+                f"TTFT p99 {served['metrics']['ttft_ms']['p99']:.0f} ms, errors {served['metrics']['errors']}",
+                flush=True,
+            )
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    return result
+
+
+def markdown(result: dict) -> str:
+    c = result["conditions"]
+    lines = [
+        f"# Served vs model-level decode, {c['shape']} shapes (random weights)",
+        "",
+        f"{c['device']}, {c['dtype']}, torch {c['torch']}, Python {c['python']}, {c['date']}. "
+        f"Server: `sliceserve serve --max-batch {c['max_batch']}`, streaming, greedy, ignore_eos, "
+        "benchmarks/serve_bench.py on the same machine. Model level: the same CUDA-graph decode step alone, "
+        "batch = concurrency, context = prompt + half the output.",
+        "",
+        "| variant | scenario | in / out | model tok/s | served tok/s | served / model (target) | TTFT p50 / p99 ms | "
+        "TPOT p50 ms | GPU util mean | errors |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    scenarios = {s["name"]: s for s in c["scenarios"]}
+    for v in result["variants"]:
+        for row in v["scenarios"]:
+            s, m = scenarios[row["name"]], row["served"]["metrics"]
+            target = row.get("target")
+            verdict = (
+                "" if target is None else f" ({target:g}: {'met' if row['served_over_model'] >= target else 'missed'})"
+            )
+            util = row.get("gpu_utilisation") or {}
+            lines.append(
+                f"| {v['variant']} | {row['name']} (c={s['concurrency']}) | {s['input_len']} / {s['output_len']} | "
+                f"{row['model_tok_s']:,.0f} | {row['served_tok_s']:,.0f} | {row['served_over_model']:.2f}{verdict} | "
+                f"{m['ttft_ms']['p50']:.0f} / {m['ttft_ms']['p99']:.0f} | {m['tpot_ms']['p50']:.1f} | "
+                f"{util.get('mean', '-')} | {m['errors'] or 'none'} |"
+            )
+    if len(result["variants"]) == 2:
+        dense, sliced = result["variants"]
+        lines += [
+            "",
+            f"{sliced['variant']} / {dense['variant']}, served tok/s: "
+            + ", ".join(
+                f"{a['name']} {b['served_tok_s'] / a['served_tok_s']:.3f}x"
+                for a, b in zip(dense["scenarios"], sliced["scenarios"])
+            ),
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="llama-2-7b")
+    parser.add_argument("--tokenizer", required=True, help="a saved Hugging Face tokenizer folder")
+    parser.add_argument("--sparsity", type=float, default=0.25)
+    parser.add_argument("--work", default="/tmp/serve_gpu", help="where the checkpoints are written")
+    parser.add_argument("--out-dir", required=True)
+    parser.add_argument("--port", type=int, default=8123)
+    parser.add_argument("--max-batch", type=int, default=64)
+    parser.add_argument("--only", choices=["dense", "sliced"], help="one variant only")
+    parser.add_argument("--quick", action="store_true", help="a CPU smoke run on the tiny shape")
+    args = parser.parse_args()
+    args.device = "cpu" if args.quick else "cuda"
+    if args.quick:  # the model-level part runs the fast path's kernels, interpreted on a CPU
+        args.shape, args.max_batch = "tiny", 4
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    scenarios = QUICK if args.quick else SCENARIOS
+    work, out_dir = Path(args.work), Path(args.out_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    variants = [("dense", 0.0), (f"sliced-{args.sparsity:g}", args.sparsity)]
+    if args.only:
+        variants = variants[:1] if args.only == "dense" else variants[1:]
+    result = {
+        "conditions": {
+            "shape": args.shape,
+            "dtype": "float16",
+            "max_batch": args.max_batch,
+            "date": time.strftime("%Y-%m-%d"),
+            "device": torch.cuda.get_device_name(0) if args.device == "cuda" else platform.processor() or "cpu",
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "scenarios": [vars(s) for s in scenarios],
+        },
+        "variants": [],
+    }
+    for name, sparsity in variants:
+        checkpoint = export(args.shape, sparsity, args.tokenizer, work / name, args.device)
+        result["variants"].append(run_variant(name, checkpoint, args, scenarios, out_dir))
+        (out_dir / "serve_gpu.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out_dir / "serve_gpu.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,386 @@
+"""The generation engine: continuous batching over a slot KV cache, in a background thread.
+
+Each step of the loop:
+  1. drop cancelled requests; plan the step (engine/scheduler.py): a decode row for every
+     running request, and prompt chunks of part-prefilled and newly admitted requests up to a
+     token budget;
+  2. prefill every planned chunk in one call (the fast path runs them in one forward), then run
+     one decode step for the decoding rows (a CUDA graph on the fast path);
+  3. sample the next token of every row that needs one in one batched call, with one transfer
+     to the host (engine/sampler.py);
+  4. turn each request's new token into text incrementally (engine/text_stream.py) and hand
+     every asyncio loop its events for the step in one call.
+A decode batch is padded to the model's bucket (`padded_decode_rows`, max_batch on the
+reference path, where rows then attend over whole cache rows): a request's greedy output does
+not depend on what else is in the batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import torch
+
+from sliceserve.engine.requests import GenerationEvent, Request, SamplingParams, TokenLogprob
+from sliceserve.engine.sampler import SamplingRows, check_params, sample, warm_up
+from sliceserve.engine.scheduler import StepPlan, plan_step
+from sliceserve.engine.served_model import ServedModel
+from sliceserve.engine.stats import EngineStats
+from sliceserve.engine.text_stream import TextStream
+from sliceserve.model.kv_cache import PrefillChunk
+
+log = logging.getLogger(__name__)
+
+
+class RequestRejected(Exception):
+    """The engine cannot take this request (the message says why)."""
+
+
+class QueueFull(Exception):
+    """Too many requests are already waiting."""
+
+
+def eos_ids(model: ServedModel, tokenizer: Any) -> set[int]:
+    ids = model.spec.eos_token_id
+    found = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        found.add(tokenizer.eos_token_id)
+    return found
+
+
+class Engine:
+    def __init__(
+        self,
+        model: ServedModel,
+        tokenizer: Any,
+        *,
+        max_batch: int = 8,
+        max_model_len: int | None = None,
+        max_queue: int = 64,
+        prefill_chunk: int = 256,
+        token_budget: int | None = None,
+    ):
+        """token_budget: tokens one step may carry (decode rows plus prompt chunks); by default
+        max(2048, prefill_chunk + max_batch)."""
+        if max_batch < 1 or max_queue < 1 or prefill_chunk < 1:
+            raise ValueError("max_batch, max_queue and prefill_chunk must be at least 1")
+        self.model, self.tokenizer = model, tokenizer
+        spec = model.spec
+        self.max_model_len = min(max_model_len or spec.max_positions, spec.max_positions)
+        self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
+        self.token_budget = token_budget or max(2048, prefill_chunk + max_batch)
+        if self.token_budget <= max_batch:
+            raise ValueError("token_budget must exceed max_batch, or prompts could never be prefilled")
+        self.device = model.input_device
+        self.cache = model.new_cache(slots=max_batch, max_len=self.max_model_len)
+        self.free_slots = list(range(max_batch))
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.eos = eos_ids(model, tokenizer)
+        self.outbox: list[tuple[Request, GenerationEvent]] = []  # this step's events, sent at its end
+        self.wakeup = threading.Condition()
+        self.stopped = False
+        self.thread: threading.Thread | None = None
+        self.stats = EngineStats(kv_slots_total=max_batch, kv_cache_bytes=self.cache.bytes)
+        model.prepare(self.cache)  # capture the decode graphs now, not during the first requests
+        warm_up(self.device, spec.vocab_size)  # and compile the sampler's kernels
+
+    # ---- submitting -------------------------------------------------------------------
+
+    def check(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        if not prompt_ids:
+            raise RequestRejected("the prompt is empty")
+        if params.max_tokens < 1:
+            raise RequestRejected("max_tokens must be at least 1")
+        if len(prompt_ids) + params.max_tokens > self.max_model_len:
+            raise RequestRejected(
+                f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds the "
+                f"model's maximum length of {self.max_model_len} tokens"
+            )
+        vocab = self.model.spec.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_ids):
+            raise RequestRejected(f"prompt token ids must be in [0, {vocab})")
+        try:
+            check_params(params, vocab)
+        except ValueError as error:
+            raise RequestRejected(str(error)) from None
+
+    def submit(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        on_event: Callable[[GenerationEvent], None],
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> Request:
+        """Queue a request; events arrive through `on_event`, called from the engine thread (or
+        inside `loop` when given)."""
+        self.check(prompt_ids, params)
+        request = Request(list(prompt_ids), params, on_event, loop=loop)
+        with self.wakeup:
+            if self.stopped:
+                raise RequestRejected("the engine is shutting down")
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests are already waiting")
+            self.waiting.append(request)
+            self.wakeup.notify()
+        return request
+
+    def cancel(self, request: Request) -> None:
+        request.cancel()
+        with self.wakeup:
+            self.wakeup.notify()
+
+    async def stream(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[GenerationEvent]:
+        """Events of one request; closing this generator cancels the request and frees its slot."""
+        events: asyncio.Queue[GenerationEvent] = asyncio.Queue()
+        request = self.submit(prompt_ids, params, events.put_nowait, loop=asyncio.get_running_loop())
+        finished = False
+        try:
+            while not finished:
+                event = await events.get()
+                finished = event.finished
+                yield event
+        finally:
+            if not finished:
+                self.cancel(request)
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[GenerationEvent]:
+        """Synchronous version of `stream`."""
+        events: queue.Queue[GenerationEvent] = queue.Queue()
+        request = self.submit(prompt_ids, params, events.put)
+        finished = False
+        try:
+            while not finished:
+                event = events.get()
+                finished = event.finished
+                yield event
+        finally:
+            if not finished:
+                self.cancel(request)
+
+    # ---- the loop ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self.thread is None:
+            self.thread = threading.Thread(target=self.loop, name="sliceserve-engine", daemon=True)
+            self.thread.start()
+
+    def shutdown(self) -> None:
+        """Stop the loop; requests still running or waiting end as "cancelled"."""
+        with self.wakeup:
+            self.stopped = True
+            self.wakeup.notify()
+        if self.thread is not None:
+            self.thread.join(timeout=10)
+            self.thread = None
+        with self.wakeup:
+            for request in list(self.running) + list(self.waiting):
+                self.finish(request, "cancelled")
+            self.waiting.clear()
+            self.flush()
+
+    def loop(self) -> None:
+        while True:
+            with self.wakeup:
+                while not self.stopped and not self.waiting and not self.running:
+                    self.wakeup.wait()
+                if self.stopped:
+                    return
+            try:
+                with torch.inference_mode():
+                    self.step()
+            except Exception as error:  # a bug must not take the server down: fail the batch
+                log.exception("engine step failed")
+                for request in list(self.running):
+                    self.finish(request, "error", error=f"internal error: {error}")
+            self.flush()
+
+    def step(self) -> None:
+        plan = self.plan()
+        if plan.empty:
+            return
+        logits, rows = [], []  # requests whose next token is sampled now, and their logits
+        if plan.prefill:
+            chunks = [PrefillChunk(r.prompt_ids[start:end], start, r.slot) for r, start, end in plan.prefill]
+            prefill_logits = self.model.prefill(chunks, self.cache)
+            done = []
+            for i, (request, _, end) in enumerate(plan.prefill):
+                request.prefilled = end
+                if end == len(request.prompt_ids):
+                    done.append(i)
+                    rows.append(request)
+            if done:
+                logits.append(prefill_logits[done] if len(done) < len(plan.prefill) else prefill_logits)
+        if plan.decode:
+            logits.append(self.decode(plan.decode))
+            rows += plan.decode
+        if rows:
+            self.accept(rows, torch.cat(logits) if len(logits) > 1 else logits[0])
+        self.update_gauges()
+
+    def plan(self) -> StepPlan:
+        with self.wakeup:
+            for request in [r for r in self.running if r.cancelled]:
+                self.finish(request, "cancelled")
+            for request in [r for r in self.waiting if r.cancelled]:
+                self.waiting.remove(request)
+                self.finish(request, "cancelled")
+            plan = plan_step(
+                self.running,
+                self.waiting,
+                len(self.free_slots),
+                token_budget=self.token_budget,
+                prefill_chunk=self.prefill_chunk,
+            )
+            for request in plan.admitted:
+                self.admit(request)
+            self.update_gauges()
+        return plan
+
+    def admit(self, request: Request) -> None:
+        request.slot = self.free_slots.pop(0)
+        request.seed = request.params.seed if request.params.seed is not None else random.getrandbits(63)
+        request.text = TextStream(self.tokenizer, request.params.stop)
+        self.running.append(request)
+
+    def decode(self, requests: list[Request]) -> torch.Tensor:
+        pad = self.model.padded_decode_rows(len(requests), self.max_batch) - len(requests)
+        tokens = [r.output_ids[-1] for r in requests] + [0] * pad
+        positions = [r.length - 1 for r in requests] + [0] * pad
+        slots = [r.slot for r in requests] + [self.cache.scratch_slot] * pad
+        as_tensor = lambda values: torch.tensor(values, device=self.device)  # noqa: E731
+        logits = self.model.forward_cached(
+            as_tensor(tokens)[:, None], as_tensor(positions)[:, None], as_tensor(slots), self.cache
+        )
+        return logits[: len(requests), 0]
+
+    # ---- output -----------------------------------------------------------------------
+
+    def accept(self, requests: list[Request], logits: torch.Tensor) -> None:
+        """Sample the next token of every row at once, then each request's text and events."""
+        rows = SamplingRows.build(
+            [r.params for r in requests],
+            [len(r.output_ids) for r in requests],
+            [r.seed for r in requests],
+            logits.device,
+            logits.shape[-1],
+            output_ids=[r.output_ids for r in requests],
+            prompt_ids=[r.prompt_ids for r in requests],
+            eos_ids=self.eos,
+        )
+        tokens, logprobs = sample(logits, rows).to_host()
+        now = time.perf_counter()
+        for request, token, chosen in zip(requests, tokens, logprobs):
+            try:
+                self.take_token(request, token, chosen, now)
+            except Exception as error:  # one request's failure (detokenizing, say) ends that request alone
+                log.exception("request %d failed", request.id)
+                self.finish(request, "error", error=f"internal error: {error}")
+
+    def take_token(self, request: Request, token: int, chosen, now: float) -> None:
+        params = request.params
+        logprobs = [] if chosen is None else [self.token_logprob(token, *chosen)]
+        self.record_token(request, now)
+        request.output_ids.append(token)
+        # eos (unless ignored) and the request's stop tokens end it; their text is not sent
+        eos = (token in self.eos and not params.ignore_eos) or token in params.stop_token_ids
+        final = eos or len(request.output_ids) >= params.max_tokens or request.length >= self.max_model_len
+        step = request.text.add([] if eos else [token], final=final)
+        if step.stopped:
+            self.finish(request, "stop", delta=step.delta, token_ids=[token], logprobs=logprobs)
+        elif final:
+            self.finish(request, "stop" if eos else "length", delta=step.delta, token_ids=[token], logprobs=logprobs)
+        else:
+            self.send(request, GenerationEvent(step.delta, [token], logprobs))
+
+    def token_logprob(self, token: int, logprob: float, top: list[tuple[int, float]]) -> TokenLogprob:
+        piece = lambda t: self.tokenizer.decode([t])  # noqa: E731
+        return TokenLogprob(token=piece(token), token_id=token, logprob=logprob, top=[(piece(t), v) for t, v in top])
+
+    def finish(
+        self,
+        request: Request,
+        reason: str,
+        *,
+        delta: str = "",
+        token_ids: list[int] | None = None,
+        logprobs: list | None = None,
+        error: str | None = None,
+    ) -> None:
+        if request in self.running:
+            self.running.remove(request)
+            self.free_slots.append(request.slot)
+            self.free_slots.sort()
+        self.record_finish(request, reason)
+        self.send(
+            request,
+            GenerationEvent(
+                delta,
+                token_ids or [],
+                logprobs or [],
+                finish_reason=reason,
+                prompt_tokens=len(request.prompt_ids),
+                completion_tokens=len(request.output_ids),
+                error=error,
+            ),
+        )
+
+    def send(self, request: Request, event: GenerationEvent) -> None:
+        if event.finish_reason is None:
+            event.prompt_tokens, event.completion_tokens = len(request.prompt_ids), len(request.output_ids)
+        self.outbox.append((request, event))
+
+    def flush(self) -> None:
+        """Hand out the step's events: directly to synchronous consumers, and to each asyncio
+        loop in one call (one wake-up of the loop per step, not one per token)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Request, GenerationEvent]]] = {}
+        for request, event in self.outbox:
+            if request.loop is None:
+                request.on_event(event)
+            else:
+                by_loop.setdefault(request.loop, []).append((request, event))
+        self.outbox = []
+        for loop, events in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(deliver, events)
+            except RuntimeError:  # the consumers' event loop is gone (clients left): nothing to tell
+                for request, _ in events:
+                    request.cancel()
+
+    # ---- statistics -------------------------------------------------------------------
+
+    def record_token(self, request: Request, now: float) -> None:
+        with self.stats.lock:
+            if request.first_token_time is None:
+                request.first_token_time = now
+                self.stats.time_to_first_token.observe(now - request.arrival)
+                self.stats.prompt_tokens += len(request.prompt_ids)
+            else:
+                self.stats.inter_token_latency.observe(now - request.last_token_time)
+            self.stats.generation_tokens += 1
+        request.last_token_time = now
+
+    def record_finish(self, request: Request, reason: str) -> None:
+        with self.stats.lock:
+            self.stats.finished[reason] += 1
+            self.stats.request_latency.observe(time.perf_counter() - request.arrival)
+
+    def update_gauges(self) -> None:
+        with self.stats.lock:
+            self.stats.running = len(self.running)
+            self.stats.waiting = len(self.waiting)
+            self.stats.kv_slots_used = self.max_batch - len(self.free_slots)
+
+
+def deliver(events: list[tuple[Request, GenerationEvent]]) -> None:
+    """Inside a consumer's event loop: each request's events, in order."""
+    for request, event in events:
+        request.on_event(event)

@@ -1,0 +1,42 @@
+"""An engine over a checkpoint folder: the model on its path, the tokenizer, the graphs captured."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from sliceserve.engine.engine import Engine
+from sliceserve.fast.selection import use_fast_path, uses_sparse_tensor_cores
+from sliceserve.model.loader import load_model, load_tokenizer
+
+
+def load_engine(
+    path: str | Path,
+    *,
+    device: str = "cpu",
+    max_batch: int = 8,
+    max_model_len: int | None = None,
+    max_queue: int = 64,
+    prefill_chunk: int = 256,
+    dtype: torch.dtype | None = None,
+    runtime: str = "auto",
+) -> Engine:
+    """An engine over a checkpoint folder (dense or sliced), not yet started.
+
+    runtime: "fast" (Triton kernels and CUDA graphs; CUDA only), "reference" (plain PyTorch),
+    or "auto" (fast on CUDA, reference elsewhere).
+    """
+    model = load_model(path, device=device, dtype=dtype)
+    if use_fast_path(runtime, device):
+        from sliceserve.fast.model import FastTransformer
+
+        model = FastTransformer(model, semi_structured=uses_sparse_tensor_cores(path, device))
+    return Engine(
+        model,
+        load_tokenizer(path),
+        max_batch=max_batch,
+        max_model_len=max_model_len,
+        max_queue=max_queue,
+        prefill_chunk=prefill_chunk,
+    )

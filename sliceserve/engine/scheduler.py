@@ -1,0 +1,51 @@
+"""Who runs in the next step: every decoding request, and prompt chunks up to a token budget.
+
+Each step carries one decode row for every running request that has finished its prompt, then
+spends what is left of `token_budget` on prompt chunks: first of requests already part-way
+through their prompts (oldest first), then of waiting requests admitted into free slots (first
+come, first served). A chunk is at most `prefill_chunk` tokens, so a long prompt never stalls
+the running streams for its whole prefill, and a burst of short prompts is prefilled together
+in a few steps. One decode row per running request is always scheduled, whatever the budget.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from sliceserve.engine.requests import Request
+
+
+@dataclass
+class StepPlan:
+    decode: list[Request] = field(default_factory=list)
+    prefill: list[tuple[Request, int, int]] = field(default_factory=list)  # (request, start, end) of its prompt
+    admitted: list[Request] = field(default_factory=list)  # taken from the queue into a slot this step
+
+    @property
+    def empty(self) -> bool:
+        return not self.decode and not self.prefill
+
+
+def plan_step(
+    running: list[Request], waiting: deque[Request], free_slots: int, *, token_budget: int, prefill_chunk: int
+) -> StepPlan:
+    """The next step's work. Admitted requests are popped from `waiting`; the caller gives them
+    slots (as many as `free_slots`) and adds them to `running`."""
+    plan = StepPlan(decode=[r for r in running if r.decoding])
+    budget = token_budget - len(plan.decode)
+
+    def add_chunk(request: Request) -> None:
+        nonlocal budget
+        end = min(len(request.prompt_ids), request.prefilled + prefill_chunk, request.prefilled + budget)
+        plan.prefill.append((request, request.prefilled, end))
+        budget -= end - request.prefilled
+
+    for request in running:
+        if budget > 0 and not request.decoding:
+            add_chunk(request)
+    while budget > 0 and waiting and len(plan.admitted) < free_slots:
+        request = waiting.popleft()
+        plan.admitted.append(request)
+        add_chunk(request)
+    return plan

@@ -1,0 +1,377 @@
+"""The fast path: the same decoder as model/decoder.py, computed by our Triton kernels.
+
+Per sequential layer, whatever the batch:
+    qkv      = r(x) * (x @ Wqkv) + b            fused_linear, the norm applied in its epilogue
+    q        = rope(q); cache <- rope(k), v      rope_store
+    attn     = attention(q, cache)               decode_attention (one token per row) or SDPA (prefill)
+    x_mid    = x @ S_attn + attn @ Wo + b        fused_linear: shortcut, projection and residual in one pass
+    act      = act(r * x_mid @ Wg) * (r * x_mid @ Wu)   gated_linear
+    x_out    = x_mid @ S_mlp + act @ Wd + b      fused_linear
+Every producer of the residual stream also leaves per-tile sums of squares, from which the
+next consumer gets the norm's row scale: normalised activations are never written. A
+dense checkpoint has no shortcuts, and the residual is added in the epilogue instead.
+
+Decode steps are captured in CUDA graphs per batch-size bucket (fast/graphs.py).
+On a CPU the same kernels run in Triton's interpreter, which is how CI checks this file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sliceserve.errors import SliceserveError
+from sliceserve.fast.graphs import DecodeGraphs, graph_bucket
+from sliceserve.fast.matmul_backends import PRODUCTS
+from sliceserve.fast.semi_structured import SparseLayer, sparse_layer_forward
+from sliceserve.kernels.decode_attention import choose_splits, decode_attention
+from sliceserve.kernels.rms_norm import rms_norm
+from sliceserve.kernels.rope_store import rope_half_tables, rope_store
+from sliceserve.model.decoder import Block, Transformer, attention
+from sliceserve.model.kv_cache import KVCache, PrefillChunk
+
+
+def concatenated_bias(parts: list[torch.nn.Linear], widths: list[int]) -> torch.Tensor | None:
+    """The biases of several projections side by side (zeros where one has none)."""
+    if all(p.bias is None for p in parts):
+        return None
+    like = next(p.bias for p in parts if p.bias is not None)
+    return torch.cat([p.bias if p.bias is not None else like.new_zeros(w) for p, w in zip(parts, widths)])
+
+
+@dataclass
+class FastLayer:
+    """One block's tensors, arranged for the kernels."""
+
+    qkv_weight: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    o_weight: torch.Tensor
+    o_bias: torch.Tensor | None
+    up_weight: torch.Tensor
+    up_bias: torch.Tensor | None
+    gate_weight: torch.Tensor | None
+    gate_bias: torch.Tensor | None
+    down_weight: torch.Tensor
+    down_bias: torch.Tensor | None
+    attn_shortcut: torch.Tensor | None  # sequential blocks
+    mlp_shortcut: torch.Tensor | None
+    shortcut: torch.Tensor | None  # parallel blocks
+    parallel_bias: torch.Tensor | None  # parallel blocks: o and down biases added once
+
+    @classmethod
+    def from_block(cls, block: Block) -> FastLayer:
+        attn, mlp = block.attn, block.mlp
+        parts = [attn.q, attn.k, attn.v]
+        qkv_weight = torch.cat([p.weight for p in parts])
+        qkv_bias = concatenated_bias(parts, [p.weight.shape[0] for p in parts])
+        gate_bias = up_bias = None
+        if mlp.gate is not None and (mlp.gate.bias is not None or mlp.up.bias is not None):
+            gate_bias = concatenated_bias([mlp.gate], [mlp.gate.weight.shape[0]])
+            up_bias = concatenated_bias([mlp.up], [mlp.up.weight.shape[0]])
+            gate_bias = gate_bias if gate_bias is not None else torch.zeros_like(up_bias)
+            up_bias = up_bias if up_bias is not None else torch.zeros_like(gate_bias)
+        elif mlp.gate is None:
+            up_bias = mlp.up.bias
+        parallel_bias = None
+        if block.parallel and (attn.o.bias is not None or mlp.down.bias is not None):
+            parallel_bias = sum(b for b in (attn.o.bias, mlp.down.bias) if b is not None)
+        return cls(
+            qkv_weight=qkv_weight,
+            qkv_bias=qkv_bias,
+            o_weight=attn.o.weight,
+            o_bias=attn.o.bias,
+            up_weight=mlp.up.weight,
+            up_bias=up_bias,
+            gate_weight=mlp.gate.weight if mlp.gate is not None else None,
+            gate_bias=gate_bias,
+            down_weight=mlp.down.weight,
+            down_bias=mlp.down.bias,
+            attn_shortcut=getattr(block, "attn_shortcut", None),
+            mlp_shortcut=getattr(block, "mlp_shortcut", None),
+            shortcut=getattr(block, "shortcut", None),
+            parallel_bias=parallel_bias,
+        )
+
+
+class FastTransformer:
+    """Drop-in for Transformer in the Engine (same forward_cached/forward/new_cache)."""
+
+    def __init__(self, model: Transformer, *, semi_structured: bool = False, products: str = "auto"):
+        """semi_structured: the decoder linears are 2:4 sparse; multiply them with sparse tensor
+        cores (fast/semi_structured.py) instead of the dense kernels.
+        products: "triton" (our fused kernels), "library" (cuBLAS products, separate epilogues)
+        or "auto" (ours up to 16 rows, the library above: sliceserve/fast/matmul_backends.py)."""
+        if products not in PRODUCTS:
+            raise SliceserveError(f"unknown products backend {products!r}: {' or '.join(PRODUCTS)}")
+        self.linear, self.gated = PRODUCTS[products]
+        self.spec = model.spec
+        # A pipeline stage's Transformer holds a range of layers: the embedding only on the
+        # first stage, the head only on the last (None elsewhere).
+        self.embed, self.positions, self.head = model.embed, model.positions, model.head
+        weight = next(model.parameters())
+        self.device, self.weights_dtype = weight.device, weight.dtype
+        self.layers = [FastLayer.from_block(block) for block in model.layers]
+        self.sparse_layers = None
+        if semi_structured:
+            self.sparse_layers = semi_structured_layers(self.spec, self.layers)
+            self.layers = [None] * len(self.layers)  # the compressed copies replace the dense ones
+        spec = self.spec
+        self.width, self.eps = spec.original_width, spec.norm_eps
+        self.activation = spec.activation
+        self.cos = self.sin = None
+        if spec.rope is not None:
+            self.cos, self.sin = rope_half_tables(model.inv_freq, spec.max_positions, self.device)
+        self.graphs = None  # DecodeGraphs, made on the first CUDA decode step
+
+    @property
+    def input_device(self) -> torch.device:
+        return self.embed.weight.device if self.embed is not None else self.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.head.weight.dtype if self.head is not None else self.weights_dtype
+
+    def new_cache(self, *, slots: int, max_len: int) -> KVCache:
+        return KVCache(
+            self.spec, slots=slots, max_len=max_len, device=self.device, dtype=self.dtype, layers=len(self.layers)
+        )
+
+    def padded_decode_rows(self, rows: int, max_batch: int) -> int:
+        """Rows a decode step of `rows` requests is padded to: the graph bucket that holds them."""
+        return graph_bucket(rows, max_batch)
+
+    def decode_splits(self, rows: int, device: torch.device) -> int:
+        """Split-K parts of decode attention: enough to fill a GPU; one on a CPU, where the
+        kernels run interpreted and every extra program costs time."""
+        return choose_splits(rows, self.spec.num_kv_heads) if device.type == "cuda" else 1
+
+    # ---- one step over M tokens ----------------------------------------------------------
+
+    def embed_rows(self, tokens: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.embed.weight[tokens]
+        if self.positions is not None:
+            x = x + self.positions.weight[positions]
+        return x, rms_norm(x, self.width, self.eps, sumsq_only=True)
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        decode: bool,
+        splits: int | None,
+    ) -> torch.Tensor:
+        if decode:
+            return decode_attention(q, keys, values, positions, slots, window=self.spec.sliding_window, splits=splits)
+        return prefill_attention(q, positions, slots, keys, values, self.spec.sliding_window)
+
+    def layer(
+        self,
+        i: int,
+        x: torch.Tensor,
+        px: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        cache: KVCache,
+        decode: bool,
+        splits: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(residual stream after layer i, its partial sums of squares)."""
+        if self.sparse_layers is not None:
+            return sparse_layer_forward(self, i, x, positions, slots, cache, decode, splits), None
+        spec, layer = self.spec, self.layers[i]
+        norm = (px, self.width, self.eps)
+        qkv, _ = self.linear(x, layer.qkv_weight, bias=layer.qkv_bias, norm=norm)
+        q = rope_store(
+            qkv,
+            positions,
+            slots,
+            cache.keys[i],
+            cache.values[i],
+            self.cos,
+            self.sin,
+            num_heads=spec.num_heads,
+            num_kv_heads=spec.num_kv_heads,
+            head_dim=spec.head_dim,
+        )
+        attn = self.attend(q, positions, slots, cache.keys[i], cache.values[i], decode, splits)
+        if spec.parallel_block:
+            act = self.mlp_up(layer, x, norm)
+            if layer.shortcut is None:
+                return self.linear(
+                    attn, layer.o_weight, a2=act, w2=layer.down_weight, bias=layer.parallel_bias, residual=x, sumsq=True
+                )
+            update, _ = self.linear(attn, layer.o_weight, a2=act, w2=layer.down_weight, bias=layer.parallel_bias)
+            return self.linear(x, layer.shortcut, residual=update, sumsq=True)
+        x_mid, p_mid = self.residual_update(x, layer.attn_shortcut, attn, layer.o_weight, layer.o_bias)
+        act = self.mlp_up(layer, x_mid, (p_mid, self.width, self.eps))
+        return self.residual_update(x_mid, layer.mlp_shortcut, act, layer.down_weight, layer.down_bias)
+
+    def residual_update(
+        self,
+        x: torch.Tensor,
+        shortcut: torch.Tensor | None,
+        y: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x @ S + y @ W.T + b (sliced) or x + y @ W.T + b (dense), with its partial sums of squares."""
+        if shortcut is None:
+            return self.linear(y, weight, bias=bias, residual=x, sumsq=True)
+        return self.linear(x, shortcut, a2=y, w2=weight, bias=bias, sumsq=True)
+
+    def mlp_up(self, layer: FastLayer, x: torch.Tensor, norm) -> torch.Tensor:
+        if layer.gate_weight is not None:
+            return self.gated(
+                x,
+                layer.gate_weight,
+                layer.up_weight,
+                activation=self.activation,
+                gate_bias=layer.gate_bias,
+                up_bias=layer.up_bias,
+                norm=norm,
+            )
+        out, _ = self.linear(x, layer.up_weight, bias=layer.up_bias, activation=self.activation, norm=norm)
+        return out
+
+    def step(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        cache: KVCache,
+        decode: bool,
+        last_rows: torch.Tensor | None = None,
+        splits: int | None = None,
+    ) -> torch.Tensor:
+        """Logits (M or len(last_rows), vocab) for M tokens, each at its own position and slot."""
+        x, px = self.embed_rows(tokens, positions)
+        x, px = self.run_layers(x, px, positions, slots, cache, decode, splits)
+        return self.head_logits(x, px, last_rows)
+
+    def run_layers(
+        self,
+        x: torch.Tensor,
+        px: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        cache: KVCache,
+        decode: bool,
+        splits: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(stream, its partial sums of squares) after every layer this model holds: all of them,
+        or a pipeline stage's range (`cache` then holds that range's layers only)."""
+        for i in range(len(self.layers)):
+            x, px = self.layer(i, x, px, positions, slots, cache, decode, splits)
+        if px is None:  # the semi-structured layers leave no partial sums
+            px = rms_norm(x, self.width, self.eps, sumsq_only=True)
+        return x, px
+
+    def head_logits(self, x: torch.Tensor, px: torch.Tensor, last_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of the final norm of x (of its `last_rows` only, when given)."""
+        if last_rows is not None:
+            x, px = x[last_rows], px[last_rows]
+        logits, _ = self.linear(x, self.head.weight, bias=self.head.bias, norm=(px, self.width, self.eps))
+        return logits
+
+    # ---- the Engine's interface --------------------------------------------------------------
+
+    def close(self) -> None:
+        """Nothing to release beyond the tensors."""
+
+    def prepare(self, cache: KVCache) -> None:
+        """Capture the decode graphs of every batch bucket for this cache (CUDA only)."""
+        if self.input_device.type == "cuda":
+            self.decode_graphs(cache).capture_all()
+
+    def decode_graphs(self, cache: KVCache) -> DecodeGraphs:
+        if self.graphs is None or not self.graphs.serves([cache]):
+            self.graphs = DecodeGraphs([self], [cache])
+        return self.graphs
+
+    @torch.inference_mode()
+    def forward_cached(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        cache: KVCache,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        batch, length = tokens.shape
+        if length == 1 and tokens.device.type == "cuda":
+            return self.decode_graphs(cache).run(tokens[:, 0], positions[:, 0], slots)[:, None]
+        flat_positions = positions.reshape(-1)
+        flat_slots = slots.repeat_interleave(length)
+        last_rows = torch.arange(length - 1, batch * length, length, device=tokens.device) if last_only else None
+        logits = self.step(
+            tokens.reshape(-1),
+            flat_positions,
+            flat_slots,
+            cache,
+            decode=length == 1,
+            last_rows=last_rows,
+            splits=self.decode_splits(batch, tokens.device),
+        )
+        return logits.view(batch, 1 if last_only else length, -1)
+
+    @torch.inference_mode()
+    def prefill(self, chunks: list[PrefillChunk], cache: KVCache) -> torch.Tensor:
+        """Logits of each chunk's last position, every chunk in one forward: the products see all
+        their tokens together, attention runs per chunk over its own slot's prefix."""
+        device = self.input_device
+        tokens = torch.tensor([t for c in chunks for t in c.tokens], device=device)
+        positions = torch.tensor([p for c in chunks for p in range(c.start, c.start + len(c.tokens))], device=device)
+        slots = torch.tensor([c.slot for c in chunks for _ in c.tokens], device=device)
+        ends = torch.tensor([len(c.tokens) for c in chunks], device=device).cumsum(0) - 1
+        return self.step(tokens, positions, slots, cache, decode=False, last_rows=ends)
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits (B, T, vocab) for token ids (B, T) at positions 0..T-1 (a scratch cache)."""
+        batch, length = tokens.shape
+        cache = self.new_cache(slots=batch, max_len=length)
+        positions = torch.arange(length, device=tokens.device).expand(batch, length)
+        slots = torch.arange(batch, device=tokens.device)
+        return self.forward_cached(tokens, positions, slots, cache)
+
+    __call__ = forward
+
+
+def semi_structured_layers(spec, layers: list[FastLayer]) -> list[SparseLayer]:
+    if spec.parallel_block:
+        raise SliceserveError("2:4 sparse tensor cores are supported for sequential blocks only")
+    return [SparseLayer.from_fast_layer(i, layer) for i, layer in enumerate(layers)]
+
+
+def prefill_attention(
+    q: torch.Tensor,
+    positions: torch.Tensor,
+    slots: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    window: int | None,
+) -> torch.Tensor:
+    """Attention of a prefill chunk: per slot, its consecutive tokens over the cached prefix
+    (flash attention through SDPA when the chunk starts the sequence)."""
+    outputs = []
+    bounds = torch.nonzero(slots[1:] != slots[:-1]).flatten().tolist()
+    starts, ends = [0] + [b + 1 for b in bounds], [b + 1 for b in bounds] + [len(slots)]
+    for start, end in zip(starts, ends):
+        slot, first, last = int(slots[start]), int(positions[start]), int(positions[end - 1])
+        begin = 0 if window is None else max(0, first + 1 - window)
+        k = keys[slot : slot + 1, :, begin : last + 1]
+        v = values[slot : slot + 1, :, begin : last + 1]
+        query = q[start:end].transpose(0, 1)[None]  # (1, heads, T, head_dim)
+        mask = None
+        if first > 0 or window is not None:
+            query_pos = torch.arange(first, last + 1, device=q.device)[:, None]
+            key_pos = torch.arange(begin, last + 1, device=q.device)[None, :]
+            distance = query_pos - key_pos
+            mask = (distance >= 0) if window is None else (distance >= 0) & (distance < window)
+        out = attention(query, k, v, mask, causal=mask is None)
+        outputs.append(out[0].transpose(0, 1).reshape(end - start, -1))
+    return torch.cat(outputs)

@@ -1,0 +1,37 @@
+"""Load a checkpoint folder into the runtime model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sliceserve.checkpoint import checkpoint_spec, open_checkpoint
+from sliceserve.errors import SliceserveError
+from sliceserve.model.decoder import Transformer
+
+
+def load_model(
+    path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, verify: bool = True
+) -> Transformer:
+    """The runtime model of a checkpoint, its weights on `device` (in `dtype` if given)."""
+    checkpoint = open_checkpoint(path, verify=verify)
+    spec = checkpoint_spec(checkpoint.config)
+
+    def get(name: str) -> torch.Tensor | None:
+        if not checkpoint.has(name):
+            return None
+        tensor = checkpoint.tensor(name, device)
+        return tensor if dtype is None else tensor.to(dtype)
+
+    return Transformer(spec, get).eval()
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(Path(path))
+    except Exception as error:
+        raise SliceserveError(f"{path} has no usable tokenizer: {error}") from None
