@@ -226,6 +226,41 @@ class Engine:
             self.accept(rows, torch.cat(logits) if len(logits) > 1 else logits[0])
         self.update_gauges()
 
+    def accept(self, rows: list[Request], logits: torch.Tensor) -> None:
+        """Sample every row's next token, hand out what it makes, and keep decoding ahead.
+
+        While no request waits and every running request decodes, the next decode step is
+        queued on the GPU (its tokens taken from the sampled ones on the device) before this
+        step's tokens are read back and turned into text: the host's work per token runs while
+        the GPU computes the next step. A row that ends meanwhile wastes its row in that step.
+        """
+        while True:
+            sampled = sample(logits, self.sampling_rows(rows, logits.device))
+            copy = sampled.copy_to_host()
+            ahead = self.decode_ahead(rows)
+            next_logits = None if ahead is None else self.decode(ahead, sampled.tokens)
+            tokens, logprobs = copy.result()
+            self.take_tokens(rows, tokens, logprobs)
+            self.flush()  # stream the tokens now, not at the end of the burst
+            if ahead is None:
+                return
+            keep = [i for i, r in enumerate(ahead) if r in self.running and not r.cancelled]
+            if not keep:
+                return
+            rows = [ahead[i] for i in keep]
+            logits = next_logits if len(keep) == len(ahead) else next_logits[keep]
+
+    def decode_ahead(self, rows: list[Request]) -> list[Request] | None:
+        """The rows of the next decode step if it can be queued before this step's tokens are
+        read: nothing waits, every running request is among `rows` and none ends by length now."""
+        if self.stopped or self.waiting or len(rows) != len(self.running):
+            return None
+        for r in rows:
+            last = len(r.output_ids) + 1 >= r.params.max_tokens or r.length + 1 >= self.max_model_len
+            if last or r.cancelled:
+                return None
+        return rows
+
     def plan(self) -> StepPlan:
         with self.wakeup:
             for request in [r for r in self.running if r.cancelled]:
@@ -251,32 +286,37 @@ class Engine:
         request.text = TextStream(self.tokenizer, request.params.stop)
         self.running.append(request)
 
-    def decode(self, requests: list[Request]) -> torch.Tensor:
+    def decode(self, requests: list[Request], sampled: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of one decode step of `requests`: each feeds its last token, or, given `sampled`
+        (the device tensor of tokens just sampled for them, not yet in output_ids), that one."""
         pad = self.model.padded_decode_rows(len(requests), self.max_batch) - len(requests)
-        tokens = [r.output_ids[-1] for r in requests] + [0] * pad
-        positions = [r.length - 1 for r in requests] + [0] * pad
+        ahead = sampled is not None
+        positions = [r.length - (not ahead) for r in requests] + [0] * pad
         slots = [r.slot for r in requests] + [self.cache.scratch_slot] * pad
         as_tensor = lambda values: torch.tensor(values, device=self.device)  # noqa: E731
-        logits = self.model.forward_cached(
-            as_tensor(tokens)[:, None], as_tensor(positions)[:, None], as_tensor(slots), self.cache
-        )
+        if ahead:
+            sampled = sampled.to(self.device)  # a pipeline's logits come out on its last device
+            tokens = torch.cat([sampled, sampled.new_zeros(pad)]) if pad else sampled
+        else:
+            tokens = as_tensor([r.output_ids[-1] for r in requests] + [0] * pad)
+        logits = self.model.forward_cached(tokens[:, None], as_tensor(positions)[:, None], as_tensor(slots), self.cache)
         return logits[: len(requests), 0]
 
     # ---- output -----------------------------------------------------------------------
 
-    def accept(self, requests: list[Request], logits: torch.Tensor) -> None:
-        """Sample the next token of every row at once, then each request's text and events."""
-        rows = SamplingRows.build(
+    def sampling_rows(self, requests: list[Request], device: torch.device) -> SamplingRows:
+        return SamplingRows.build(
             [r.params for r in requests],
             [len(r.output_ids) for r in requests],
             [r.seed for r in requests],
-            logits.device,
-            logits.shape[-1],
+            device,
+            self.model.spec.vocab_size,
             output_ids=[r.output_ids for r in requests],
             prompt_ids=[r.prompt_ids for r in requests],
             eos_ids=self.eos,
         )
-        tokens, logprobs = sample(logits, rows).to_host()
+
+    def take_tokens(self, requests: list[Request], tokens: list[int], logprobs: list) -> None:
         now = time.perf_counter()
         for request, token, chosen in zip(requests, tokens, logprobs):
             try:

@@ -361,19 +361,48 @@ class Sampled:
 
     def to_host(self) -> tuple[list[int], list[RowLogprobs | None]]:
         """Tokens, and per row None or (logprob, [(id, logprob), ...]), in one device->host copy."""
-        B, A = self.tokens.numel(), len(self.logprob_rows)
+        return self.copy_to_host().result()
+
+    def copy_to_host(self) -> HostCopy:
+        """Start the one device->host copy; on a GPU it runs behind the work queued so far, so
+        the host may queue the next step before reading these results."""
         parts = [self.tokens]
-        if A:
+        if self.logprob_rows:
             parts += [self.chosen_logprobs, self.top_ids.flatten(), self.top_logprobs.flatten()]
-        flat = torch.cat([part.double() for part in parts]).cpu().tolist()  # float64: ids and float32 exact
+        packed = torch.cat([part.double() for part in parts])  # float64: ids and float32 exact
+        event = None
+        if packed.is_cuda:
+            host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+            host.copy_(packed, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            packed = host
+        top_n = self.top_ids.shape[1] if self.logprob_rows else 0
+        return HostCopy(packed, event, self.tokens.numel(), self.logprob_rows, self.logprob_tops, top_n)
+
+
+@dataclass
+class HostCopy:
+    """A step's choices on their way to the host (see Sampled.copy_to_host)."""
+
+    packed: Tensor
+    event: torch.cuda.Event | None
+    rows: int
+    logprob_rows: tuple[int, ...]
+    logprob_tops: tuple[int, ...]
+    top_n: int
+
+    def result(self) -> tuple[list[int], list[RowLogprobs | None]]:
+        if self.event is not None:
+            self.event.synchronize()
+        flat = self.packed.tolist()
+        B, A, N = self.rows, len(self.logprob_rows), self.top_n
         tokens = [int(t) for t in flat[:B]]
         logprobs: list[RowLogprobs | None] = [None] * B
-        if A:
-            N = self.top_ids.shape[1]
-            chosen, ids, values = flat[B : B + A], flat[B + A : B + A + A * N], flat[B + A + A * N :]
-            for i, (row, n) in enumerate(zip(self.logprob_rows, self.logprob_tops)):
-                top = range(i * N, i * N + min(n, N))
-                logprobs[row] = (chosen[i], [(int(ids[j]), values[j]) for j in top])
+        chosen, ids, values = flat[B : B + A], flat[B + A : B + A + A * N], flat[B + A + A * N :]
+        for i, (row, n) in enumerate(zip(self.logprob_rows, self.logprob_tops)):
+            top = range(i * N, i * N + min(n, N))
+            logprobs[row] = (chosen[i], [(int(ids[j]), values[j]) for j in top])
         return tokens, logprobs
 
 

@@ -163,10 +163,12 @@ class FastTransformer:
         values: torch.Tensor,
         decode: bool,
         splits: int | None,
+        segments: list[Segment] | None = None,
     ) -> torch.Tensor:
         if decode:
             return decode_attention(q, keys, values, positions, slots, window=self.spec.sliding_window, splits=splits)
-        return prefill_attention(q, positions, slots, keys, values, self.spec.sliding_window)
+        segments = segments if segments is not None else prefill_segments(positions, slots)
+        return prefill_attention(q, segments, keys, values, self.spec.sliding_window)
 
     def layer(
         self,
@@ -178,10 +180,11 @@ class FastTransformer:
         cache: KVCache,
         decode: bool,
         splits: int | None = None,
+        segments: list[Segment] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(residual stream after layer i, its partial sums of squares)."""
         if self.sparse_layers is not None:
-            return sparse_layer_forward(self, i, x, positions, slots, cache, decode, splits), None
+            return sparse_layer_forward(self, i, x, positions, slots, cache, decode, splits, segments), None
         spec, layer = self.spec, self.layers[i]
         norm = (px, self.width, self.eps)
         qkv, _ = self.linear(x, layer.qkv_weight, bias=layer.qkv_bias, norm=norm)
@@ -197,7 +200,7 @@ class FastTransformer:
             num_kv_heads=spec.num_kv_heads,
             head_dim=spec.head_dim,
         )
-        attn = self.attend(q, positions, slots, cache.keys[i], cache.values[i], decode, splits)
+        attn = self.attend(q, positions, slots, cache.keys[i], cache.values[i], decode, splits, segments)
         if spec.parallel_block:
             act = self.mlp_up(layer, x, norm)
             if layer.shortcut is None:
@@ -246,10 +249,13 @@ class FastTransformer:
         decode: bool,
         last_rows: torch.Tensor | None = None,
         splits: int | None = None,
+        segments: list[Segment] | None = None,
     ) -> torch.Tensor:
         """Logits (M or len(last_rows), vocab) for M tokens, each at its own position and slot."""
         x, px = self.embed_rows(tokens, positions)
-        x, px = self.run_layers(x, px, positions, slots, cache, decode, splits)
+        if not decode and segments is None:  # read once for every layer's attention
+            segments = prefill_segments(positions, slots)
+        x, px = self.run_layers(x, px, positions, slots, cache, decode, splits, segments)
         return self.head_logits(x, px, last_rows)
 
     def run_layers(
@@ -261,11 +267,12 @@ class FastTransformer:
         cache: KVCache,
         decode: bool,
         splits: int | None = None,
+        segments: list[Segment] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(stream, its partial sums of squares) after every layer this model holds: all of them,
         or a pipeline stage's range (`cache` then holds that range's layers only)."""
         for i in range(len(self.layers)):
-            x, px = self.layer(i, x, px, positions, slots, cache, decode, splits)
+            x, px = self.layer(i, x, px, positions, slots, cache, decode, splits, segments)
         if px is None:  # the semi-structured layers leave no partial sums
             px = rms_norm(x, self.width, self.eps, sumsq_only=True)
         return x, px
@@ -327,7 +334,11 @@ class FastTransformer:
         positions = torch.tensor([p for c in chunks for p in range(c.start, c.start + len(c.tokens))], device=device)
         slots = torch.tensor([c.slot for c in chunks for _ in c.tokens], device=device)
         ends = torch.tensor([len(c.tokens) for c in chunks], device=device).cumsum(0) - 1
-        return self.step(tokens, positions, slots, cache, decode=False, last_rows=ends)
+        segments, start = [], 0
+        for c in chunks:
+            segments.append(Segment(start, start + len(c.tokens), c.slot, c.start, c.start + len(c.tokens) - 1))
+            start += len(c.tokens)
+        return self.step(tokens, positions, slots, cache, decode=False, last_rows=ends, segments=segments)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -347,21 +358,40 @@ def semi_structured_layers(spec, layers: list[FastLayer]) -> list[SparseLayer]:
     return [SparseLayer.from_fast_layer(i, layer) for i, layer in enumerate(layers)]
 
 
+@dataclass
+class Segment:
+    """One request's consecutive tokens in a flat prefill batch: rows start..end of it, at
+    positions first..last of its cache slot."""
+
+    start: int
+    end: int
+    slot: int
+    first: int
+    last: int
+
+
+def prefill_segments(positions: torch.Tensor, slots: torch.Tensor) -> list[Segment]:
+    """The segments of a flat batch whose rows of one slot are consecutive (two host reads)."""
+    bounds = torch.nonzero(slots[1:] != slots[:-1]).flatten().tolist()
+    starts, ends = [0] + [b + 1 for b in bounds], [b + 1 for b in bounds] + [len(slots)]
+    index = torch.tensor(starts + [e - 1 for e in ends], device=slots.device)
+    read = torch.cat([slots[index[: len(starts)]], positions[index]]).tolist()
+    n = len(starts)
+    return [Segment(starts[i], ends[i], read[i], read[n + i], read[2 * n + i]) for i in range(n)]
+
+
 def prefill_attention(
     q: torch.Tensor,
-    positions: torch.Tensor,
-    slots: torch.Tensor,
+    segments: list[Segment],
     keys: torch.Tensor,
     values: torch.Tensor,
     window: int | None,
 ) -> torch.Tensor:
-    """Attention of a prefill chunk: per slot, its consecutive tokens over the cached prefix
-    (flash attention through SDPA when the chunk starts the sequence)."""
+    """Attention of a prefill batch: per segment, its consecutive tokens over its slot's cached
+    prefix (flash attention through SDPA when the chunk starts the sequence)."""
     outputs = []
-    bounds = torch.nonzero(slots[1:] != slots[:-1]).flatten().tolist()
-    starts, ends = [0] + [b + 1 for b in bounds], [b + 1 for b in bounds] + [len(slots)]
-    for start, end in zip(starts, ends):
-        slot, first, last = int(slots[start]), int(positions[start]), int(positions[end - 1])
+    for segment in segments:
+        start, end, slot, first, last = segment.start, segment.end, segment.slot, segment.first, segment.last
         begin = 0 if window is None else max(0, first + 1 - window)
         k = keys[slot : slot + 1, :, begin : last + 1]
         v = values[slot : slot + 1, :, begin : last + 1]

@@ -89,7 +89,7 @@ def sparse_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 
 def sparse_layer_forward(
-    model, i: int, x: torch.Tensor, positions, slots, cache, decode: bool, splits: int | None
+    model, i: int, x: torch.Tensor, positions, slots, cache, decode: bool, splits: int | None, segments=None
 ) -> torch.Tensor:
     """One sequential block with semi-structured projections; returns the new residual stream."""
     from sliceserve.kernels.rope_store import rope_store
@@ -109,7 +109,7 @@ def sparse_layer_forward(
         num_kv_heads=spec.num_kv_heads,
         head_dim=spec.head_dim,
     )
-    attn = model.attend(q, positions, slots, cache.keys[i], cache.values[i], decode, splits)
+    attn = model.attend(q, positions, slots, cache.keys[i], cache.values[i], decode, splits, segments)
     x = x + sparse_linear(attn, layer.o, layer.biases["o"])
     h = rms_norm(x, model.width, model.eps)
     if layer.gate_up is not None:

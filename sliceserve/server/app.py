@@ -7,6 +7,8 @@ POST /v1/completions, POST /v1/chat/completions.
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import time
 from typing import Any
 
@@ -94,6 +96,10 @@ def serve(engine: Any, settings: ServerSettings) -> None:
     return); print the URL once listening."""
     import uvicorn
 
+    # The engine thread and the event loop share one interpreter lock; at Python's default 5 ms
+    # switch interval a thread that wants it back waits up to a whole decode step. Hand it over
+    # more often (SLICESERVE_SWITCH_INTERVAL seconds).
+    sys.setswitchinterval(float(os.environ.get("SLICESERVE_SWITCH_INTERVAL", "0.0005")))
     app = create_app(engine, settings)
     server = uvicorn.Server(
         uvicorn.Config(
