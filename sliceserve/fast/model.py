@@ -387,9 +387,31 @@ def prefill_attention(
     values: torch.Tensor,
     window: int | None,
 ) -> torch.Tensor:
-    """Attention of a prefill batch: per segment, its consecutive tokens over its slot's cached
-    prefix (flash attention through SDPA when the chunk starts the sequence)."""
-    outputs = []
+    """Attention of a prefill batch q (M, heads, head_dim), each segment over its slot's cache.
+
+    Segments that start their sequence attend together in one call, through a block-diagonal
+    causal mask (one launch instead of one per request: a burst of short prompts is otherwise
+    bound by the host); a segment that continues a cached prefix attends on its own."""
+    out = q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
+    fresh = [s for s in segments if s.first == 0]
+    if len(fresh) > 1:
+        rows, slots, positions, owner = [], [], [], []
+        for n, s in enumerate(fresh):
+            rows += range(s.start, s.end)
+            slots += [s.slot] * (s.end - s.start)
+            positions += range(s.end - s.start)
+            owner += [n] * (s.end - s.start)
+        as_tensor = lambda values: torch.tensor(values, device=q.device)
+        rows, slots, positions, owner = map(as_tensor, (rows, slots, positions, owner))
+        k = keys[slots, :, positions].transpose(0, 1)[None]  # (1, kv_heads, M', head_dim)
+        v = values[slots, :, positions].transpose(0, 1)[None]
+        distance = positions[:, None] - positions[None, :]
+        mask = (owner[:, None] == owner[None, :]) & (distance >= 0)
+        if window is not None:
+            mask &= distance < window
+        attended = attention(q[rows].transpose(0, 1)[None], k, v, mask)
+        out[rows] = attended[0].transpose(0, 1).reshape(len(rows), -1)
+        segments = [s for s in segments if s.first != 0]
     for segment in segments:
         start, end, slot, first, last = segment.start, segment.end, segment.slot, segment.first, segment.last
         begin = 0 if window is None else max(0, first + 1 - window)
@@ -402,6 +424,6 @@ def prefill_attention(
             key_pos = torch.arange(begin, last + 1, device=q.device)[None, :]
             distance = query_pos - key_pos
             mask = (distance >= 0) if window is None else (distance >= 0) & (distance < window)
-        out = attention(query, k, v, mask, causal=mask is None)
-        outputs.append(out[0].transpose(0, 1).reshape(end - start, -1))
-    return torch.cat(outputs)
+        attended = attention(query, k, v, mask, causal=mask is None)
+        out[start:end] = attended[0].transpose(0, 1).reshape(end - start, -1)
+    return out
