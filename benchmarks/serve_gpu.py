@@ -279,12 +279,15 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=64)
     parser.add_argument("--only", choices=["dense", "sliced"], help="one variant only")
     parser.add_argument("--quick", action="store_true", help="a CPU smoke run on the tiny shape")
+    parser.add_argument("--scenarios", help="comma-separated names of the scenarios to run (default: all)")
     args = parser.parse_args()
     args.device = "cpu" if args.quick else "cuda"
     if args.quick:  # the model-level part runs the fast path's kernels, interpreted on a CPU
         args.shape, args.max_batch = "tiny", 4
         os.environ.setdefault("TRITON_INTERPRET", "1")
     scenarios = QUICK if args.quick else SCENARIOS
+    if args.scenarios:
+        scenarios = [s for s in scenarios if s.name in args.scenarios.split(",")]
     work, out_dir = Path(args.work), Path(args.out_dir)
     work.mkdir(parents=True, exist_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)
