@@ -268,19 +268,46 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def history_markdown(paths: list[Path]) -> str:
+    """One table over several runs' JSON files (one row per run, variant and scenario), in order."""
+    lines = [
+        "| run (code) | variant | scenario | model tok/s | served tok/s | served / model | TTFT p99 ms | "
+        "ITL p50 / p99 ms | GPU util mean |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for path in paths:
+        result = json.loads(path.read_text())
+        run = f"{path.stem.removeprefix('serve_gpu_')} ({result['conditions'].get('code', '?')})"
+        for v in result["variants"]:
+            for row in v["scenarios"]:
+                m, util = row["served"]["metrics"], row.get("gpu_utilisation") or {}
+                lines.append(
+                    f"| {run} | {v['variant']} | {row['name']} | {row['model_tok_s']:,.0f} | "
+                    f"{row['served_tok_s']:,.0f} | {row['served_over_model']:.2f} | {m['ttft_ms']['p99']:.0f} | "
+                    f"{m['itl_ms']['p50']:.1f} / {m['itl_ms']['p99']:.0f} | {util.get('mean', '-')} |"
+                )
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="llama-2-7b")
-    parser.add_argument("--tokenizer", required=True, help="a saved Hugging Face tokenizer folder")
+    parser.add_argument("--tokenizer", help="a saved Hugging Face tokenizer folder (required to run)")
+    parser.add_argument("--history", nargs="+", type=Path, help="print one table over these runs' JSON files and stop")
     parser.add_argument("--sparsity", type=float, default=0.25)
     parser.add_argument("--work", default="/tmp/serve_gpu", help="where the checkpoints are written")
-    parser.add_argument("--out-dir", required=True)
+    parser.add_argument("--out-dir", default=".")
     parser.add_argument("--port", type=int, default=8123)
     parser.add_argument("--max-batch", type=int, default=64)
     parser.add_argument("--only", choices=["dense", "sliced"], help="one variant only")
     parser.add_argument("--quick", action="store_true", help="a CPU smoke run on the tiny shape")
     parser.add_argument("--scenarios", help="comma-separated names of the scenarios to run (default: all)")
     args = parser.parse_args()
+    if args.history:
+        print(history_markdown(args.history), end="")
+        return
+    if not args.tokenizer:
+        parser.error("--tokenizer is required")
     args.device = "cpu" if args.quick else "cuda"
     if args.quick:  # the model-level part runs the fast path's kernels, interpreted on a CPU
         args.shape, args.max_batch = "tiny", 4
