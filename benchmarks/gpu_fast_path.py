@@ -16,13 +16,12 @@ import argparse
 import contextlib
 import gc
 import json
-import platform
 import time
 from pathlib import Path
 
 import torch
 import transformers
-import triton
+from common import versions
 from random_models import SHAPES, llama_spec, random_transformer, weight_bytes
 
 from sliceserve.fast.graphs import DecodeGraphs
@@ -493,12 +492,7 @@ def main() -> None:
             "prefill": "one sequence of 2048 tokens, Triton projections + SDPA (flash) attention",
             "decode_tiles": DECODE_TILES.__dict__,
             "overlap_default": [k for k, v in launch.OVERLAP_MODES.items() if v == launch.OVERLAP][0],
-            "versions": {
-                "torch": torch.__version__,
-                "triton": triton.__version__,
-                "transformers": transformers.__version__,
-                "python": platform.python_version(),
-            },
+            "versions": versions(),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         },
         "models": [],

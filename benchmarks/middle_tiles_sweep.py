@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
 import torch
-import triton
+from common import versions
 from gpu_fast_path import ceilings, graph_ms, rotating
 
 from sliceserve.kernels.fused_linear import PREFILL_TILES, TileConfig, fused_linear
@@ -99,7 +98,7 @@ def main() -> None:
             "weights": "random, rotating copies (> 400 MB) so L2 does not hold them",
             "timing": "CUDA graph of one product per copy, median of 10 replays",
             "measured_copy_GBps": round(limits["copy_GBps"]),
-            "versions": {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version()},
+            "versions": versions(),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         }
     }

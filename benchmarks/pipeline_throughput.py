@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import platform
 import time
 import traceback
 from collections import defaultdict
@@ -36,7 +35,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import triton
+from common import sync, versions
 from random_models import llama_spec, random_stage
 
 from sliceserve.fast.model import FastTransformer
@@ -100,12 +99,6 @@ def config_devices(cards: int, cpu: bool, quick: bool) -> list[torch.device]:
     if quick and available >= 1:
         return [torch.device("cuda", 0)] * cards
     raise RuntimeError(f"{cards} GPUs needed, {available} visible")
-
-
-def synchronize(devices: list[torch.device]) -> None:
-    for device in set(devices):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
 
 
 def release(model) -> None:
@@ -199,10 +192,10 @@ def batch1_decode(model, spec, devices: list[torch.device], settings: Settings) 
     cache = model.new_cache(slots=1, max_len=settings.cache_len)
     capture(model, cache, 1, devices[0])
     first = prefill(model, cache, random_prompts(1, settings.prompt, spec.vocab_size, devices[0]), 1)
-    synchronize(devices)
+    sync(*devices)
     start = time.perf_counter()
     decode(model, cache, first, settings.prompt, settings.decode_steps)
-    synchronize(devices)
+    sync(*devices)
     seconds = time.perf_counter() - start
     return {
         "tok_s": settings.decode_steps / seconds,
@@ -219,13 +212,13 @@ def table11_batch(model, spec, devices: list[torch.device], settings: Settings, 
     cache = model.new_cache(slots=batch, max_len=settings.cache_len)
     prompts = random_prompts(batch, settings.prompt, spec.vocab_size, devices[0])
     capture(model, cache, batch, devices[0])
-    synchronize(devices)
+    sync(*devices)
     start = time.perf_counter()
     first = prefill(model, cache, prompts, max(1, settings.prefill_tokens // settings.prompt))
-    synchronize(devices)
+    sync(*devices)
     middle = time.perf_counter()
     decode(model, cache, first, settings.prompt, settings.new_tokens - 1)
-    synchronize(devices)
+    sync(*devices)
     end = time.perf_counter()
     return {
         "batch": batch,
@@ -376,12 +369,7 @@ def conditions(args, settings: Settings) -> dict:
         "(prefill + decode seconds); decode steps replay CUDA graphs (one per stage and batch)",
         "pipeline": "one process, stages one after the other; stream and partial sums of squares copied between GPUs",
         "stage_split": "the planner's balanced split at --max-batch and prompt + new tokens",
-        "versions": {
-            "torch": torch.__version__,
-            "cuda": torch.version.cuda,
-            "triton": triton.__version__,
-            "python": platform.python_version(),
-        },
+        "versions": versions(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from common import sync  # noqa: E402
 from serve_bench import BenchConfig, run_benchmark  # noqa: E402
 
 
@@ -101,11 +102,6 @@ def model_decode_tok_s(model, device: str, batch: int, context: int, steps: int)
     seconds = time.perf_counter() - start
     model.graphs = None  # the graphs pin this cache
     return batch * (steps - 1) / seconds
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 class Utilisation:

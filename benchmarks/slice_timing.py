@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import torch
-import transformers
+from common import sync, versions
 from transformers import LlamaConfig
 
 from sliceserve.model.loader import load_model
@@ -64,11 +64,6 @@ SHAPES = {
         max_position_embeddings=4096,
     ),
 }
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def time_one(config, args, compute_dtype: str, work: Path) -> dict:
@@ -167,11 +162,7 @@ def main() -> None:
         "what": f"slice {args.shape} shapes ({config.num_hidden_layers} layers) (random weights) at sparsity {args.sparsity}, calibration "
         f"{args.nsamples} x {args.seqlen} tokens, batch {args.batch_size}, checkpoint {args.dtype}",
         "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
-        "versions": {
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "python": platform.python_version(),
-        },
+        "versions": versions(),
         "date": time.strftime("%Y-%m-%d"),
         "runs": runs,
     }

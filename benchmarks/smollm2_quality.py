@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import torch
-import transformers
+from common import versions
 from quality_results import merge_rows, read_results, write_results
 
 from sliceserve.commands.evaluation import checkpoint_summary
@@ -73,11 +73,7 @@ def main() -> None:
             f"{test_tokens.numel() // args.seqlen} for the rows with ppl_full",
             "dtype": "float32 weights and activations; PCA in float64",
             "device": f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)",
-            "versions": {
-                "torch": torch.__version__,
-                "transformers": transformers.__version__,
-                "python": platform.python_version(),
-            },
+            "versions": versions(),
             "date": time.strftime("%Y-%m-%d"),
         }
         # Merged into what is there: the pruned rows (smollm2_pruning_quality.py) and their

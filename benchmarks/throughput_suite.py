@@ -46,6 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
+from common import sync, versions  # noqa: E402
 from gpu_fast_path import relative_error  # noqa: E402
 from random_models import SHAPES, llama_spec, prune_decoder_two_four, random_transformer, weight_bytes  # noqa: E402
 from throughput_report import GIB, best_of, render_files, render_markdown, write_outputs  # noqa: E402
@@ -118,11 +119,6 @@ def double_until_oom(
 
 
 # ---- GPU bookkeeping ----------------------------------------------------------------------
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def free_memory(device: torch.device) -> None:
@@ -515,8 +511,6 @@ def time_hf_generate(
 
 
 def conditions(args, device: torch.device, nvml: Nvml | None, nvml_missing: str | None) -> dict:
-    import transformers
-    import triton
 
     rows_per_call = max(1, args.prefill_tokens // args.prompt)
     c = {
@@ -558,12 +552,7 @@ def conditions(args, device: torch.device, nvml: Nvml | None, nvml_missing: str 
         "hf_generate": f"transformers LlamaForCausalLM, no torch.compile, default attention, {args.dtype}, "
         f"prompt {args.prompt}, {args.hf_new_tokens} new tokens (min = max), greedy; time includes "
         "the prompt's prefill",
-        "versions": {
-            "torch": torch.__version__,
-            "triton": triton.__version__,
-            "transformers": transformers.__version__,
-            "python": platform.python_version(),
-        },
+        "versions": versions(),
         "products": args.products,
         "allocator": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "default"),
         "tag": args.tag,
