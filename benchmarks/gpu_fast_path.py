@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from common import versions
+from common import versions, write_json
 from random_models import SHAPES, llama_spec, random_transformer, weight_bytes
 
 from sliceserve.fast.graphs import DecodeGraphs
@@ -501,7 +501,7 @@ def main() -> None:
     }
 
     def save() -> None:
-        (out_dir / "gpu_fast_path.json").write_text(json.dumps(result, indent=2) + "\n")
+        write_json(out_dir / "gpu_fast_path.json", result)
         (out_dir / "gpu_fast_path.md").write_text(markdown(result))
 
     result["ceilings"] = ceilings()

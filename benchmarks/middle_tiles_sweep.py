@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import versions
+from common import versions, write_json
 from gpu_fast_path import ceilings, graph_ms, rotating
 
 from sliceserve.kernels.fused_linear import PREFILL_TILES, TileConfig, fused_linear
@@ -103,7 +103,7 @@ def main() -> None:
         }
     }
     result["sweep"] = sweep(torch.float16, limits["copy_GBps"])
-    (out_dir / "middle_tiles_sweep.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json(out_dir / "middle_tiles_sweep.json", result)
     (out_dir / "middle_tiles_sweep.md").write_text(markdown(result))
     print(markdown(result))
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import time
 import traceback
 from collections import defaultdict
@@ -35,7 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from common import sync, versions
+from common import sync, versions, write_json
 from random_models import llama_spec, random_stage
 
 from sliceserve.fast.model import FastTransformer
@@ -528,7 +527,7 @@ def main() -> None:
     results = {"conditions": conditions(args, settings), "configs": []}
 
     def save() -> None:
-        (out_dir / "pipeline_throughput.json").write_text(json.dumps(results, indent=2) + "\n")
+        write_json(out_dir / "pipeline_throughput.json", results)
         (out_dir / "pipeline_throughput.md").write_text(markdown(results))
 
     configs = QUICK if args.quick else [c for part in args.parts for c in PARTS[part]]

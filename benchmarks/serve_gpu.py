@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import sync  # noqa: E402
+from common import sync, write_json  # noqa: E402
 from serve_bench import BenchConfig, run_benchmark  # noqa: E402
 
 
@@ -333,7 +333,7 @@ def main() -> None:
     for name, sparsity in variants:
         checkpoint = export(args.shape, sparsity, args.tokenizer, work / name, args.device)
         result["variants"].append(run_variant(name, checkpoint, args, scenarios, out_dir))
-        (out_dir / "serve_gpu.json").write_text(json.dumps(result, indent=1) + "\n")
+        write_json(out_dir / "serve_gpu.json", result, indent=1)
     (out_dir / "serve_gpu.md").write_text(markdown(result))
     print(markdown(result))
 

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import sync, versions
+from common import sync, versions, write_json
 from transformers import LlamaConfig
 
 from sliceserve.model.loader import load_model
@@ -170,7 +170,7 @@ def main() -> None:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     suffix = f"_{args.layers}layers" if args.layers else ""
-    (out_dir / f"slice_timing_{args.shape}{suffix}.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json(out_dir / f"slice_timing_{args.shape}{suffix}.json", result)
     (out_dir / f"slice_timing_{args.shape}{suffix}.md").write_text(markdown(result))
 
 
