@@ -6,6 +6,7 @@ Layout::
     model-00001.safetensors, ...    tensors, each shard at most about ``shard_bytes``
     model.safetensors.index.json    {"metadata": {"total_size"}, "weight_map", "sha256"}
     tokenizer files                 whatever ``tokenizer.save_pretrained`` writes
+    *_sliceserve.py                 the writers add the Transformers modelling code (hf_modeling/)
 
 The writer streams tensors into shards (the slicer pushes a 70B model through it
 layer by layer), builds everything in a hidden sibling folder and renames it into
@@ -18,8 +19,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +33,7 @@ from safetensors.torch import save_file
 
 from sliceserve.errors import SliceserveError
 from sliceserve.model.spec import DecoderSpec
+from sliceserve.model.spec_checks import check_model_description, check_tensors
 
 FORMAT_NAME = "sliceserve"
 FORMAT_VERSION = 1
@@ -62,9 +66,12 @@ class CheckpointWriter:
         check_destination(self.out_dir, overwrite)
 
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        # A sibling, so the final rename stays on one filesystem and is atomic.
+        remove_abandoned_staging(self.out_dir)
+        # A sibling, so the final rename stays on one filesystem and is atomic; named with our
+        # process id, so that a later run can tell it from one still being written.
         # os.mkdir (not mkdtemp) so the folder gets the user's umask, not 0o700.
-        self.staging_dir = self.out_dir.with_name(f".{self.out_dir.name}.partial-{secrets.token_hex(6)}")
+        staging_name = f".{self.out_dir.name}.partial-{os.getpid()}-{secrets.token_hex(6)}"
+        self.staging_dir = self.out_dir.with_name(staging_name)
         os.mkdir(self.staging_dir)
 
         self._buffer: dict[str, torch.Tensor] = {}
@@ -86,6 +93,11 @@ class CheckpointWriter:
             self._flush()
         self._buffer[name] = stored
         self._buffer_bytes += nbytes
+
+    @property
+    def tensor_names(self) -> list[str]:
+        """Every tensor added so far, in the order added."""
+        return [*self._weight_map, *self._buffer]
 
     def finish(self, config: dict[str, Any], tokenizer: Any = None) -> Path:
         """Write the last shard, index, config and tokenizer, then move the folder into place."""
@@ -143,6 +155,9 @@ class CheckpointWriter:
         shard_file = f"model-{len(self._sha256) + 1:05d}.safetensors"
         shard_path = self.staging_dir / shard_file
         save_file(self._buffer, str(shard_path), metadata={"format": "pt"})
+        # safetensors creates its files with mode 0600; give shards the mode every other file
+        # of the checkpoint has (the umask's), which the staging folder was created with.
+        os.chmod(shard_path, stat.S_IMODE(os.stat(self.staging_dir).st_mode) & 0o666)
         _fsync(shard_path)
         self._sha256[shard_file] = sha256_of_file(shard_path)
         for name in self._buffer:
@@ -161,6 +176,7 @@ class Checkpoint:
     names: list[str]
     total_bytes: int  # sum of shard file sizes
     weight_map: dict[str, str] = field(repr=False)
+    shapes: dict[str, tuple[tuple[int, ...], str]] = field(default_factory=dict, repr=False)  # name: (shape, dtype)
 
     def has(self, name: str) -> bool:
         return name in self.weight_map
@@ -210,22 +226,26 @@ def is_checkpoint(path: str | Path) -> bool:
         return False
 
 
-def checkpoint_spec(config: dict) -> DecoderSpec:
-    """The decoder a checkpoint's config.json describes."""
-    try:
-        return DecoderSpec.from_dict(config["model"])
-    except (KeyError, TypeError) as error:
-        raise SliceserveError(f"checkpoint config.json lacks a valid model description ({error})") from None
+def checkpoint_spec(config: dict, source: str = "config.json") -> DecoderSpec:
+    """The decoder a checkpoint's config.json describes, after checking every field of it."""
+    if not isinstance(config, dict) or "model" not in config:
+        raise SliceserveError(f'{source} lacks the model description (its "model" object)')
+    check_model_description(config["model"], source)
+    return DecoderSpec.from_dict(config["model"])
 
 
 def open_checkpoint(path: str | Path, *, verify: bool = True) -> Checkpoint:
-    """Open a checkpoint, checking every shard is present and readable.
+    """Open a checkpoint, checking every shard is present and readable, and, where config.json
+    describes a model, every field of the description and every tensor's presence and shape
+    (from the shards' headers: nothing large is read or allocated).
 
     ``verify`` also compares each shard's sha256 with the index; it reads every byte,
     which takes minutes for a 70B model, hence the switch.
     """
     path = Path(path)
     config = read_config(path)
+    # A bare container (no model description) is the writer's own business.
+    spec = checkpoint_spec(config, str(path / CONFIG_FILE)) if "model" in config else None
     if not (path / INDEX_FILE).is_file():
         raise SliceserveError(f"checkpoint {path} has no {INDEX_FILE} (incomplete checkpoint?)")
     index = _read_json(path / INDEX_FILE)
@@ -241,19 +261,21 @@ def open_checkpoint(path: str | Path, *, verify: bool = True) -> Checkpoint:
             raise SliceserveError(f"{path / INDEX_FILE} maps {name!r} to an invalid shard {shard_file!r}")
         names_by_shard.setdefault(shard_file, []).append(name)
 
-    total_bytes = 0
+    total_bytes, shapes = 0, {}
     for shard_file, names in names_by_shard.items():
         shard_path = path / shard_file
         if not shard_path.is_file():
             raise SliceserveError(f"shard {shard_file} listed in the index is missing from {path}")
         total_bytes += shard_path.stat().st_size
-        if verify:
-            expected = hashes.get(shard_file)
-            if expected is None:
-                raise SliceserveError(f"{path / INDEX_FILE} has no sha256 for shard {shard_file}")
-            if sha256_of_file(shard_path) != expected:
-                raise SliceserveError(f"shard {shard_path} is corrupt or truncated (sha256 differs from the index)")
-        _check_shard_holds(shard_path, names)
+        shapes.update(_check_shard_holds(shard_path, names))
+    if spec is not None:
+        check_tensors(spec, shapes, str(path / INDEX_FILE))
+    for shard_file in names_by_shard if verify else ():  # last: it reads every byte
+        expected = hashes.get(shard_file)
+        if expected is None:
+            raise SliceserveError(f"{path / INDEX_FILE} has no sha256 for shard {shard_file}")
+        if sha256_of_file(path / shard_file) != expected:
+            raise SliceserveError(f"shard {path / shard_file} is corrupt or truncated (sha256 differs from the index)")
 
     return Checkpoint(
         path=path,
@@ -261,6 +283,7 @@ def open_checkpoint(path: str | Path, *, verify: bool = True) -> Checkpoint:
         names=list(weight_map),
         total_bytes=total_bytes,
         weight_map=weight_map,
+        shapes=shapes,
     )
 
 
@@ -273,17 +296,43 @@ def sha256_of_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _check_shard_holds(shard_path: Path, names: list[str]) -> None:
+def _check_shard_holds(shard_path: Path, names: list[str]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The shape and dtype of each of `names`, from the shard's header."""
     # Opening reads only the header, and safetensors checks the header against the
     # file size: this catches a truncated shard cheaply even without verify.
     try:
         with safe_open(str(shard_path), framework="pt", device="cpu") as shard:
             present = set(shard.keys())
+            missing = [name for name in names if name not in present]
+            if missing:
+                raise SliceserveError(
+                    f"shard {shard_path} lacks {len(missing)} tensor(s) the index lists, e.g. {missing[0]!r}"
+                )
+            slices = {name: shard.get_slice(name) for name in names}
+            return {name: (tuple(s.get_shape()), s.get_dtype()) for name, s in slices.items()}
     except (SafetensorError, OSError) as err:
         raise SliceserveError(f"shard {shard_path} is corrupt or truncated: {err}") from None
-    missing = [name for name in names if name not in present]
-    if missing:
-        raise SliceserveError(f"shard {shard_path} lacks {len(missing)} tensor(s) the index lists, e.g. {missing[0]!r}")
+
+
+def remove_abandoned_staging(out_dir: Path) -> None:
+    """Remove the staging folders of `out_dir` left by runs that died without cleaning up
+    (killed, or out of power): those whose process is gone, and those of older versions,
+    whose names carry no process id."""
+    pattern = re.compile(rf"\.{re.escape(out_dir.name)}\.partial-(?:(\d+)-)?[0-9a-f]+")
+    for sibling in out_dir.parent.iterdir():
+        found = pattern.fullmatch(sibling.name)
+        if found and sibling.is_dir() and not (found.group(1) and process_alive(int(found.group(1)))):
+            shutil.rmtree(sibling, ignore_errors=True)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:
+        return True  # another user's
+    return True
 
 
 def check_destination(out_dir: Path, overwrite: bool) -> None:

@@ -1,11 +1,15 @@
-"""The `sliceserve` command: slice, export, prune, ppl, info, serve, generate, demo."""
+"""The `sliceserve` command: slice, export, prune, finetune, ppl, info, serve, generate, demo."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 
 from sliceserve.errors import SliceserveError
 
@@ -83,14 +87,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_output_options(p)
     add_calibration_options(p)
 
+    from sliceserve.commands.finetuning import add_finetune_options
+
+    p = sub.add_parser("finetune", help="recovery fine-tuning: LoRA (PEFT) on a checkpoint, merged into a new one")
+    add_finetune_options(p)
+
     p = sub.add_parser("ppl", help="WikiText-2 perplexity of a checkpoint or of a model")
     p.add_argument("path", help="checkpoint folder, or a model (Hugging Face folder, .gguf, smollm2-135m)")
     p.add_argument("--data", default="wikitext2", help="wikitext2 (test split) or text file(s), comma-separated")
-    p.add_argument("--data-dir")
-    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--data-dir", help="folder holding wikitext-2-raw/ (else $SLICESERVE_DATA_DIR, else ../shared/data)")
+    p.add_argument("--seqlen", type=int, default=2048, help="tokens per scored window (default 2048)")
     p.add_argument("--max-windows", type=int, help="score at most this many windows")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default 1)")
+    p.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16", "float64"], help="run in this dtype")
     p.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
 
@@ -110,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_server_options(p)
 
     p = sub.add_parser("demo", help="slice SmolLM2-135M once (cached) and serve it on 127.0.0.1:8000")
-    p.add_argument("--sparsity", type=float, default=0.25)
+    p.add_argument("--sparsity", type=float, default=0.25, help="fraction of the width to slice away (default 0.25)")
     p.add_argument("--nsamples", type=int, default=32, help="generated calibration sequences")
     p.add_argument("--seqlen", type=int, default=256, help="tokens per generated calibration sequence")
     add_server_options(p)
@@ -135,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     try:
-        with logging_redirect_tqdm():
+        with logging_redirect_tqdm(), sigterm_interrupts():
             return COMMANDS[args.command](args)
     except SliceserveError as error:
         print(f"sliceserve: error: {error}", file=sys.stderr)
@@ -151,6 +160,25 @@ def main(argv: list[str] | None = None) -> int:
             print(f"sliceserve: error: out of memory on {getattr(args, 'device', 'cpu')}", file=sys.stderr)
             return 2
         raise
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM unwinds as Ctrl-C does (KeyboardInterrupt), so that a command stopped by `kill`
+    or a supervisor removes what it had half-written, as the checkpoint writers do on Ctrl-C;
+    `serve` replaces it by its drain while serving (server/shutdown.py)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run_slice(args: argparse.Namespace) -> int:
@@ -169,6 +197,12 @@ def run_prune(args: argparse.Namespace) -> int:
     from sliceserve.commands.pruning import prune_command
 
     return prune_command(args)
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    from sliceserve.commands.finetuning import finetune_command
+
+    return finetune_command(args)
 
 
 def run_ppl(args: argparse.Namespace) -> int:
@@ -201,6 +235,7 @@ COMMANDS = {
     "slice": run_slice,
     "export": run_export,
     "prune": run_prune,
+    "finetune": run_finetune,
     "ppl": run_ppl,
     "info": run_info,
     "plan": run_plan,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -97,6 +99,21 @@ def test_tokenizer_and_config_are_saved(tmp_path: Path):
     write_checkpoint(out_dir)
     assert json.loads((out_dir / "tokenizer.json").read_text()) == {"fake": True}
     assert read_config(out_dir)["hidden_size"] == 16
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_every_file_and_the_folder_follow_the_umask(tmp_path: Path, umask: int):
+    # safetensors alone would write the shards with mode 0600, whatever the umask.
+    previous = os.umask(umask)
+    try:
+        write_checkpoint(tmp_path / "ckpt")
+    finally:
+        os.umask(previous)
+    folder = tmp_path / "ckpt"
+    files = sorted(p for p in folder.iterdir())
+    assert any(p.suffix == ".safetensors" for p in files) and (folder / "config.json") in files
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in files} == {p.name: 0o666 & ~umask for p in files}
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~umask
 
 
 def test_shard_larger_than_limit_goes_alone_and_parents_are_created(tmp_path: Path):

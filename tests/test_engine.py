@@ -28,9 +28,9 @@ from tiny_models import calibration_batches, tiny_config, tiny_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from sliceserve.engine.detokenizer import text_step
 from sliceserve.engine.engine import Engine, QueueFull, RequestRejected
 from sliceserve.engine.requests import GenerationEvent, SamplingParams
+from sliceserve.engine.text_reference import text_step
 from sliceserve.model.decoder import Transformer
 from sliceserve.model.loader import load_model
 from sliceserve.slicing.checkpoint_writer import export_checkpoint, slice_checkpoint
@@ -556,7 +556,6 @@ def test_impossible_requests_are_rejected(engine, llama, ascii_ids):
     vocab = llama.spec.vocab_size
     cases = [
         ([], SamplingParams(max_tokens=4)),
-        (prompt(ascii_ids, 3, 1), SamplingParams(max_tokens=0)),
         (prompt(ascii_ids, 3, 1), SamplingParams(max_tokens=-2)),
         (prompt(ascii_ids, 30, 1), SamplingParams(max_tokens=engine.max_model_len - 29)),
         ([ascii_ids[0], vocab], SamplingParams(max_tokens=4)),
@@ -570,6 +569,9 @@ def test_impossible_requests_are_rejected(engine, llama, ascii_ids):
     # the longest request that fits is accepted
     fits = run(engine, [ascii_ids[0]] * (engine.max_model_len - 2), max_tokens=2, **GREEDY)
     assert fits.last.finish_reason == "length" and len(fits.ids) == 2
+    # max_tokens 0 is a prefill alone (prompt scoring): it ends at once, having generated nothing
+    scored = run(engine, prompt(ascii_ids, 3, 1), max_tokens=0)
+    assert scored.last.finish_reason == "length" and scored.ids == []
 
 
 # ---- 8. the engine survives ----------------------------------------------------------

@@ -143,6 +143,29 @@ def test_a_batched_prefill_equals_each_chunk_alone(models):
     assert relative_error(fast.forward_cached(tokens, positions, slot_ids, caches["fast"]), after) < 1e-5
 
 
+@pytest.mark.parametrize("variant_folder", ["llama-biases"], indirect=True)
+@torch.no_grad()
+def test_a_prefill_returns_every_position_of_the_chunks_that_ask(models):
+    """Prompt scoring: a chunk with all_positions gives the logits of each of its positions, in
+    chunk order beside the others' last rows, on both paths; they equal whole-sequence logits."""
+    reference, fast = models
+    prompts = [random_tokens(1, n, seed=40 + n)[0].tolist() for n in (9, 6, 5)]
+    for model in (reference, fast):
+        cache = model.new_cache(slots=3, max_len=16)
+        model.prefill([PrefillChunk(prompts[0][:4], 0, 0, all_positions=True)], cache)
+        batch = [
+            PrefillChunk(prompts[0][4:], 4, 0, all_positions=True),
+            PrefillChunk(prompts[1], 0, 1),
+            PrefillChunk(prompts[2], 0, 2, all_positions=True),
+        ]
+        logits = model.prefill(batch, cache)
+        assert logits.shape == (5 + 1 + 5, reference.spec.vocab_size)
+        whole = [reference(torch.tensor([p], device=DEVICE))[0] for p in prompts]
+        assert relative_error(logits[:5], whole[0][4:]) < 1e-5
+        assert relative_error(logits[5], whole[1][-1]) < 1e-5
+        assert relative_error(logits[6:], whole[2]) < 1e-5
+
+
 class NumberTokenizer:
     """Token ids written as numbers: all the engine needs from a tokenizer here."""
 

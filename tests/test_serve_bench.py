@@ -33,7 +33,7 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def vocab(server) -> int:
-    return server.engine.model.spec.vocab_size  # our /v1/models reports no vocabulary size
+    return server.engine.model.spec.vocab_size
 
 
 def assert_ordered(summary: dict) -> None:
@@ -155,9 +155,10 @@ def test_errors_are_counted_by_status_and_by_exception(server, vocab):
     assert m["failed"] == 2 and list(m["errors"]) == ["ClientConnectorError"]
 
 
-def test_a_server_that_reports_no_vocabulary_needs_vocab_size(server):
-    with pytest.raises(RuntimeError, match="--vocab-size"):
-        asyncio.run(run_benchmark(BenchConfig(base_url=server.base_url, num_prompts=1)))
+def test_the_vocabulary_comes_from_the_servers_model_card(server, vocab):
+    """Without --vocab-size the prompts' token ids are drawn from the vocabulary /v1/models reports."""
+    result = asyncio.run(run_benchmark(BenchConfig(base_url=server.base_url, num_prompts=2, output_len=2)))
+    assert result["conditions"]["vocab_size"] == vocab and result["metrics"]["failed"] == 0
 
 
 def test_percentile_interpolates_like_numpy():

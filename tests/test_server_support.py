@@ -132,17 +132,16 @@ class RunningServer:
 
 
 def start_server(engine, **settings) -> RunningServer:
-    """Start `engine` and a uvicorn server over it on a free port; return once it accepts."""
+    """Start `engine` and a uvicorn server over it on a free port, configured as `serve` does;
+    return once it accepts."""
     import uvicorn
 
     from sliceserve.server import ServerSettings, create_app
+    from sliceserve.server.app import uvicorn_config
 
     settings = ServerSettings(port=0, **settings)  # the system picks a free port
     engine.start()
-    config = uvicorn.Config(
-        create_app(engine, settings), host=settings.host, port=settings.port, log_level="warning", lifespan="off"
-    )
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(uvicorn_config(create_app(engine, settings), settings, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20

@@ -9,7 +9,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from sliceserve.engine.detokenizer import text_step
+from sliceserve.engine.text_reference import text_step
 from sliceserve.engine.text_stream import MAX_PENDING, TextStream
 
 TEXTS = [

@@ -18,7 +18,7 @@ DEFAULT_MAX_MODEL_LEN = 2048  # the KV cache reserves this many positions per sl
 
 
 def add_engine_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda, cuda:1, ... (default cpu)")
     parser.add_argument(
         "--max-model-len",
         type=int,
@@ -39,13 +39,33 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
 def add_server_options(parser: argparse.ArgumentParser) -> None:
     add_engine_options(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0: any free one)")
     parser.add_argument(
         "--api-key",
         default=os.environ.get("SLICESERVE_API_KEY"),
         help="require 'Authorization: Bearer KEY' (default $SLICESERVE_API_KEY)",
     )
+    parser.add_argument(
+        "--allowed-hosts",
+        default="",
+        metavar="NAMES",
+        help="without an API key, Host names accepted besides IP addresses, localhost and --host: "
+        "comma-separated, '*' for any (against DNS rebinding; default none)",
+    )
     parser.add_argument("--max-queue", type=int, default=64, help="waiting requests beyond which 429 is answered")
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=1024,
+        help="open connections (or running requests) beyond which new requests get 503 (default 1024)",
+    )
+    parser.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=5.0,
+        help="on SIGTERM or Ctrl-C: seconds the running requests get to finish, while new ones get 503; "
+        "then they end with an error event (default 5)",
+    )
     parser.add_argument("--model-name", help="the model id clients name (default: the folder name)")
 
 
@@ -85,9 +105,18 @@ def serve_checkpoint(path: str, args: argparse.Namespace, banner: str = "") -> i
     from sliceserve.server.app import serve
     from sliceserve.server.settings import ServerSettings
 
+    check_server_options(args)
     engine = make_engine(path, args, args.max_queue)
     name = args.model_name or Path(path).resolve().name
-    settings = ServerSettings(host=args.host, port=args.port, api_key=args.api_key, model_name=name)
+    settings = ServerSettings(
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        allowed_hosts=tuple(h.strip() for h in args.allowed_hosts.split(",") if h.strip()),
+        model_name=name,
+        max_connections=args.max_connections,
+        shutdown_grace=args.shutdown_grace,
+    )
     if banner:
         print(banner.format(name=name, host=args.host, port=args.port), flush=True)
     if args.distributed:
@@ -97,6 +126,18 @@ def serve_checkpoint(path: str, args: argparse.Namespace, banner: str = "") -> i
     finally:
         release(engine)
     return 0
+
+
+def check_server_options(args: argparse.Namespace) -> None:
+    """What can fail before anything is loaded or sliced: the options, and the address (a port
+    in use would otherwise end the run after minutes of loading, in uvicorn's traceback)."""
+    from sliceserve.server.app import check_address
+
+    if args.max_connections < 1:
+        raise SliceserveError("--max-connections must be at least 1")
+    if not args.shutdown_grace >= 0:
+        raise SliceserveError("--shutdown-grace must be a number of seconds, 0 or more")
+    check_address(args.host, args.port)
 
 
 def stop_gracefully_on_sigterm() -> None:
@@ -133,12 +174,15 @@ def generate_command(args: argparse.Namespace) -> int:
         stop=args.stop or [],
     )
     if args.chat:
+        from sliceserve.server.chat_template import ChatTemplateError, render_chat
+
         if not getattr(engine.tokenizer, "chat_template", None):
             raise SliceserveError("this checkpoint's tokenizer has no chat template: drop --chat")
-        ids = engine.tokenizer.apply_chat_template(
-            [{"role": "user", "content": args.prompt}], add_generation_prompt=True, tokenize=True
-        )
-        ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        try:
+            ids = render_chat(engine.tokenizer, [{"role": "user", "content": args.prompt}])
+        except ChatTemplateError as error:
+            release(engine)
+            raise SliceserveError(f"--chat: {error}") from None
     else:
         ids = engine.tokenizer(args.prompt)["input_ids"]
     engine.start()
@@ -180,6 +224,7 @@ def demo_command(args: argparse.Namespace) -> int:
             "demo does not run --distributed: run `sliceserve demo` once, then "
             "torchrun ... -m sliceserve serve CHECKPOINT --distributed"
         )
+    check_server_options(args)  # before minutes of slicing
     path = demo_cache_dir() / f"smollm2-135m-sliced-{round(args.sparsity * 100)}"
     try:
         open_checkpoint(path, verify=False)

@@ -29,12 +29,14 @@ from typing import Any
 
 import torch
 
+from sliceserve.engine.prompt_scoring import StepScores, score_chunk
 from sliceserve.engine.requests import GenerationEvent, Request, SamplingParams, TokenLogprob
 from sliceserve.engine.sampler import SamplingRows, check_params, sample, warm_up
 from sliceserve.engine.scheduler import StepPlan, plan_step
 from sliceserve.engine.served_model import ServedModel
 from sliceserve.engine.stats import EngineStats
 from sliceserve.engine.text_stream import TextStream
+from sliceserve.engine.token_pieces import TokenPieces
 from sliceserve.model.kv_cache import PrefillChunk
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,10 @@ log = logging.getLogger(__name__)
 
 class RequestRejected(Exception):
     """The engine cannot take this request (the message says why)."""
+
+
+class ShuttingDown(RequestRejected):
+    """The engine takes no new requests: it is stopping."""
 
 
 class QueueFull(Exception):
@@ -73,6 +79,7 @@ class Engine:
         if max_batch < 1 or max_queue < 1 or prefill_chunk < 1:
             raise ValueError("max_batch, max_queue and prefill_chunk must be at least 1")
         self.model, self.tokenizer = model, tokenizer
+        self.pieces = TokenPieces(tokenizer)  # tokens' texts, bytes and names, memoised
         spec = model.spec
         self.max_model_len = min(max_model_len or spec.max_positions, spec.max_positions)
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
@@ -88,6 +95,7 @@ class Engine:
         self.outbox: list[tuple[Request, GenerationEvent]] = []  # this step's events, sent at its end
         self.wakeup = threading.Condition()
         self.stopped = False
+        self.accepting = True  # until shutdown begins
         self.thread: threading.Thread | None = None
         self.stats = EngineStats(kv_slots_total=max_batch, kv_cache_bytes=self.cache.bytes)
         model.prepare(self.cache)  # capture the decode graphs now, not during the first requests
@@ -98,8 +106,10 @@ class Engine:
     def check(self, prompt_ids: list[int], params: SamplingParams) -> None:
         if not prompt_ids:
             raise RequestRejected("the prompt is empty")
-        if params.max_tokens < 1:
-            raise RequestRejected("max_tokens must be at least 1")
+        if params.max_tokens < 0:  # 0: prefill only (prompt scoring), then finish
+            raise RequestRejected("max_tokens must not be negative")
+        if params.prompt_logprobs is not None and params.prompt_logprobs < 0:
+            raise RequestRejected("prompt_logprobs must not be negative")
         if len(prompt_ids) + params.max_tokens > self.max_model_len:
             raise RequestRejected(
                 f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds the "
@@ -125,8 +135,8 @@ class Engine:
         self.check(prompt_ids, params)
         request = Request(list(prompt_ids), params, on_event, loop=loop)
         with self.wakeup:
-            if self.stopped:
-                raise RequestRejected("the engine is shutting down")
+            if self.stopped or not self.accepting:
+                raise ShuttingDown("the engine is shutting down")
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are already waiting")
             self.waiting.append(request)
@@ -173,8 +183,17 @@ class Engine:
             self.thread = threading.Thread(target=self.loop, name="sliceserve-engine", daemon=True)
             self.thread.start()
 
-    def shutdown(self) -> None:
-        """Stop the loop; requests still running or waiting end as "cancelled"."""
+    def shutdown(self, drain: float = 0.0) -> None:
+        """Take no new request; give those running or waiting up to `drain` seconds to finish
+        (`cancel_all` cuts that short); then stop the loop: what is left ends as "cancelled"."""
+        with self.wakeup:
+            self.accepting = False
+        deadline = time.monotonic() + drain
+        while self.thread is not None and time.monotonic() < deadline:
+            with self.wakeup:
+                if not self.running and not self.waiting:
+                    break
+            time.sleep(0.01)
         with self.wakeup:
             self.stopped = True
             self.wakeup.notify()
@@ -186,6 +205,13 @@ class Engine:
                 self.finish(request, "cancelled")
             self.waiting.clear()
             self.flush()
+
+    def cancel_all(self) -> None:
+        """Cancel every request running or waiting (safe from any thread)."""
+        with self.wakeup:
+            for request in [*self.running, *self.waiting]:
+                request.cancel()
+            self.wakeup.notify()
 
     def loop(self) -> None:
         while True:
@@ -209,22 +235,46 @@ class Engine:
             return
         logits, rows = [], []  # requests whose next token is sampled now, and their logits
         if plan.prefill:
-            chunks = [PrefillChunk(r.prompt_ids[start:end], start, r.slot) for r, start, end in plan.prefill]
-            prefill_logits = self.model.prefill(chunks, self.cache)
-            done = []
-            for i, (request, _, end) in enumerate(plan.prefill):
-                request.prefilled = end
-                if end == len(request.prompt_ids):
-                    done.append(i)
-                    rows.append(request)
-            if done:
-                logits.append(prefill_logits[done] if len(done) < len(plan.prefill) else prefill_logits)
+            prefill_logits, rows = self.prefill(plan)
+            if rows:
+                logits.append(prefill_logits)
         if plan.decode:
             logits.append(self.decode(plan.decode))
             rows += plan.decode
         if rows:
             self.accept(rows, torch.cat(logits) if len(logits) > 1 else logits[0])
         self.update_gauges()
+
+    def prefill(self, plan: StepPlan) -> tuple[torch.Tensor, list[Request]]:
+        """Prefill the plan's chunks; score the prompts that ask; finish those that generate
+        nothing. Returns the logits of the requests whose prompt is now whole, and them."""
+        chunks = [
+            PrefillChunk(r.prompt_ids[start:end], start, r.slot, all_positions=r.params.prompt_logprobs is not None)
+            for r, start, end in plan.prefill
+        ]
+        logits = self.model.prefill(chunks, self.cache)
+        expected = sum(c.logit_rows for c in chunks)
+        if logits.shape[0] != expected:
+            raise RuntimeError(f"the model's prefill gave {logits.shape[0]} rows of logits, not {expected}")
+        scores, last_rows, ready, silent, row = StepScores(), [], [], [], 0
+        for chunk, (request, start, end) in zip(chunks, plan.prefill):
+            if chunk.all_positions:
+                top = request.params.prompt_logprobs
+                scores.add(score_chunk(request, logits[row : row + chunk.logit_rows], request.prompt_ids, start, top))
+            row += chunk.logit_rows
+            request.prefilled = end
+            if end == len(request.prompt_ids):
+                (ready if request.params.max_tokens > 0 else silent).append(request)
+                if request.params.max_tokens > 0:
+                    last_rows.append(row - 1)
+        for request, tokens in scores.to_host():
+            request.prompt_logprobs += [self.prompt_token_logprob(*token) for token in tokens]
+        for request in silent:
+            self.record_prompt(request)
+            self.finish(request, "length")
+        if len(last_rows) < logits.shape[0]:
+            logits = logits[last_rows]
+        return logits, ready
 
     def accept(self, rows: list[Request], logits: torch.Tensor) -> None:
         """Sample every row's next token, hand out what it makes, and keep decoding ahead.
@@ -283,7 +333,15 @@ class Engine:
     def admit(self, request: Request) -> None:
         request.slot = self.free_slots.pop(0)
         request.seed = request.params.seed if request.params.seed is not None else random.getrandbits(63)
-        request.text = TextStream(self.tokenizer, request.params.stop)
+        params = request.params
+        request.text = TextStream(
+            self.tokenizer,
+            params.stop,
+            skip_special_tokens=params.skip_special_tokens,
+            include_stop=params.include_stop_str_in_output,
+        )
+        if params.prompt_logprobs is not None:
+            request.prompt_logprobs = [None]  # the first token has nothing before it
         self.running.append(request)
 
     def decode(self, requests: list[Request], sampled: torch.Tensor | None = None) -> torch.Tensor:
@@ -330,10 +388,12 @@ class Engine:
         logprobs = [] if chosen is None else [self.token_logprob(token, *chosen)]
         self.record_token(request, now)
         request.output_ids.append(token)
-        # eos (unless ignored) and the request's stop tokens end it; their text is not sent
+        # eos (unless ignored) and the request's stop tokens end it; their text is sent only when
+        # include_stop_str_in_output asks (and then not for special tokens, unless kept)
         eos = (token in self.eos and not params.ignore_eos) or token in params.stop_token_ids
         final = eos or len(request.output_ids) >= params.max_tokens or request.length >= self.max_model_len
-        step = request.text.add([] if eos else [token], final=final)
+        ending_text = [token] if params.include_stop_str_in_output or not eos else []
+        step = request.text.add(ending_text, final=final)
         if step.stopped:
             self.finish(request, "stop", delta=step.delta, token_ids=[token], logprobs=logprobs)
         elif final:
@@ -342,8 +402,13 @@ class Engine:
             self.send(request, GenerationEvent(step.delta, [token], logprobs))
 
     def token_logprob(self, token: int, logprob: float, top: list[tuple[int, float]]) -> TokenLogprob:
-        piece = lambda t: self.tokenizer.decode([t])  # noqa: E731
-        return TokenLogprob(token=piece(token), token_id=token, logprob=logprob, top=[(piece(t), v) for t, v in top])
+        text = self.pieces.text
+        return TokenLogprob(text(token), token, logprob, [(text(t), v) for t, v in top], [t for t, _ in top])
+
+    def prompt_token_logprob(self, token: int, logprob: float, rank: int, top: list[tuple[int, float]]) -> TokenLogprob:
+        scored = self.token_logprob(token, logprob, top)
+        scored.rank = rank
+        return scored
 
     def finish(
         self,
@@ -376,6 +441,9 @@ class Engine:
     def send(self, request: Request, event: GenerationEvent) -> None:
         if event.finish_reason is None:
             event.prompt_tokens, event.completion_tokens = len(request.prompt_ids), len(request.output_ids)
+        scored = request.prompt_logprobs
+        if scored is not None and not request.prompt_logprobs_sent and len(scored) == len(request.prompt_ids):
+            event.prompt_logprobs, request.prompt_logprobs_sent = scored, True
         self.outbox.append((request, event))
 
     def flush(self) -> None:
@@ -396,6 +464,11 @@ class Engine:
                     request.cancel()
 
     # ---- statistics -------------------------------------------------------------------
+
+    def record_prompt(self, request: Request) -> None:
+        """The prompt tokens of a request that generates nothing (counted at the first token otherwise)."""
+        with self.stats.lock:
+            self.stats.prompt_tokens += len(request.prompt_ids)
 
     def record_token(self, request: Request, now: float) -> None:
         with self.stats.lock:

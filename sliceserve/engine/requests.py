@@ -28,14 +28,19 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)  # tokens that end the request, like eos
     allowed_token_ids: list[int] | None = None  # None: any token; else only these can be sampled
     bad_words_ids: list[list[int]] = field(default_factory=list)  # token sequences never completed
+    prompt_logprobs: int | None = None  # None: none; n >= 0: each prompt token's logprob (after the first), top n
+    skip_special_tokens: bool = True  # special tokens leave no text
+    include_stop_str_in_output: bool = False  # the stop string (or stop token's text) ends the text
 
 
 @dataclass
 class TokenLogprob:
-    token: str
+    token: str  # the token's text decoded alone
     token_id: int
     logprob: float
     top: list[tuple[str, float]]  # the top-n alternatives, most likely first
+    top_ids: list[int] = field(default_factory=list)  # their token ids
+    rank: int | None = None  # 1 for the most likely token; given for prompt tokens
 
 
 @dataclass
@@ -49,6 +54,8 @@ class GenerationEvent:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    # on a request's first event when it asked for them: None for the first prompt token, then one each
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     @property
     def finished(self) -> bool:
@@ -77,6 +84,8 @@ class Request:
     seed: int = 0  # the draw's key: params.seed, or a random one
     prefilled: int = 0  # prompt tokens already in the KV cache
     output_ids: list[int] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # scored so far, when params ask
+    prompt_logprobs_sent: bool = False
     text: object = None  # its TextStream, once admitted
     first_token_time: float | None = None
     last_token_time: float | None = None

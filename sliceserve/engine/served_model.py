@@ -50,8 +50,9 @@ class ServedModel(Protocol):
         """Logits for tokens (B, T) at positions (B, T), row b in cache slot slots[b]."""
 
     def prefill(self, chunks: list[PrefillChunk], cache: ServedCache) -> torch.Tensor:
-        """Logits (len(chunks), vocab) of each prompt chunk's last position, its keys and values
-        written into its slot."""
+        """Logits (sum of chunk.logit_rows, vocab), in chunk order: each prompt chunk's last
+        position, or every position of a chunk with all_positions (prompt scoring); its keys
+        and values written into its slot. Only the rows asked for are computed by the head."""
 
     def close(self) -> None:
         """Release what the model holds beyond its tensors (a distributed front stops its ranks)."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from sliceserve.engine.detokenizer import TextStep, stop_prefix_at_end
+from sliceserve.engine.text_reference import TextStep, stop_prefix_at_end
 
 REPLACEMENT = "\ufffd"
 # New tokens that may wait for a whole character before the window moves on anyway: more than any
@@ -30,10 +30,14 @@ MAX_PENDING = 8
 class TextStream:
     """The text of one request's output, given token by token: `add` says what is safe to send."""
 
-    def __init__(self, tokenizer: Any, stop: Sequence[str] = (), skip_special_tokens: bool = True):
+    def __init__(
+        self, tokenizer: Any, stop: Sequence[str] = (), skip_special_tokens: bool = True, include_stop: bool = False
+    ):
+        """include_stop: the text ends after the stop string found, not before it."""
         self.tokenizer = tokenizer
         self.stop = [s for s in stop if s]
         self.skip_special_tokens = skip_special_tokens
+        self.include_stop = include_stop
         # Skipped tokens are left out of `ids`: a window starting at one would decode the token
         # after it as the first of the text (and lose its SentencePiece space).
         self.skipped = special_token_ids(tokenizer) if skip_special_tokens else set()
@@ -92,10 +96,11 @@ class TextStream:
     def release(self, new: str, final: bool) -> TextStep:
         """Of the held tail and `new`: all before a stop string, else all that cannot begin one."""
         text = self.held + new
-        cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
-        if cut >= 0:
+        found = [(i, -len(s)) for i, s in ((text.find(s), s) for s in self.stop) if i >= 0]
+        if found:  # the earliest stop string (the longest of those starting there)
+            cut, minus_length = min(found)
             self.held = ""
-            return TextStep(text[:cut], True)
+            return TextStep(text[: cut - minus_length] if self.include_stop else text[:cut], True)
         keep = 0 if final else stop_prefix_at_end(text, self.stop)
         self.held = text[len(text) - keep :]
         return TextStep(text[: len(text) - keep], False)

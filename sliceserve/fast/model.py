@@ -327,18 +327,21 @@ class FastTransformer:
 
     @torch.inference_mode()
     def prefill(self, chunks: list[PrefillChunk], cache: KVCache) -> torch.Tensor:
-        """Logits of each chunk's last position, every chunk in one forward: the products see all
-        their tokens together, attention runs per chunk over its own slot's prefix."""
+        """Logits of each chunk's last position (of all its positions where it asks), every chunk
+        in one forward: the products see all their tokens together, attention runs per chunk
+        over its own slot's prefix. Only the rows returned go through the head."""
         device = self.input_device
         tokens = torch.tensor([t for c in chunks for t in c.tokens], device=device)
         positions = torch.tensor([p for c in chunks for p in range(c.start, c.start + len(c.tokens))], device=device)
         slots = torch.tensor([c.slot for c in chunks for _ in c.tokens], device=device)
-        ends = torch.tensor([len(c.tokens) for c in chunks], device=device).cumsum(0) - 1
-        segments, start = [], 0
+        segments, rows, start = [], [], 0
         for c in chunks:
-            segments.append(Segment(start, start + len(c.tokens), c.slot, c.start, c.start + len(c.tokens) - 1))
-            start += len(c.tokens)
-        return self.step(tokens, positions, slots, cache, decode=False, last_rows=ends, segments=segments)
+            end = start + len(c.tokens)
+            segments.append(Segment(start, end, c.slot, c.start, c.start + len(c.tokens) - 1))
+            rows += range(start, end) if c.all_positions else [end - 1]
+            start = end
+        last_rows = torch.tensor(rows, device=device)
+        return self.step(tokens, positions, slots, cache, decode=False, last_rows=last_rows, segments=segments)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:

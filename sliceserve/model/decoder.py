@@ -236,8 +236,8 @@ class Transformer(nn.Module):
         return self.final_logits(x[:, -1:] if last_only else x)
 
     def prefill(self, chunks: list[PrefillChunk], cache: KVCache) -> torch.Tensor:
-        """Logits of each chunk's last position; one chunk at a time, so that a request's numbers
-        never depend on what is prefilled beside it."""
+        """Logits of each chunk's last position (of all its positions where it asks); one chunk
+        at a time, so that a request's numbers never depend on what is prefilled beside it."""
         return prefill_each(self, chunks, cache)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:

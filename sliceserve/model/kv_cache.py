@@ -19,24 +19,35 @@ from sliceserve.model.spec import DecoderSpec
 
 @dataclass
 class PrefillChunk:
-    """Prompt tokens `tokens` of one request, at positions start.., into its cache slot."""
+    """Prompt tokens `tokens` of one request, at positions start.., into its cache slot.
+
+    all_positions: the logits of every position are wanted (prompt scoring), not only the last.
+    """
 
     tokens: list[int]
     start: int
     slot: int
+    all_positions: bool = False
+
+    @property
+    def logit_rows(self) -> int:
+        """Rows of logits a prefill returns for this chunk."""
+        return len(self.tokens) if self.all_positions else 1
 
 
 def prefill_each(model, chunks: list[PrefillChunk], cache) -> torch.Tensor:
-    """Logits (len(chunks), vocab) of each chunk's last position, one forward per chunk: the
-    way for models whose numbers must not depend on what is prefilled beside them."""
+    """Logits (sum of logit_rows, vocab): each chunk's last position, or all its positions
+    where it asks, in chunk order; one forward per chunk: the way for models whose numbers
+    must not depend on what is prefilled beside them."""
     device = model.input_device
     rows = []
     for chunk in chunks:
         tokens = torch.tensor([chunk.tokens], device=device)
         positions = torch.arange(chunk.start, chunk.start + len(chunk.tokens), device=device)[None]
         slots = torch.tensor([chunk.slot], device=device)
-        rows.append(model.forward_cached(tokens, positions, slots, cache, last_only=True)[0, -1])
-    return torch.stack(rows)
+        logits = model.forward_cached(tokens, positions, slots, cache, last_only=not chunk.all_positions)
+        rows.append(logits[0])
+    return torch.cat(rows)
 
 
 class KVCache:

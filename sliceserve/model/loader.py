@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from sliceserve.checkpoint import checkpoint_spec, open_checkpoint
+from sliceserve.checkpoint import checkpoint_spec, is_checkpoint, open_checkpoint
 from sliceserve.errors import SliceserveError
 from sliceserve.model.decoder import Transformer
 
@@ -29,9 +29,12 @@ def load_model(
 
 
 def load_tokenizer(path: str | Path) -> Any:
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PretrainedConfig
 
+    # Our config.json names the modelling code the checkpoint carries (auto_map); a tokenizer needs
+    # none of it, so Transformers gets a plain config rather than a question whether to run that code.
+    config = PretrainedConfig() if is_checkpoint(path) else None
     try:
-        return AutoTokenizer.from_pretrained(Path(path))
+        return AutoTokenizer.from_pretrained(Path(path), config=config)
     except Exception as error:
         raise SliceserveError(f"{path} has no usable tokenizer: {error}") from None

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from sliceserve.checkpoint import CheckpointWriter
 from sliceserve.errors import SliceserveError
+from sliceserve.hf_modeling import loadable_by_transformers
 from sliceserve.pruning.magnitude import magnitude_prune, relative_weight_change
 from sliceserve.pruning.pattern import PRUNED_LINEARS, NMPattern, check_method, check_pattern_fits
 from sliceserve.pruning.sparsegpt import BLOCK_COLUMNS, DAMPING
@@ -115,4 +116,4 @@ def prune_checkpoint(
             "device": device,
             "compute_dtype": str(compute_dtype).removeprefix("torch.") if stream else None,
         }
-        return writer.finish(config, source.tokenizer())
+        return writer.finish(loadable_by_transformers(writer, config), source.tokenizer())

@@ -70,6 +70,37 @@ def too_large(limit: int) -> APIError:
     )
 
 
+def wrong_content_type(received: str) -> APIError:
+    return APIError(
+        415,
+        f"the body must be JSON sent with 'Content-Type: application/json', not {received or 'no Content-Type'}",
+        "invalid_request_error",
+        None,
+        "unsupported_media_type",
+    )
+
+
+def host_not_allowed(host: str) -> APIError:
+    return APIError(
+        400,
+        f"the Host header {host!r} is not a name of this server; start it with --allowed-hosts to accept it",
+        "invalid_request_error",
+        None,
+        "host_not_allowed",
+    )
+
+
+def shutting_down() -> APIError:
+    return APIError(
+        503,
+        "the server is shutting down: it takes no new requests",
+        "server_error",
+        None,
+        "shutting_down",
+        headers={"Connection": "close"},
+    )
+
+
 def internal_error() -> APIError:
     return APIError(500, "internal server error", "server_error", None, "internal_error")
 
@@ -99,6 +130,8 @@ def validation_message(errors: list[dict]) -> tuple[str, str | None]:
     message = first.get("msg", "invalid request")
     if first.get("type") == "json_invalid":
         return f"the request body is not valid JSON: {first.get('ctx', {}).get('error', message)}", None
+    if first.get("type") == "extra_forbidden":  # the schemas are an allow-list: nothing is silently ignored
+        return f"{param}: unknown field; this server does not support it", param
     return (f"{param}: {message}" if param else message), param
 
 

@@ -3,6 +3,7 @@ the context length, and answering from the choices' streams (whole or as server-
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -24,16 +25,56 @@ log = logging.getLogger("sliceserve.server")
 R = TypeVar("R", bound=GenerationRequest)
 
 
+MAX_JSON_DEPTH = 32  # far deeper than any request's shape; validating and re-encoding recurse once a level
+
+
 def reject_constant(name: str) -> float:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def nested_deeper_than(data: object, limit: int) -> bool:
+    """Whether arrays and objects nest more than `limit` levels (counted without recursion)."""
+    stack = [(data, 1)] if isinstance(data, (dict, list)) else []
+    while stack:
+        value, depth = stack.pop()
+        children = value.values() if isinstance(value, dict) else value
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
+
+
+def too_deep() -> APIError:
+    return bad_request(f"the request body nests arrays and objects more than {MAX_JSON_DEPTH} levels deep")
+
+
+async def read_body(request: Request) -> bytes:
+    """The whole body, or 408 if it does not arrive in time (a client that disconnects midway
+    raises ClientDisconnect, which the Gate counts as 499)."""
+    timeout = request.app.state.settings.body_timeout
+    try:
+        return await asyncio.wait_for(request.body(), timeout)
+    except asyncio.TimeoutError:
+        raise APIError(
+            408,
+            f"the request body did not arrive within {timeout:g} s",
+            "invalid_request_error",
+            None,
+            "request_timeout",
+            headers={"Connection": "close"},  # its unread rest would be taken for the next request
+        ) from None
+
+
 async def parse_body(request: Request, model: type[R]) -> R:
-    raw = await request.body()
+    raw = await read_body(request)
     try:
         data = json.loads(raw, parse_constant=reject_constant)
     except (ValueError, UnicodeDecodeError) as error:
         raise bad_request(f"the request body is not valid JSON: {error}") from None
+    except RecursionError:  # the parser recurses once per level: a few KB of [[[[... exhaust the stack
+        raise too_deep() from None
+    if nested_deeper_than(data, MAX_JSON_DEPTH):
+        raise too_deep()
     if not isinstance(data, dict):
         raise bad_request("the request body must be a JSON object")
     try:  # JSON may escape a lone UTF-16 surrogate, which no tokenizer can encode
@@ -116,6 +157,7 @@ class AnswerShape:
     whole: Callable[[ChoiceStreams, str, int], dict]  # (streams, id, created) -> response object
     chunk_choice: Callable[[Choice, GenerationEvent], dict | None]  # a chunk's choices entry, None: nothing to send
     opening: Callable[[Choice], dict] | None = None  # a first entry per choice, before any event
+    response_id: str | None = None  # the id's tail (vLLM's request_id), else a random one
 
 
 async def collect(streams: ChoiceStreams) -> None:
@@ -131,7 +173,7 @@ async def respond(
 ) -> Response:
     """Run the choices and answer: one JSON object, or server-sent events when body.stream."""
     streams = ChoiceStreams(request.app.state.engine, choices)
-    response_id, created = f"{shape.id_prefix}-{uuid.uuid4().hex}", int(time.time())
+    response_id, created = f"{shape.id_prefix}-{shape.response_id or uuid.uuid4().hex}", int(time.time())
     try:
         # Streaming too waits for every choice's first event: a full queue (429) or a rejected
         # request (400) is then answered with its status, before the first byte of a 200.

@@ -35,6 +35,7 @@ class Choice:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     token_chars: int = 0  # characters of the tokens' strings so far (logprobs' text offsets)
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # when its params ask for them
 
     @property
     def text(self) -> str:
@@ -44,6 +45,8 @@ class Choice:
         self.text_parts.append(event.text)
         self.logprobs += event.logprobs
         self.token_chars += sum(len(lp.token) for lp in event.logprobs)
+        if event.prompt_logprobs is not None:
+            self.prompt_logprobs = event.prompt_logprobs
         if event.finished:
             self.finish_reason = event.finish_reason
             self.prompt_tokens = event.prompt_tokens or len(self.prompt_ids)

@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 import sliceserve
 from sliceserve.checkpoint import CheckpointWriter
+from sliceserve.hf_modeling import loadable_by_transformers
 from sliceserve.model.spec import DecoderSpec
 from sliceserve.slicing.families import decoder_spec
 from sliceserve.slicing.fusion import fused_embeddings, fused_head, fused_layer
@@ -88,7 +89,8 @@ def slice_checkpoint(
             "device": device,
             "compute_dtype": str(compute_dtype).removeprefix("torch."),
         }
-        return writer.finish(checkpoint_config(result.spec, dtype, source, slicing), source.tokenizer())
+        config = loadable_by_transformers(writer, checkpoint_config(result.spec, dtype, source, slicing))
+        return writer.finish(config, source.tokenizer())
 
 
 def export_checkpoint(
@@ -112,4 +114,5 @@ def export_checkpoint(
                 writer.add(f"layers.{index}.{name}", t)
         for name, t in fused_head(source, family, dev, torch.float64).items():
             writer.add(name, t)
-        return writer.finish(checkpoint_config(spec, dtype, source, None), source.tokenizer())
+        config = loadable_by_transformers(writer, checkpoint_config(spec, dtype, source, None))
+        return writer.finish(config, source.tokenizer())

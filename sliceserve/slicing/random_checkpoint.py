@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from sliceserve.checkpoint import CheckpointWriter, check_destination
 from sliceserve.errors import SliceserveError
+from sliceserve.hf_modeling import loadable_by_transformers
 from sliceserve.model.loader import load_tokenizer
 from sliceserve.model.spec import DecoderSpec, LayerWidths, RopeSpec
 from sliceserve.slicing.checkpoint_writer import library_versions
@@ -203,4 +204,4 @@ def export_random_checkpoint(
             "versions": library_versions(),
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
-        return writer.finish(config, tokenizer)
+        return writer.finish(loadable_by_transformers(writer, config), tokenizer)

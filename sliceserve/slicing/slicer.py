@@ -163,7 +163,8 @@ class Slicer:
             widths.append(layer_widths)
             explained["layers"].append(layer_explained)
             bar.set_postfix(kept=f"{layer_explained['output']:.4f}")
-            log.info("layer %d: explained variance kept %s", index, layer_explained)
+            # The bar shows it; config.json keeps every layer's (a line per layer would break the bar).
+            log.debug("layer %d: explained variance kept %s", index, layer_explained)
 
         head = fused_head(self.source, self.family, self.device, torch.float64)
         head["head.weight"] = head["head.weight"] @ q_in

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from sliceserve.checkpoint import is_checkpoint
 from sliceserve.errors import SliceserveError
 from sliceserve.slicing.families import Family, family_for
 
@@ -59,8 +60,10 @@ class FolderSource(ModelSource):
         self.description = str(path.resolve())
         if not (path / "config.json").is_file():
             raise SliceserveError(f"{path} has no config.json: not a Hugging Face model folder")
+        if is_checkpoint(path):  # its config.json names the modelling code it carries: never run it here
+            raise SliceserveError(f"{path} is a sliceserve checkpoint, not a Hugging Face model folder to convert")
         try:
-            self.config = AutoConfig.from_pretrained(path)
+            self.config = AutoConfig.from_pretrained(path, trust_remote_code=False)
         except (ValueError, KeyError, OSError) as error:
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise SliceserveError(f"cannot read {path / 'config.json'}: {first_line}") from None

@@ -1,9 +1,9 @@
-"""Turning a request's output tokens into text deltas, safely.
+"""The reference of engine/text_stream.py: a request's whole output decoded again at each step.
 
-The whole output is decoded again at each step (prefix-stable for byte-level and
-SentencePiece tokenizers), and only text that can no longer change is sent: never a
-trailing replacement character (a UTF-8 sequence still incomplete), never the first
-characters of what could become a stop string.
+Simple and plainly right (prefix-stable for byte-level and SentencePiece tokenizers), but its
+work grows with the output, so the engine runs TextStream and the tests hold it to this. Only
+text that can no longer change is sent: never a trailing replacement character (a UTF-8
+sequence still incomplete), never the first characters of what could become a stop string.
 """
 
 from __future__ import annotations
