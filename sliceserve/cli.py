@@ -11,36 +11,17 @@ import sys
 import threading
 from collections.abc import Iterator
 
+from sliceserve.commands.options import (
+    add_calibration_options,
+    add_engine_options,
+    add_finetune_options,
+    add_output_options,
+    add_plan_options,
+    add_server_options,
+)
 from sliceserve.errors import SliceserveError
 
 log = logging.getLogger("sliceserve")
-
-
-def add_calibration_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("calibration")
-    group.add_argument(
-        "--calibration",
-        default="wikitext2",
-        help="wikitext2 (valid split), generated (sampled from the model), or text file(s)/folder, comma-separated",
-    )
-    group.add_argument(
-        "--data-dir", help="folder holding wikitext-2-raw/ (else $SLICESERVE_DATA_DIR, else ../shared/data)"
-    )
-    group.add_argument("--nsamples", type=int, default=128, help="calibration sequences (default 128)")
-    group.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration sequence (default 2048)")
-    group.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass while slicing")
-    group.add_argument("--seed", type=int, default=42)
-
-
-def add_output_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", required=True, help="checkpoint folder to write")
-    parser.add_argument(
-        "--dtype",
-        choices=["float32", "float16", "bfloat16", "float64"],
-        help="weights dtype of the checkpoint (default: the source model's)",
-    )
-    parser.add_argument("--device", default="cpu", help="where the maths runs: cpu, cuda, cuda:1, ...")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,8 +68,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_output_options(p)
     add_calibration_options(p)
 
-    from sliceserve.commands.finetuning import add_finetune_options
-
     p = sub.add_parser("finetune", help="recovery fine-tuning: LoRA (PEFT) on a checkpoint, merged into a new one")
     add_finetune_options(p)
 
@@ -103,16 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16", "float64"], help="run in this dtype")
     p.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
 
-    from sliceserve.commands.planning import add_plan_options
-
     p = sub.add_parser("plan", help="cards needed for a model, dense and sliced, with the layers of each card")
     add_plan_options(p)
 
     p = sub.add_parser("info", help="widths, parameters, bytes and provenance of a checkpoint")
     p.add_argument("path")
     p.add_argument("--json", action="store_true")
-
-    from sliceserve.commands.serving import add_engine_options, add_server_options
 
     p = sub.add_parser("serve", help="serve a checkpoint (dense or sliced) over an OpenAI-style HTTP API")
     p.add_argument("path", help="checkpoint folder")

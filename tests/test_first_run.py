@@ -5,6 +5,8 @@ sliced (the demo once sliced for minutes, then died in a 48-line traceback), and
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -49,3 +51,21 @@ def test_options_have_help(command: str, options: list[str]):
     actions = {option: action for action in subparsers.choices[command]._actions for option in action.option_strings}
     for option in options:
         assert actions[option].help, f"{command} {option} has no help"
+
+
+@pytest.mark.parametrize("command", [[], ["serve"], ["slice"], ["finetune"], ["plan"], ["generate"]])
+def test_help_loads_no_heavy_library(command: list[str]):
+    """`--help` builds the parser only: no torch, Transformers or Triton (they take seconds to import)."""
+    code = (
+        "import sys\n"
+        "from sliceserve.cli import main\n"
+        "try:\n"
+        f"    main({command!r} + ['--help'])\n"
+        "except SystemExit as done:\n"
+        "    assert done.code == 0\n"
+        "heavy = [m for m in ('torch', 'transformers', 'triton', 'numpy') if m in sys.modules]\n"
+        "print('heavy:', heavy)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "usage: sliceserve" in result.stdout and result.stdout.strip().endswith("heavy: []")

@@ -56,29 +56,3 @@ def finetune_command(args: argparse.Namespace) -> int:
     )
     log.info("wrote %s", out)
     return 0
-
-
-def add_finetune_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="checkpoint folder (sliced, dense or pruned)")
-    parser.add_argument("--out", required=True, help="checkpoint folder to write")
-    parser.add_argument(
-        "--data",
-        default="wikitext2",
-        help="wikitext2 (valid split), generated (sampled from the checkpoint), or text file(s)/folder, comma-separated",
-    )
-    parser.add_argument(
-        "--data-dir", help="folder holding wikitext-2-raw/ (else $SLICESERVE_DATA_DIR, else ../shared/data)"
-    )
-    parser.add_argument("--nsamples", type=int, default=128, help="training sequences (default 128)")
-    parser.add_argument("--seqlen", type=int, default=512, help="tokens per training sequence (default 512)")
-    parser.add_argument("--batch-size", type=int, default=4, help="sequences per step (default 4)")
-    parser.add_argument(
-        "--steps", type=int, default=100, help="optimizer steps, cycling over the batches (default 100)"
-    )
-    parser.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8)")
-    parser.add_argument("--alpha", type=float, help="LoRA alpha (default 2 x rank)")
-    parser.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (default 2e-4)")
-    parser.add_argument("--train-shortcuts", action="store_true", help="train the shortcut matrices too (whole)")
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--device", default="cpu", help="where training runs: cpu, cuda, cuda:1, ...")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")

@@ -19,27 +19,6 @@ from sliceserve.planning.sizes import parse_size
 log = logging.getLogger("sliceserve")
 
 
-def add_placement_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("placement")
-    group.add_argument(
-        "--gpus", type=int, help="pipeline stages over the first N GPUs (cuda:0 .. cuda:N-1), one process"
-    )
-    group.add_argument("--devices", help="pipeline stages over these devices, one process (as cuda:0,cuda:1)")
-    group.add_argument(
-        "--gpu-memory", help="memory each card may use, as 24GiB: caps PyTorch's allocator and sizes the stages"
-    )
-    group.add_argument(
-        "--distributed",
-        action="store_true",
-        help="one stage per process, launched by torchrun; rank 0 runs the engine (and the HTTP server)",
-    )
-    group.add_argument(
-        "--micro-batches",
-        type=int,
-        help="with --distributed: pieces a decode batch is cut into (default: the number of stages)",
-    )
-
-
 def stage_devices(args: argparse.Namespace) -> list[str]:
     """The devices the options name, one stage each (just --device when none is named)."""
     if args.gpus is not None and args.devices:

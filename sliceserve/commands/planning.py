@@ -7,36 +7,10 @@ import json
 
 from sliceserve.errors import SliceserveError
 from sliceserve.model.spec import DecoderSpec
-from sliceserve.planning.memory import DTYPE_BYTES, Workload, stage_costs
+from sliceserve.planning.memory import Workload, stage_costs
 from sliceserve.planning.model_shape import ModelShape, dense_spec, read_model_shape, sliced_spec
 from sliceserve.planning.planner import Stage, describe_layers, fewest_stages
 from sliceserve.planning.sizes import format_size, parse_size
-
-
-def add_plan_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="a Hugging Face config.json, a sliceserve checkpoint's, or a folder holding one")
-    parser.add_argument("--gpu-memory", required=True, help="memory of one card, as 24GiB, 40GB or 24000MiB")
-    parser.add_argument(
-        "--sparsity",
-        type=float,
-        help="slicing fraction of the sliced plan (default 0.25; a sliced checkpoint uses its own widths)",
-    )
-    parser.add_argument(
-        "--round-to", type=int, default=8, help="kept widths are multiples of this, as `slice` (default 8)"
-    )
-    parser.add_argument("--batch", type=int, default=1, help="requests decoded together: KV-cache slots (default 1)")
-    parser.add_argument(
-        "--context", type=int, help="positions each request may use (default: the model's full context)"
-    )
-    parser.add_argument(
-        "--dtype", choices=sorted(DTYPE_BYTES), help="weights and KV dtype (default float16, or the checkpoint's)"
-    )
-    parser.add_argument(
-        "--reserve",
-        default="1GiB",
-        help="per card, for the CUDA context, library workspaces and allocator slack (default 1GiB)",
-    )
-    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
 def plan_command(args: argparse.Namespace) -> int:

@@ -8,65 +8,11 @@ import os
 import sys
 from pathlib import Path
 
-from sliceserve.commands.placement import add_placement_options, is_stage_worker, placed_model, run_stage_worker
+from sliceserve.commands.placement import is_stage_worker, placed_model, run_stage_worker
 from sliceserve.commands.slicing import check_device
 from sliceserve.errors import SliceserveError
 
 log = logging.getLogger("sliceserve")
-
-DEFAULT_MAX_MODEL_LEN = 2048  # the KV cache reserves this many positions per slot
-
-
-def add_engine_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda, cuda:1, ... (default cpu)")
-    parser.add_argument(
-        "--max-model-len",
-        type=int,
-        default=DEFAULT_MAX_MODEL_LEN,
-        help=f"longest prompt + completion, in tokens (default {DEFAULT_MAX_MODEL_LEN}, capped by the model)",
-    )
-    parser.add_argument("--max-batch", type=int, default=8, help="requests decoded together (KV-cache slots)")
-    parser.add_argument(
-        "--runtime",
-        choices=["auto", "fast", "reference"],
-        default="auto",
-        help="fast: Triton kernels + CUDA graphs (CUDA only); reference: plain PyTorch; "
-        "auto (default): fast on CUDA, reference elsewhere",
-    )
-    add_placement_options(parser)
-
-
-def add_server_options(parser: argparse.ArgumentParser) -> None:
-    add_engine_options(parser)
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    parser.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0: any free one)")
-    parser.add_argument(
-        "--api-key",
-        default=os.environ.get("SLICESERVE_API_KEY"),
-        help="require 'Authorization: Bearer KEY' (default $SLICESERVE_API_KEY)",
-    )
-    parser.add_argument(
-        "--allowed-hosts",
-        default="",
-        metavar="NAMES",
-        help="without an API key, Host names accepted besides IP addresses, localhost and --host: "
-        "comma-separated, '*' for any (against DNS rebinding; default none)",
-    )
-    parser.add_argument("--max-queue", type=int, default=64, help="waiting requests beyond which 429 is answered")
-    parser.add_argument(
-        "--max-connections",
-        type=int,
-        default=1024,
-        help="open connections (or running requests) beyond which new requests get 503 (default 1024)",
-    )
-    parser.add_argument(
-        "--shutdown-grace",
-        type=float,
-        default=5.0,
-        help="on SIGTERM or Ctrl-C: seconds the running requests get to finish, while new ones get 503; "
-        "then they end with an error event (default 5)",
-    )
-    parser.add_argument("--model-name", help="the model id clients name (default: the folder name)")
 
 
 def make_engine(path: str, args: argparse.Namespace, max_queue: int = 64):

@@ -1,0 +1,164 @@
+"""Every subcommand's options, in a module that imports nothing heavy: building the parser (and
+`--help`) must not load torch, which takes seconds."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from sliceserve.planning.memory import DTYPE_BYTES
+
+
+def add_calibration_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("calibration")
+    group.add_argument(
+        "--calibration",
+        default="wikitext2",
+        help="wikitext2 (valid split), generated (sampled from the model), or text file(s)/folder, comma-separated",
+    )
+    group.add_argument(
+        "--data-dir", help="folder holding wikitext-2-raw/ (else $SLICESERVE_DATA_DIR, else ../shared/data)"
+    )
+    group.add_argument("--nsamples", type=int, default=128, help="calibration sequences (default 128)")
+    group.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration sequence (default 2048)")
+    group.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass while slicing")
+    group.add_argument("--seed", type=int, default=42)
+
+
+def add_output_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, help="checkpoint folder to write")
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "float16", "bfloat16", "float64"],
+        help="weights dtype of the checkpoint (default: the source model's)",
+    )
+    parser.add_argument("--device", default="cpu", help="where the maths runs: cpu, cuda, cuda:1, ...")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+
+
+def add_finetune_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="checkpoint folder (sliced, dense or pruned)")
+    parser.add_argument("--out", required=True, help="checkpoint folder to write")
+    parser.add_argument(
+        "--data",
+        default="wikitext2",
+        help="wikitext2 (valid split), generated (sampled from the checkpoint), or text file(s)/folder, comma-separated",
+    )
+    parser.add_argument(
+        "--data-dir", help="folder holding wikitext-2-raw/ (else $SLICESERVE_DATA_DIR, else ../shared/data)"
+    )
+    parser.add_argument("--nsamples", type=int, default=128, help="training sequences (default 128)")
+    parser.add_argument("--seqlen", type=int, default=512, help="tokens per training sequence (default 512)")
+    parser.add_argument("--batch-size", type=int, default=4, help="sequences per step (default 4)")
+    parser.add_argument(
+        "--steps", type=int, default=100, help="optimizer steps, cycling over the batches (default 100)"
+    )
+    parser.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8)")
+    parser.add_argument("--alpha", type=float, help="LoRA alpha (default 2 x rank)")
+    parser.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (default 2e-4)")
+    parser.add_argument("--train-shortcuts", action="store_true", help="train the shortcut matrices too (whole)")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--device", default="cpu", help="where training runs: cpu, cuda, cuda:1, ...")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+
+
+def add_plan_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="a Hugging Face config.json, a sliceserve checkpoint's, or a folder holding one")
+    parser.add_argument("--gpu-memory", required=True, help="memory of one card, as 24GiB, 40GB or 24000MiB")
+    parser.add_argument(
+        "--sparsity",
+        type=float,
+        help="slicing fraction of the sliced plan (default 0.25; a sliced checkpoint uses its own widths)",
+    )
+    parser.add_argument(
+        "--round-to", type=int, default=8, help="kept widths are multiples of this, as `slice` (default 8)"
+    )
+    parser.add_argument("--batch", type=int, default=1, help="requests decoded together: KV-cache slots (default 1)")
+    parser.add_argument(
+        "--context", type=int, help="positions each request may use (default: the model's full context)"
+    )
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPE_BYTES), help="weights and KV dtype (default float16, or the checkpoint's)"
+    )
+    parser.add_argument(
+        "--reserve",
+        default="1GiB",
+        help="per card, for the CUDA context, library workspaces and allocator slack (default 1GiB)",
+    )
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+
+def add_placement_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("placement")
+    group.add_argument(
+        "--gpus", type=int, help="pipeline stages over the first N GPUs (cuda:0 .. cuda:N-1), one process"
+    )
+    group.add_argument("--devices", help="pipeline stages over these devices, one process (as cuda:0,cuda:1)")
+    group.add_argument(
+        "--gpu-memory", help="memory each card may use, as 24GiB: caps PyTorch's allocator and sizes the stages"
+    )
+    group.add_argument(
+        "--distributed",
+        action="store_true",
+        help="one stage per process, launched by torchrun; rank 0 runs the engine (and the HTTP server)",
+    )
+    group.add_argument(
+        "--micro-batches",
+        type=int,
+        help="with --distributed: pieces a decode batch is cut into (default: the number of stages)",
+    )
+
+
+DEFAULT_MAX_MODEL_LEN = 2048  # the KV cache reserves this many positions per slot
+
+
+def add_engine_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda, cuda:1, ... (default cpu)")
+    parser.add_argument(
+        "--max-model-len",
+        type=int,
+        default=DEFAULT_MAX_MODEL_LEN,
+        help=f"longest prompt + completion, in tokens (default {DEFAULT_MAX_MODEL_LEN}, capped by the model)",
+    )
+    parser.add_argument("--max-batch", type=int, default=8, help="requests decoded together (KV-cache slots)")
+    parser.add_argument(
+        "--runtime",
+        choices=["auto", "fast", "reference"],
+        default="auto",
+        help="fast: Triton kernels + CUDA graphs (CUDA only); reference: plain PyTorch; "
+        "auto (default): fast on CUDA, reference elsewhere",
+    )
+    add_placement_options(parser)
+
+
+def add_server_options(parser: argparse.ArgumentParser) -> None:
+    add_engine_options(parser)
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0: any free one)")
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("SLICESERVE_API_KEY"),
+        help="require 'Authorization: Bearer KEY' (default $SLICESERVE_API_KEY)",
+    )
+    parser.add_argument(
+        "--allowed-hosts",
+        default="",
+        metavar="NAMES",
+        help="without an API key, Host names accepted besides IP addresses, localhost and --host: "
+        "comma-separated, '*' for any (against DNS rebinding; default none)",
+    )
+    parser.add_argument("--max-queue", type=int, default=64, help="waiting requests beyond which 429 is answered")
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=1024,
+        help="open connections (or running requests) beyond which new requests get 503 (default 1024)",
+    )
+    parser.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=5.0,
+        help="on SIGTERM or Ctrl-C: seconds the running requests get to finish, while new ones get 503; "
+        "then they end with an error event (default 5)",
+    )
+    parser.add_argument("--model-name", help="the model id clients name (default: the folder name)")
