@@ -69,3 +69,36 @@ def test_help_loads_no_heavy_library(command: list[str]):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "usage: sliceserve" in result.stdout and result.stdout.strip().endswith("heavy: []")
+
+
+def test_the_reference_path_serves_without_triton(tmp_path_factory):
+    """On a CPU nothing imports Triton: a checkpoint loads and generates with Triton unimportable
+    (`pip install .` does not pull it; only the fast path's kernels need it)."""
+    code = (
+        "import sys\n"
+        "class NoTriton:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'triton' or name.startswith('triton.'):\n"
+        "            raise ImportError('triton is blocked in this test')\n"
+        "sys.meta_path.insert(0, NoTriton())\n"
+        "from sliceserve.engine.loading import load_engine\n"
+        "from sliceserve.engine.requests import SamplingParams\n"
+        f"engine = load_engine({str(checkpoint_path(tmp_path_factory))!r}, max_batch=2, max_model_len=64)\n"
+        "engine.start()\n"
+        "events = list(engine.generate([5, 6, 7], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)))\n"
+        "engine.shutdown()\n"
+        "print('tokens', sum(len(e.token_ids) for e in events), 'triton' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("tokens 3 False")
+
+
+def test_a_long_silent_call_shows_its_elapsed_time(capsys):
+    """The GGUF's dequantizing is one call of a minute or more that reports nothing: a bar counts it."""
+    from sliceserve.slicing.sources import elapsed_bar
+
+    with elapsed_bar("dequantizing demo.gguf"):
+        time.sleep(1.3)
+    shown = capsys.readouterr().err
+    assert "dequantizing demo.gguf: 00:01" in shown

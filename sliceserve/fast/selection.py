@@ -1,5 +1,6 @@
 """Which path runs a checkpoint: the fast path (Triton kernels, CUDA graphs) or the reference
-model, and whether a 2:4 checkpoint uses the GPU's sparse tensor cores."""
+model, and whether a 2:4 checkpoint uses the GPU's sparse tensor cores. Imports no kernel, so
+the reference path runs where Triton is absent."""
 
 from __future__ import annotations
 
@@ -9,7 +10,11 @@ import torch
 
 from sliceserve.checkpoint import read_config
 from sliceserve.errors import SliceserveError
-from sliceserve.fast.semi_structured import supports_semi_structured
+
+
+def supports_semi_structured(device: torch.device) -> bool:
+    """Sparse tensor cores: CUDA compute capability 8.0 or newer."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def uses_sparse_tensor_cores(path: str | Path, device: str | torch.device) -> bool:

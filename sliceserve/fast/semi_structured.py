@@ -24,11 +24,6 @@ from sliceserve.kernels.activations import reference_activation
 from sliceserve.kernels.rms_norm import rms_norm
 
 
-def supports_semi_structured(device: torch.device) -> bool:
-    """Sparse tensor cores: CUDA compute capability 8.0 or newer."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
-
-
 def check_two_four(name: str, weight: torch.Tensor) -> None:
     if weight.shape[1] % 4:
         raise SliceserveError(f"{name}: input width {weight.shape[1]} is not a multiple of 4, so it cannot be 2:4")

@@ -7,9 +7,12 @@ Folder sources read one tensor at a time from the shards (safetensors memory-map
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+import threading
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -168,13 +171,35 @@ class GGUFSource(ModelSource):
 
     def tensor(self, name: str) -> torch.Tensor | None:
         if self.state is None:
-            self.state = self.hf_model().state_dict()
+            with elapsed_bar(f"dequantizing {self.path.name}"):  # a minute or more on a small CPU, in one call
+                self.state = self.hf_model().state_dict()
         return self.state.get(name)
 
     def tokenizer(self) -> Any:
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(self.path.parent, gguf_file=self.path.name)
+
+
+@contextlib.contextmanager
+def elapsed_bar(description: str) -> Iterator[None]:
+    """A progress bar that counts the seconds of one long call that reports no progress itself."""
+    from tqdm.auto import tqdm
+
+    done = threading.Event()
+    with tqdm(desc=description, unit="s", bar_format="{desc}: {elapsed}") as bar:
+
+        def tick() -> None:
+            while not done.wait(0.5):
+                bar.refresh()
+
+        ticker = threading.Thread(target=tick, daemon=True)
+        ticker.start()
+        try:
+            yield
+        finally:
+            done.set()
+            ticker.join()
 
 
 class RandomSource(ModelSource):
