@@ -27,6 +27,7 @@ from tiny_models import (
     VARIANTS,
     VOCAB,
     WIDTH,
+    NoTokenizerSource,
     calibration_batches,
     confine_stream,
     float64_reference,
@@ -70,13 +71,6 @@ FAMILY_FACTS = {
         family="phi", gated=False, parallel=True, positions=False, biases={"q", "k", "v", "o", "up", "down", "head"}
     ),
 }
-
-
-class NoTokenizerSource(FolderSource):
-    """The tiny folders have no tokenizer; the checkpoint writer accepts None."""
-
-    def tokenizer(self):
-        return None
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -12,19 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 from kernel_support import DEVICE, ON_GPU, relative_error  # sets TRITON_INTERPRET first
-from tiny_models import calibration_batches, random_tokens, save_tiny_model
+from tiny_models import NoTokenizerSource, calibration_batches, random_tokens, save_tiny_model
 
 from sliceserve.fast.model import FastTransformer
 from sliceserve.model.kv_cache import PrefillChunk
 from sliceserve.model.loader import load_model
 from sliceserve.slicing.checkpoint_writer import export_checkpoint, slice_checkpoint
-from sliceserve.slicing.sources import FolderSource
-
-
-class NoTokenizerSource(FolderSource):
-    def tokenizer(self):
-        return None
-
 
 # One variant per code path: gated MLP with every bias and GQA, sliding window, attention-only
 # biases, learned positions with ReLU, parallel block with partial rotary. (llama and llama3

@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from cli_support import save_tiny_llama
-from tiny_models import VOCAB, calibration_batches, save_tiny_model
+from tiny_models import VOCAB, NoTokenizerSource, calibration_batches, save_tiny_model
 from transformers import AutoModelForCausalLM
 
 from sliceserve.checkpoint import open_checkpoint
@@ -35,11 +35,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 LENGTH = 16
 SETTINGS = dict(rank=4, alpha=8.0, steps=60, learning_rate=1e-2)
-
-
-class NoTokenizerSource(FolderSource):
-    def tokenizer(self):
-        return None
 
 
 def counting(batch: int, seed: int) -> torch.Tensor:

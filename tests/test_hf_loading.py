@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_server_support import build_tokenizer
-from tiny_models import calibration_batches, random_tokens, save_tiny_model
+from tiny_models import NoTokenizerSource, calibration_batches, random_tokens, save_tiny_model
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from sliceserve.checkpoint import open_checkpoint
@@ -49,13 +49,6 @@ VARIANTS = ("llama", "phi", "opt", "mistral")
 KINDS = ("sliced", "dense")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class NoTokenizerSource(FolderSource):
-    """The tiny folders have no tokenizer; the checkpoint writers accept None."""
-
-    def tokenizer(self):
-        return None
 
 
 def write_checkpoint(variant: str, kind: str, work: Path) -> Path:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import calibration_batches, save_tiny_model
+from tiny_models import NoTokenizerSource, calibration_batches, save_tiny_model
 
 from sliceserve.cli import main
 from sliceserve.commands.evaluation import checkpoint_summary
@@ -27,7 +27,6 @@ from sliceserve.planning.model_shape import dense_spec, read_model_shape, sliced
 from sliceserve.planning.planner import balanced_stages, fewest_stages
 from sliceserve.planning.sizes import format_size, parse_size
 from sliceserve.slicing.checkpoint_writer import export_checkpoint, slice_checkpoint
-from sliceserve.slicing.sources import FolderSource
 
 CONFIGS = Path(__file__).parent / "configs"
 LLAMA_2_70B = CONFIGS / "llama-2-70b.json"
@@ -207,11 +206,6 @@ def test_plan_of_an_unsupported_config(tmp_path, capsys):
 
 
 # ---- bytes of real checkpoints ------------------------------------------------------------
-
-
-class NoTokenizerSource(FolderSource):
-    def tokenizer(self):
-        return None
 
 
 def planned_weight_bytes(spec, biases) -> int:

@@ -20,6 +20,7 @@ import torch
 from cli_support import assert_nothing_written, assert_one_line_error, run_sliceserve, save_tiny_llama
 from tiny_models import (
     VARIANTS,
+    NoTokenizerSource,
     calibration_batches,
     float64_reference,
     random_tokens,
@@ -38,16 +39,9 @@ from sliceserve.pruning.pattern import METHODS, PRUNED_LINEARS, NMPattern, nonze
 from sliceserve.pruning.sparsegpt import reconstruction_error, sparsegpt_prune
 from sliceserve.slicing.calibration import load_calibration, wikitext2_text
 from sliceserve.slicing.checkpoint_writer import export_checkpoint
-from sliceserve.slicing.sources import FolderSource, open_source
+from sliceserve.slicing.sources import open_source
 
 TWO_FOUR = NMPattern(2, 4)
-
-
-class NoTokenizerSource(FolderSource):
-    """The tiny folders have no tokenizer; the checkpoint writer accepts None."""
-
-    def tokenizer(self):
-        return None
 
 
 # -- the algorithm ---------------------------------------------------------------------------------

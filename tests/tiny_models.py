@@ -25,6 +25,8 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from transformers.models.mistral.modeling_mistral import MistralRMSNorm
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
+from sliceserve.slicing.sources import FolderSource
+
 VOCAB = 160
 WIDTH = 80  # 25% slicing keeps int(0.75 * 80) = 60, rounded down to 56: the rounding matters
 INTERMEDIATE = 144
@@ -187,3 +189,10 @@ def confine_stream(model: torch.nn.Module, rank: int, seed: int = 3) -> None:
                 param.copy_(param @ projector)
             elif module in STREAM_WRITERS:  # weight (out=D, in); bias (D,)
                 param.copy_(projector @ param)
+
+
+class NoTokenizerSource(FolderSource):
+    """A tiny model's folder, which has no tokenizer; the checkpoint writers accept None."""
+
+    def tokenizer(self):
+        return None

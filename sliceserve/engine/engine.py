@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from sliceserve.engine.kv_blocks import BlockPool
 from sliceserve.engine.prompt_scoring import StepScores, score_chunk
 from sliceserve.engine.requests import GenerationEvent, Request, SamplingParams, TokenLogprob
 from sliceserve.engine.sampler import SamplingRows, check_params, sample, warm_up
@@ -73,9 +74,13 @@ class Engine:
         max_queue: int = 64,
         prefill_chunk: int = 256,
         token_budget: int | None = None,
+        kv_blocks: int | None = None,
     ):
         """token_budget: tokens one step may carry (decode rows plus prompt chunks); by default
-        max(2048, prefill_chunk + max_batch)."""
+        max(2048, prefill_chunk + max_batch).
+        kv_blocks: a paged KV cache of this many blocks (model/kv_cache.py: BLOCK_SIZE positions
+        each), shared by the running requests as they grow; None reserves max_model_len
+        positions for each of the max_batch slots."""
         if max_batch < 1 or max_queue < 1 or prefill_chunk < 1:
             raise ValueError("max_batch, max_queue and prefill_chunk must be at least 1")
         self.model, self.tokenizer = model, tokenizer
@@ -87,7 +92,10 @@ class Engine:
         if self.token_budget <= max_batch:
             raise ValueError("token_budget must exceed max_batch, or prompts could never be prefilled")
         self.device = model.input_device
-        self.cache = model.new_cache(slots=max_batch, max_len=self.max_model_len)
+        self.cache = model.new_cache(slots=max_batch, max_len=self.max_model_len, blocks=kv_blocks)
+        self.blocks = BlockPool(self.cache)
+        # a request is admitted only if this many blocks stay free for the running ones to grow into
+        self.admission_reserve = max(1, self.blocks.total // 100) if self.blocks.paged else 0
         self.free_slots = list(range(max_batch))
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -97,7 +105,9 @@ class Engine:
         self.stopped = False
         self.accepting = True  # until shutdown begins
         self.thread: threading.Thread | None = None
-        self.stats = EngineStats(kv_slots_total=max_batch, kv_cache_bytes=self.cache.bytes)
+        self.stats = EngineStats(
+            kv_slots_total=max_batch, kv_cache_bytes=self.cache.bytes, kv_blocks_total=self.blocks.total
+        )
         model.prepare(self.cache)  # capture the decode graphs now, not during the first requests
         warm_up(self.device, spec.vocab_size)  # and compile the sampler's kernels
 
@@ -110,6 +120,11 @@ class Engine:
             raise RequestRejected("max_tokens must not be negative")
         if params.prompt_logprobs is not None and params.prompt_logprobs < 0:
             raise RequestRejected("prompt_logprobs must not be negative")
+        if self.blocks.paged and self.blocks.blocks_for(len(prompt_ids) + params.max_tokens) > self.blocks.total:
+            raise RequestRejected(
+                f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) needs more KV cache "
+                f"than the server holds ({self.blocks.total * self.blocks.block_size} tokens)"
+            )
         if len(prompt_ids) + params.max_tokens > self.max_model_len:
             raise RequestRejected(
                 f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds the "
@@ -233,7 +248,10 @@ class Engine:
         plan = self.plan()
         if plan.empty:
             return
+        self.blocks.flush()
         logits, rows = [], []  # requests whose next token is sampled now, and their logits
+        if plan.prefill and plan.decode and self.model.folds_decode_rows(len(plan.decode)):
+            plan.folded, plan.decode = plan.decode, []
         if plan.prefill:
             prefill_logits, rows = self.prefill(plan)
             if rows:
@@ -246,16 +264,20 @@ class Engine:
         self.update_gauges()
 
     def prefill(self, plan: StepPlan) -> tuple[torch.Tensor, list[Request]]:
-        """Prefill the plan's chunks; score the prompts that ask; finish those that generate
-        nothing. Returns the logits of the requests whose prompt is now whole, and them."""
+        """Prefill the plan's chunks (and its folded decode rows, as one-token chunks after them);
+        score the prompts that ask; finish those that generate nothing. Returns the logits of
+        the requests whose prefill is now whole and of the folded rows, and those requests."""
         chunks = [
-            PrefillChunk(r.prompt_ids[start:end], start, r.slot, all_positions=r.params.prompt_logprobs is not None)
+            PrefillChunk(r.prefill_ids[start:end], start, r.slot, all_positions=scores_prompt(r))
             for r, start, end in plan.prefill
         ]
-        logits = self.model.prefill(chunks, self.cache)
-        expected = sum(c.logit_rows for c in chunks)
+        folded = [PrefillChunk([r.output_ids[-1]], r.length - 1, r.slot) for r in plan.folded]
+        logits = self.model.prefill(chunks + folded, self.cache)
+        expected = sum(c.logit_rows for c in chunks) + len(folded)
         if logits.shape[0] != expected:
             raise RuntimeError(f"the model's prefill gave {logits.shape[0]} rows of logits, not {expected}")
+        if folded:
+            logits, folded_logits = logits[: -len(folded)], logits[-len(folded) :]
         scores, last_rows, ready, silent, row = StepScores(), [], [], [], 0
         for chunk, (request, start, end) in zip(chunks, plan.prefill):
             if chunk.all_positions:
@@ -263,7 +285,7 @@ class Engine:
                 scores.add(score_chunk(request, logits[row : row + chunk.logit_rows], request.prompt_ids, start, top))
             row += chunk.logit_rows
             request.prefilled = end
-            if end == len(request.prompt_ids):
+            if end == len(request.prefill_ids):
                 (ready if request.params.max_tokens > 0 else silent).append(request)
                 if request.params.max_tokens > 0:
                     last_rows.append(row - 1)
@@ -274,6 +296,8 @@ class Engine:
             self.finish(request, "length")
         if len(last_rows) < logits.shape[0]:
             logits = logits[last_rows]
+        if folded:
+            return torch.cat([logits, folded_logits]), ready + plan.folded
         return logits, ready
 
     def accept(self, rows: list[Request], logits: torch.Tensor) -> None:
@@ -309,6 +333,11 @@ class Engine:
             last = len(r.output_ids) + 1 >= r.params.max_tokens or r.length + 1 >= self.max_model_len
             if last or r.cancelled:
                 return None
+        if sum(self.blocks.missing(r.slot, r.length + 1) for r in rows) > len(self.blocks.free):
+            return None  # the next step needs a preemption: the scheduler decides it
+        for r in rows:
+            self.blocks.grow(r.slot, r.length + 1)
+        self.blocks.flush()
         return rows
 
     def plan(self) -> StepPlan:
@@ -318,6 +347,7 @@ class Engine:
             for request in [r for r in self.waiting if r.cancelled]:
                 self.waiting.remove(request)
                 self.finish(request, "cancelled")
+            self.grow_decoders()
             plan = plan_step(
                 self.running,
                 self.waiting,
@@ -327,11 +357,68 @@ class Engine:
             )
             for request in plan.admitted:
                 self.admit(request)
+            self.hold_prefill_blocks(plan)
             self.update_gauges()
         return plan
 
+    def grow_decoders(self) -> None:
+        """Blocks for every decoding request's next position; where too few are free, preempt
+        the most recently admitted requests (to recompute later) until the others fit."""
+        for request in list(self.running):
+            if request not in self.running or not request.decoding:
+                continue
+            while not self.blocks.grow(request.slot, request.length):
+                self.preempt(next(r for r in reversed(self.running) if r is not request))
+
+    def hold_prefill_blocks(self, plan: StepPlan) -> None:
+        """Blocks for the whole prefill of every request admitted now, so that a prompt begun is
+        never stalled for want of blocks (the others' prefills hold theirs already). A request
+        is admitted only while a reserve stays free for the running ones to grow into; the first
+        that does not fit goes back to the front of the queue with every one admitted after it."""
+        for n, request in enumerate(plan.admitted):
+            tokens = len(request.prefill_ids)
+            others = len(self.running) - len(plan.admitted) + n  # running before these admissions
+            reserve = self.admission_reserve if others else 0
+            if self.blocks.missing(request.slot, tokens) + reserve <= len(self.blocks.free):
+                self.blocks.grow(request.slot, tokens)
+                continue
+            refused = plan.admitted[n:]
+            for late in reversed(refused):
+                self.unadmit(late)
+            plan.prefill = [chunk for chunk in plan.prefill if chunk[0] not in refused]
+            plan.admitted = plan.admitted[:n]
+            return
+
+    def unadmit(self, request: Request) -> None:
+        """Back to the front of the queue (its sampling state kept)."""
+        self.running.remove(request)
+        self.release_slot(request)
+        self.waiting.appendleft(request)
+
+    def preempt(self, request: Request) -> None:
+        """Free a running request's slot and blocks; it waits at the front of the queue to
+        prefill its prompt and output so far again, then goes on where it stopped."""
+        log.info("preempting request %d (%d tokens) for want of KV cache blocks", request.id, request.length)
+        self.running.remove(request)
+        self.release_slot(request)
+        request.recomputed, request.prefilled = len(request.output_ids), 0
+        if request.recomputed == 0 and request.prompt_logprobs is not None:
+            request.prompt_logprobs = [None]  # its prompt is scored again from the start
+        self.waiting.appendleft(request)
+        with self.stats.lock:
+            self.stats.preemptions += 1
+
+    def release_slot(self, request: Request) -> None:
+        self.blocks.release(request.slot)
+        self.free_slots.append(request.slot)
+        self.free_slots.sort()
+        request.slot = None
+
     def admit(self, request: Request) -> None:
         request.slot = self.free_slots.pop(0)
+        if request.text is not None:  # readmitted after a preemption: its output so far stays
+            self.running.append(request)
+            return
         request.seed = request.params.seed if request.params.seed is not None else random.getrandbits(63)
         params = request.params
         request.text = TextStream(
@@ -422,8 +509,7 @@ class Engine:
     ) -> None:
         if request in self.running:
             self.running.remove(request)
-            self.free_slots.append(request.slot)
-            self.free_slots.sort()
+            self.release_slot(request)
         self.record_finish(request, reason)
         self.send(
             request,
@@ -491,6 +577,13 @@ class Engine:
             self.stats.running = len(self.running)
             self.stats.waiting = len(self.waiting)
             self.stats.kv_slots_used = self.max_batch - len(self.free_slots)
+            self.stats.kv_blocks_used = self.blocks.used
+
+
+def scores_prompt(request: Request) -> bool:
+    """Its prefill returns every position's logits: it asked for prompt logprobs, and this is not
+    the recompute after a preemption of a prompt already scored."""
+    return request.params.prompt_logprobs is not None and request.recomputed == 0
 
 
 def deliver(events: list[tuple[Request, GenerationEvent]]) -> None:

@@ -82,7 +82,8 @@ class Request:
     cancelled: bool = False
     slot: int | None = None
     seed: int = 0  # the draw's key: params.seed, or a random one
-    prefilled: int = 0  # prompt tokens already in the KV cache
+    prefilled: int = 0  # tokens of prefill_ids already in the KV cache
+    recomputed: int = 0  # output tokens prefilled again after a preemption
     output_ids: list[int] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] | None = None  # scored so far, when params ask
     prompt_logprobs_sent: bool = False
@@ -96,9 +97,14 @@ class Request:
         return len(self.prompt_ids) + len(self.output_ids)
 
     @property
+    def prefill_ids(self) -> list[int]:
+        """The tokens a prefill writes: the prompt, and after a preemption the output so far."""
+        return self.prompt_ids + self.output_ids[: self.recomputed] if self.recomputed else self.prompt_ids
+
+    @property
     def decoding(self) -> bool:
-        """Its prompt is in the cache and a sampled token waits to be fed."""
-        return self.prefilled == len(self.prompt_ids) and bool(self.output_ids)
+        """Its prefill is in the cache and a sampled token waits to be fed."""
+        return self.prefilled == len(self.prompt_ids) + self.recomputed and bool(self.output_ids)
 
     def cancel(self) -> None:
         """Safe from any thread: the engine frees the slot at its next step."""

@@ -21,6 +21,7 @@ class StepPlan:
     decode: list[Request] = field(default_factory=list)
     prefill: list[tuple[Request, int, int]] = field(default_factory=list)  # (request, start, end) of its prompt
     admitted: list[Request] = field(default_factory=list)  # taken from the queue into a slot this step
+    folded: list[Request] = field(default_factory=list)  # decode rows the engine runs inside the prefill
 
     @property
     def empty(self) -> bool:
@@ -37,7 +38,7 @@ def plan_step(
 
     def add_chunk(request: Request) -> None:
         nonlocal budget
-        end = min(len(request.prompt_ids), request.prefilled + prefill_chunk, request.prefilled + budget)
+        end = min(len(request.prefill_ids), request.prefilled + prefill_chunk, request.prefilled + budget)
         plan.prefill.append((request, request.prefilled, end))
         budget -= end - request.prefilled
 

@@ -15,12 +15,20 @@ from sliceserve.model.spec import DecoderSpec
 
 
 class ServedCache(Protocol):
+    """model/kv_cache.py's KVCache, or the stages' caches behind one face."""
+
     slots: int
     max_len: int
     scratch_slot: int
+    paged: bool  # blocks handed out by the engine; else max_len positions reserved per slot
+    block_size: int
+    num_blocks: int
 
     @property
     def bytes(self) -> int: ...
+
+    def assign_blocks(self, entries: list[tuple[int, int, int]]) -> None:
+        """Point block-table entries (slot, index) at blocks (paged caches only)."""
 
 
 class ServedModel(Protocol):
@@ -30,14 +38,20 @@ class ServedModel(Protocol):
     def input_device(self) -> torch.device:
         """Where token ids and positions go in."""
 
-    def new_cache(self, *, slots: int, max_len: int) -> ServedCache:
-        """An empty KV cache of `slots` rows of `max_len` positions (plus a scratch row)."""
+    def new_cache(self, *, slots: int, max_len: int, blocks: int | None = None) -> ServedCache:
+        """An empty KV cache for `slots` requests of up to `max_len` positions (plus a scratch
+        slot): paged in `blocks` blocks where given and the model can page, else reserved."""
 
     def prepare(self, cache: ServedCache) -> None:
         """Work to do once before serving from `cache` (the fast path captures its CUDA graphs)."""
 
     def padded_decode_rows(self, rows: int, max_batch: int) -> int:
         """How many rows a decode step of `rows` requests is padded to."""
+
+    def folds_decode_rows(self, rows: int) -> bool:
+        """Whether a step's `rows` decode rows go into its prefill forward (as one-token chunks)
+        rather than into a decode step of their own: one pass over the weights instead of two,
+        where the decode rows' numbers then depend on the prefill beside them."""
 
     def forward_cached(
         self,

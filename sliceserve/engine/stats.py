@@ -40,4 +40,7 @@ class EngineStats:
     kv_slots_used: int = 0
     kv_slots_total: int = 0
     kv_cache_bytes: int = 0
+    kv_blocks_used: int = 0  # blocks of positions (a reserved cache: slots)
+    kv_blocks_total: int = 0
+    preemptions: int = 0  # requests put back to the queue for want of cache blocks, to recompute
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)

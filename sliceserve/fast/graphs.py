@@ -55,7 +55,7 @@ class StageGraph:
                 x, px = fast.embed_rows(self.tokens, self.positions)
             else:
                 x, px = self.inputs
-            x, px = fast.run_layers(x, px, self.positions, self.slots, cache, decode=True, splits=splits)
+            x, px = fast.run_layers(x, px, self.positions, self.slots, cache, splits=splits)
             return (fast.head_logits(x, px),) if last else (x, px)
 
         with torch.cuda.device(device):

@@ -23,12 +23,13 @@ import torch
 
 from sliceserve.errors import SliceserveError
 from sliceserve.fast.graphs import DecodeGraphs, graph_bucket
-from sliceserve.fast.matmul_backends import PRODUCTS
+from sliceserve.fast.matmul_backends import AUTO_TRITON_ROWS, PRODUCTS
 from sliceserve.fast.semi_structured import SparseLayer, sparse_layer_forward
 from sliceserve.kernels.decode_attention import choose_splits, decode_attention
+from sliceserve.kernels.prefill_attention import attention_tiles, prefill_attention
 from sliceserve.kernels.rms_norm import rms_norm
 from sliceserve.kernels.rope_store import rope_half_tables, rope_store
-from sliceserve.model.decoder import Block, Transformer, attention
+from sliceserve.model.decoder import Block, Transformer
 from sliceserve.model.kv_cache import KVCache, PrefillChunk
 
 
@@ -104,6 +105,7 @@ class FastTransformer:
         or "auto" (ours up to 16 rows, the library above: sliceserve/fast/matmul_backends.py)."""
         if products not in PRODUCTS:
             raise SliceserveError(f"unknown products backend {products!r}: {' or '.join(PRODUCTS)}")
+        self.products = products
         self.linear, self.gated = PRODUCTS[products]
         self.spec = model.spec
         # A pipeline stage's Transformer holds a range of layers: the embedding only on the
@@ -132,10 +134,22 @@ class FastTransformer:
     def dtype(self) -> torch.dtype:
         return self.head.weight.dtype if self.head is not None else self.weights_dtype
 
-    def new_cache(self, *, slots: int, max_len: int) -> KVCache:
+    def new_cache(self, *, slots: int, max_len: int, blocks: int | None = None) -> KVCache:
         return KVCache(
-            self.spec, slots=slots, max_len=max_len, device=self.device, dtype=self.dtype, layers=len(self.layers)
+            self.spec,
+            slots=slots,
+            max_len=max_len,
+            device=self.device,
+            dtype=self.dtype,
+            layers=len(self.layers),
+            blocks=blocks,
         )
+
+    def folds_decode_rows(self, rows: int) -> bool:
+        """Above the rows our products take (AUTO_TRITON_ROWS), where the decode step's products
+        are the library's and depend on the row count anyway: up to there (and always with our
+        products alone), a request's greedy output stays independent of its neighbours."""
+        return self.products != "triton" and rows > AUTO_TRITON_ROWS
 
     def padded_decode_rows(self, rows: int, max_batch: int) -> int:
         """Rows a decode step of `rows` requests is padded to: the graph bucket that holds them."""
@@ -159,16 +173,18 @@ class FastTransformer:
         q: torch.Tensor,
         positions: torch.Tensor,
         slots: torch.Tensor,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        decode: bool,
+        cache: KVCache,
+        i: int,
         splits: int | None,
-        segments: list[Segment] | None = None,
+        tiles: torch.Tensor | None,
     ) -> torch.Tensor:
-        if decode:
-            return decode_attention(q, keys, values, positions, slots, window=self.spec.sliding_window, splits=splits)
-        segments = segments if segments is not None else prefill_segments(positions, slots)
-        return prefill_attention(q, segments, keys, values, self.spec.sliding_window)
+        """Layer i's attention: one token per row (a decode step: `tiles` None) or the prefill
+        segments `tiles` describes (kernels/prefill_attention.py), over the cache's blocks."""
+        window, keys, values = self.spec.sliding_window, cache.keys[i], cache.values[i]
+        if tiles is None:
+            table = cache.block_table if cache.paged else None
+            return decode_attention(q, keys, values, positions, slots, window=window, splits=splits, block_table=table)
+        return prefill_attention(q, keys, values, cache.block_table, tiles, window=window, block_m=PREFILL_ROWS)
 
     def layer(
         self,
@@ -178,13 +194,13 @@ class FastTransformer:
         positions: torch.Tensor,
         slots: torch.Tensor,
         cache: KVCache,
-        decode: bool,
         splits: int | None = None,
-        segments: list[Segment] | None = None,
+        tiles: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(residual stream after layer i, its partial sums of squares)."""
+        """(residual stream after layer i, its partial sums of squares). `tiles`: the prefill
+        segments' attention tiles; None for a decode step (one token per row)."""
         if self.sparse_layers is not None:
-            return sparse_layer_forward(self, i, x, positions, slots, cache, decode, splits, segments), None
+            return sparse_layer_forward(self, i, x, positions, slots, cache, splits, tiles), None
         spec, layer = self.spec, self.layers[i]
         norm = (px, self.width, self.eps)
         qkv, _ = self.linear(x, layer.qkv_weight, bias=layer.qkv_bias, norm=norm)
@@ -199,8 +215,9 @@ class FastTransformer:
             num_heads=spec.num_heads,
             num_kv_heads=spec.num_kv_heads,
             head_dim=spec.head_dim,
+            block_table=cache.block_table if cache.paged else None,
         )
-        attn = self.attend(q, positions, slots, cache.keys[i], cache.values[i], decode, splits, segments)
+        attn = self.attend(q, positions, slots, cache, i, splits, tiles)
         if spec.parallel_block:
             act = self.mlp_up(layer, x, norm)
             if layer.shortcut is None:
@@ -246,16 +263,14 @@ class FastTransformer:
         positions: torch.Tensor,
         slots: torch.Tensor,
         cache: KVCache,
-        decode: bool,
         last_rows: torch.Tensor | None = None,
         splits: int | None = None,
-        segments: list[Segment] | None = None,
+        tiles: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits (M or len(last_rows), vocab) for M tokens, each at its own position and slot."""
+        """Logits (M or len(last_rows), vocab) for M tokens, each at its own position and slot:
+        prefill segments with their attention `tiles`, or one token per row (tiles None)."""
         x, px = self.embed_rows(tokens, positions)
-        if not decode and segments is None:  # read once for every layer's attention
-            segments = prefill_segments(positions, slots)
-        x, px = self.run_layers(x, px, positions, slots, cache, decode, splits, segments)
+        x, px = self.run_layers(x, px, positions, slots, cache, splits, tiles)
         return self.head_logits(x, px, last_rows)
 
     def run_layers(
@@ -265,14 +280,13 @@ class FastTransformer:
         positions: torch.Tensor,
         slots: torch.Tensor,
         cache: KVCache,
-        decode: bool,
         splits: int | None = None,
-        segments: list[Segment] | None = None,
+        tiles: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(stream, its partial sums of squares) after every layer this model holds: all of them,
         or a pipeline stage's range (`cache` then holds that range's layers only)."""
         for i in range(len(self.layers)):
-            x, px = self.layer(i, x, px, positions, slots, cache, decode, splits, segments)
+            x, px = self.layer(i, x, px, positions, slots, cache, splits, tiles)
         if px is None:  # the semi-structured layers leave no partial sums
             px = rms_norm(x, self.width, self.eps, sumsq_only=True)
         return x, px
@@ -319,17 +333,18 @@ class FastTransformer:
             flat_positions,
             flat_slots,
             cache,
-            decode=length == 1,
             last_rows=last_rows,
             splits=self.decode_splits(batch, tokens.device),
+            tiles=None if length == 1 else batch_tiles(positions, slots),
         )
         return logits.view(batch, 1 if last_only else length, -1)
 
     @torch.inference_mode()
     def prefill(self, chunks: list[PrefillChunk], cache: KVCache) -> torch.Tensor:
         """Logits of each chunk's last position (of all its positions where it asks), every chunk
-        in one forward: the products see all their tokens together, attention runs per chunk
-        over its own slot's prefix. Only the rows returned go through the head."""
+        in one forward: the products see all their tokens together, and one attention launch a
+        layer serves every chunk over its own slot's prefix. Only the rows returned go through
+        the head."""
         device = self.input_device
         tokens = torch.tensor([t for c in chunks for t in c.tokens], device=device)
         positions = torch.tensor([p for c in chunks for p in range(c.start, c.start + len(c.tokens))], device=device)
@@ -337,11 +352,12 @@ class FastTransformer:
         segments, rows, start = [], [], 0
         for c in chunks:
             end = start + len(c.tokens)
-            segments.append(Segment(start, end, c.slot, c.start, c.start + len(c.tokens) - 1))
+            segments.append((start, end, c.slot, c.start))
             rows += range(start, end) if c.all_positions else [end - 1]
             start = end
         last_rows = torch.tensor(rows, device=device)
-        return self.step(tokens, positions, slots, cache, decode=False, last_rows=last_rows, segments=segments)
+        tiles = attention_tiles(segments, PREFILL_ROWS, device)
+        return self.step(tokens, positions, slots, cache, last_rows=last_rows, tiles=tiles)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -355,83 +371,19 @@ class FastTransformer:
     __call__ = forward
 
 
+PREFILL_ROWS = 64  # query rows per program of prefill attention
+
+
 def semi_structured_layers(spec, layers: list[FastLayer]) -> list[SparseLayer]:
     if spec.parallel_block:
         raise SliceserveError("2:4 sparse tensor cores are supported for sequential blocks only")
     return [SparseLayer.from_fast_layer(i, layer) for i, layer in enumerate(layers)]
 
 
-@dataclass
-class Segment:
-    """One request's consecutive tokens in a flat prefill batch: rows start..end of it, at
-    positions first..last of its cache slot."""
-
-    start: int
-    end: int
-    slot: int
-    first: int
-    last: int
-
-
-def prefill_segments(positions: torch.Tensor, slots: torch.Tensor) -> list[Segment]:
-    """The segments of a flat batch whose rows of one slot are consecutive (two host reads)."""
-    bounds = torch.nonzero(slots[1:] != slots[:-1]).flatten().tolist()
-    starts, ends = [0] + [b + 1 for b in bounds], [b + 1 for b in bounds] + [len(slots)]
-    index = torch.tensor(starts + [e - 1 for e in ends], device=slots.device)
-    read = torch.cat([slots[index[: len(starts)]], positions[index]]).tolist()
-    n = len(starts)
-    return [Segment(starts[i], ends[i], read[i], read[n + i], read[2 * n + i]) for i in range(n)]
-
-
-SHORT_SEGMENT = 64  # prompt tokens up to which fresh segments share one masked attention call
-
-
-def prefill_attention(
-    q: torch.Tensor,
-    segments: list[Segment],
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    window: int | None,
-) -> torch.Tensor:
-    """Attention of a prefill batch q (M, heads, head_dim), each segment over its slot's cache.
-
-    Short segments that start their sequence attend together in one call, through a
-    block-diagonal causal mask: one launch instead of one per request, where a burst of short
-    prompts is otherwise bound by the host. A masked call runs no flash kernel and costs the
-    square of its rows, so longer segments (measured on an H200: 8 x 256 tokens ran slower
-    together) and those that continue a cached prefix attend one by one."""
-    out = q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
-    fresh = [s for s in segments if s.first == 0 and s.end - s.start <= SHORT_SEGMENT]
-    if len(fresh) > 1:
-        rows, slots, positions, owner = [], [], [], []
-        for n, s in enumerate(fresh):
-            rows += range(s.start, s.end)
-            slots += [s.slot] * (s.end - s.start)
-            positions += range(s.end - s.start)
-            owner += [n] * (s.end - s.start)
-        as_tensor = lambda values: torch.tensor(values, device=q.device)
-        rows, slots, positions, owner = map(as_tensor, (rows, slots, positions, owner))
-        k = keys[slots, :, positions].transpose(0, 1)[None]  # (1, kv_heads, M', head_dim)
-        v = values[slots, :, positions].transpose(0, 1)[None]
-        distance = positions[:, None] - positions[None, :]
-        mask = (owner[:, None] == owner[None, :]) & (distance >= 0)
-        if window is not None:
-            mask &= distance < window
-        attended = attention(q[rows].transpose(0, 1)[None], k, v, mask)
-        out[rows] = attended[0].transpose(0, 1).reshape(len(rows), -1)
-        segments = [s for s in segments if s not in fresh]
-    for segment in segments:
-        start, end, slot, first, last = segment.start, segment.end, segment.slot, segment.first, segment.last
-        begin = 0 if window is None else max(0, first + 1 - window)
-        k = keys[slot : slot + 1, :, begin : last + 1]
-        v = values[slot : slot + 1, :, begin : last + 1]
-        query = q[start:end].transpose(0, 1)[None]  # (1, heads, T, head_dim)
-        mask = None
-        if first > 0 or window is not None:
-            query_pos = torch.arange(first, last + 1, device=q.device)[:, None]
-            key_pos = torch.arange(begin, last + 1, device=q.device)[None, :]
-            distance = query_pos - key_pos
-            mask = (distance >= 0) if window is None else (distance >= 0) & (distance < window)
-        attended = attention(query, k, v, mask, causal=mask is None)
-        out[start:end] = attended[0].transpose(0, 1).reshape(end - start, -1)
-    return out
+def batch_tiles(positions: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """Attention tiles of a batch of rows (B, T), row b at consecutive positions of slot
+    slots[b] from positions[b, 0] (one read from the device)."""
+    batch, length = positions.shape
+    read = torch.cat([slots.reshape(-1), positions[:, 0]]).tolist()
+    segments = [(b * length, (b + 1) * length, read[b], read[batch + b]) for b in range(batch)]
+    return attention_tiles(segments, PREFILL_ROWS, positions.device)

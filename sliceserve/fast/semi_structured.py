@@ -84,7 +84,7 @@ def sparse_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 
 def sparse_layer_forward(
-    model, i: int, x: torch.Tensor, positions, slots, cache, decode: bool, splits: int | None, segments=None
+    model, i: int, x: torch.Tensor, positions, slots, cache, splits: int | None, tiles=None
 ) -> torch.Tensor:
     """One sequential block with semi-structured projections; returns the new residual stream."""
     from sliceserve.kernels.rope_store import rope_store
@@ -103,8 +103,9 @@ def sparse_layer_forward(
         num_heads=spec.num_heads,
         num_kv_heads=spec.num_kv_heads,
         head_dim=spec.head_dim,
+        block_table=cache.block_table if cache.paged else None,
     )
-    attn = model.attend(q, positions, slots, cache.keys[i], cache.values[i], decode, splits, segments)
+    attn = model.attend(q, positions, slots, cache, i, splits, tiles)
     x = x + sparse_linear(attn, layer.o, layer.biases["o"])
     h = rms_norm(x, model.width, model.eps)
     if layer.gate_up is not None:

@@ -7,5 +7,7 @@
 - gated_linear: act(x @ gate) * (x @ up) without writing either projection
 - rope_store: rotary embedding of q and k, k and v written into the KV cache
 - decode_attention: split-K attention of one token per row over its cached prefix
+- prefill_attention: causal attention of many requests' prompt chunks in one launch
+  (all three attention kernels address the cache through its block table)
 - launch: programmatic dependent launch for all of them (opt-in, Hopper and later)
 """

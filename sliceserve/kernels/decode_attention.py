@@ -9,6 +9,10 @@ are kv heads, too few to keep a GPU busy, so each pair's keys are cut into `spli
 chunks that run in parallel; each leaves an unnormalised partial output with its running
 max and sum, and a second small kernel combines them. Each program serves all the query
 heads that share one kv head (grouped-query attention reads every key once).
+
+Paged cache: with a block table, key n of row `slot` lives in block
+block_table[slot, n // block_size] at offset n % block_size. Without one the cache is
+(slots, kv_heads, max_len, head_dim) and a separate (constexpr) code path reads it directly.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ def decode_attention_kernel(
     values_ptr,
     positions_ptr,
     slots_ptr,
+    block_table_ptr,
     part_out_ptr,
     part_max_ptr,
     part_sum_ptr,
@@ -39,12 +44,15 @@ def decode_attention_kernel(
     stride_slot,
     stride_head,
     stride_pos,
+    stride_block_table,
     group,
     head_dim,
     window,
     scale,
+    block_size,
     SPLITS: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
+    HAS_TABLE: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HEAD_P2: tl.constexpr,
@@ -68,7 +76,9 @@ def decode_attention_kernel(
     d = tl.arange(0, HEAD_P2)
     q_mask = (g[:, None] < group) & (d[None, :] < head_dim)
     q = tl.load(q_ptr + row * stride_q_row + heads[:, None] * stride_q_head + d[None, :], mask=q_mask, other=0.0)
-    base = tl.load(slots_ptr + row).to(tl.int64) * stride_slot + kv_head * stride_head
+    slot = tl.load(slots_ptr + row).to(tl.int64)
+    base = slot * stride_slot + kv_head * stride_head
+    table_row = block_table_ptr + slot * stride_block_table
 
     running_max = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
     running_sum = tl.zeros((BLOCK_H,), dtype=tl.float32)
@@ -76,7 +86,12 @@ def decode_attention_kernel(
     for n0 in range(lo, hi, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         kv_mask = (n[:, None] < hi) & (d[None, :] < head_dim)
-        offsets = base + n[:, None] * stride_pos + d[None, :]
+        if HAS_TABLE:
+            block = tl.load(table_row + n // block_size, mask=n < hi, other=0).to(tl.int64)
+            where = block * stride_slot + (n % block_size) * stride_pos
+            offsets = kv_head * stride_head + where[:, None] + d[None, :]
+        else:
+            offsets = base + n[:, None] * stride_pos + d[None, :]
         k = tl.load(keys_ptr + offsets, mask=kv_mask, other=0.0)
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         scores = tl.where((n < hi)[None, :], scores, float("-inf"))
@@ -141,9 +156,12 @@ def decode_attention(
     splits: int | None = None,
     out: torch.Tensor | None = None,
     block_n: int = 64,
+    block_table: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q (M, heads, head_dim) of the token at positions (M,) in cache slots (M,); keys, values
-    (slots, kv_heads, max_len, head_dim) already holding that token. Returns (M, heads * head_dim)."""
+    (slots, kv_heads, max_len, head_dim) already holding that token. Returns (M, heads * head_dim).
+    With a block_table (rows, blocks_per_row) int32, keys and values are paged, (num_blocks,
+    kv_heads, block_size, head_dim), and `slots` are rows of the table."""
     M, num_heads, head_dim = q.shape
     positions, slots = positions.contiguous(), slots.contiguous()  # read as flat arrays
     num_kv_heads = keys.shape[1]
@@ -160,6 +178,7 @@ def decode_attention(
         values,
         positions,
         slots,
+        block_table if block_table is not None else slots,  # stands in; never read without a table
         part_out,
         part_max,
         part_sum,
@@ -168,12 +187,15 @@ def decode_attention(
         keys.stride(0),
         keys.stride(1),
         keys.stride(2),
+        block_table.stride(0) if block_table is not None else 0,
         group,
         head_dim,
         window or 0,
         1.0 / math.sqrt(head_dim),
+        keys.shape[2],
         SPLITS=splits,
         HAS_WINDOW=window is not None,
+        HAS_TABLE=block_table is not None,
         BLOCK_H=max(16, triton.next_power_of_2(group)),
         BLOCK_N=block_n,
         HEAD_P2=head_p2,
@@ -199,6 +221,15 @@ def decode_attention(
     return out
 
 
+def cache_row(cache: torch.Tensor, block_table: torch.Tensor | None, slot: int, length: int) -> torch.Tensor:
+    """(kv_heads, length, head_dim): positions 0..length-1 of one row of a plain or paged cache."""
+    if block_table is None:
+        return cache[slot, :, :length]
+    block_size = cache.shape[2]
+    blocks = cache[block_table[slot, : -(-length // block_size)].long()]  # only the blocks in use
+    return blocks.transpose(0, 1).flatten(1, 2)[:, :length]
+
+
 def decode_attention_reference(
     q: torch.Tensor,
     keys: torch.Tensor,
@@ -207,6 +238,7 @@ def decode_attention_reference(
     slots: torch.Tensor,
     *,
     window: int | None = None,
+    block_table: torch.Tensor | None = None,
 ) -> torch.Tensor:
     M, num_heads, head_dim = q.shape
     group = num_heads // keys.shape[1]
@@ -214,7 +246,8 @@ def decode_attention_reference(
     for m in range(M):
         length = int(positions[m]) + 1
         start = 0 if window is None else max(0, length - window)
-        k = keys[slots[m], :, start:length].float().repeat_interleave(group, dim=0)
-        v = values[slots[m], :, start:length].float().repeat_interleave(group, dim=0)
+        slot = int(slots[m])
+        k = cache_row(keys, block_table, slot, length)[:, start:].float().repeat_interleave(group, dim=0)
+        v = cache_row(values, block_table, slot, length)[:, start:].float().repeat_interleave(group, dim=0)
         outputs.append(F.scaled_dot_product_attention(q[m, :, None].float(), k, v).reshape(-1))
     return torch.stack(outputs).to(q.dtype)

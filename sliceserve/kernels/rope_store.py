@@ -2,8 +2,9 @@
 
 Input: the fused q|k|v projection of M tokens, each with its own position and KV-cache
 slot. Output: rotated queries (M, heads, head_dim); rotated keys and the values land at
-(slot, kv_head, position) of the layer's cache. One program per (token, head), so a
-prefill chunk and a decode batch take the same kernel. Partial rotary (Phi-2) rotates
+(slot, kv_head, position) of the layer's cache, or in a paged cache at
+(block_table[slot, position // block_size], kv_head, position % block_size). One program
+per (token, head), so a prefill chunk and a decode batch take the same kernel. Partial rotary (Phi-2) rotates
 the first `rotary_dim` features of each head and passes the rest through; without rope
 (OPT) everything passes through.
 """
@@ -55,17 +56,21 @@ def rope_store_kernel(
     sin_ptr,
     positions_ptr,
     slots_ptr,
+    block_table_ptr,
     stride_qkv,
     stride_q,
     stride_cache_slot,
     stride_cache_head,
     stride_cache_pos,
     stride_table,
+    stride_block_table,
     num_heads,
     num_kv_heads,
     head_dim,
     rot_half,
+    block_size,
     HAS_ROPE: tl.constexpr,
+    HAS_TABLE: tl.constexpr,
     HALF_P2: tl.constexpr,
     HEAD_P2: tl.constexpr,
     OVERLAP: tl.constexpr,
@@ -92,7 +97,11 @@ def rope_store_kernel(
     else:
         h = j - num_heads
         slot = tl.load(slots_ptr + m)
-        where = slot * stride_cache_slot + h * stride_cache_head + position * stride_cache_pos
+        if HAS_TABLE:
+            block = tl.load(block_table_ptr + slot * stride_block_table + position // block_size).to(tl.int64)
+            where = block * stride_cache_slot + h * stride_cache_head + (position % block_size) * stride_cache_pos
+        else:
+            where = slot * stride_cache_slot + h * stride_cache_head + position * stride_cache_pos
         rotate_head(
             row + (num_heads + h) * head_dim,
             keys_ptr + where,
@@ -123,10 +132,13 @@ def rope_store(
     num_kv_heads: int,
     head_dim: int,
     q_out: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Rotated queries (M, heads, head_dim). qkv (M, (heads + 2 kv_heads) * head_dim);
     positions, slots (M,); keys, values (slots, kv_heads, max_len, head_dim), written in place;
-    cos, sin (max_positions, rotary_dim / 2) in float32, or None without rope."""
+    cos, sin (max_positions, rotary_dim / 2) in float32, or None without rope. With a
+    block_table (rows, blocks_per_row) int32, keys and values are paged, (num_blocks, kv_heads,
+    block_size, head_dim), and `slots` are rows of the table."""
     M = qkv.shape[0]
     positions, slots = positions.contiguous(), slots.contiguous()  # read as flat arrays
     q = torch.empty((M, num_heads, head_dim), device=qkv.device, dtype=qkv.dtype) if q_out is None else q_out
@@ -142,17 +154,21 @@ def rope_store(
         sin if sin is not None else table,
         positions,
         slots,
+        block_table if block_table is not None else slots,  # stands in; never read without a table
         qkv.stride(0),
         q.stride(0),
         keys.stride(0),
         keys.stride(1),
         keys.stride(2),
         cos.stride(0) if cos is not None else 0,
+        block_table.stride(0) if block_table is not None else 0,
         num_heads,
         num_kv_heads,
         head_dim,
         rot_half,
+        keys.shape[2],
         HAS_ROPE=cos is not None,
+        HAS_TABLE=block_table is not None,
         HALF_P2=triton.next_power_of_2(max(rot_half, 1)),
         HEAD_P2=triton.next_power_of_2(head_dim),
         OVERLAP=overlap,
@@ -182,6 +198,7 @@ def rope_store_reference(
     num_heads: int,
     num_kv_heads: int,
     head_dim: int,
+    block_table: torch.Tensor | None = None,
 ) -> torch.Tensor:
     M = qkv.shape[0]
     heads = qkv.view(M, num_heads + 2 * num_kv_heads, head_dim).float()
@@ -196,6 +213,10 @@ def rope_store_reference(
 
         q, k = rotate(q), rotate(k)
     for m in range(M):
-        keys[slots[m], :, positions[m]] = k[m].to(keys.dtype)
-        values[slots[m], :, positions[m]] = v[m].to(values.dtype)
+        block, offset = int(slots[m]), int(positions[m])
+        if block_table is not None:
+            block_size = keys.shape[2]
+            block, offset = int(block_table[block, offset // block_size]), offset % block_size
+        keys[block, :, offset] = k[m].to(keys.dtype)
+        values[block, :, offset] = v[m].to(values.dtype)
     return q.to(qkv.dtype)

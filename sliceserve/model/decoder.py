@@ -73,23 +73,25 @@ class CacheView:
     """One layer's part of the KV cache for one forward step.
 
     Writes the new keys and values at (slot, position), then attends row by row over that
-    row's own cached prefix (a view, no copy). Row by row keeps every request's numbers
-    independent of the other rows in the batch and of their lengths.
+    row's own cached prefix, read through the block table. Row by row keeps every request's
+    numbers independent of the other rows in the batch and of their lengths.
     """
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, rows: list[tuple[int, int, int]]):
-        self.keys, self.values = keys, values
+    def __init__(self, cache: KVCache, layer: int, rows: list[tuple[int, int, int]]):
+        self.cache, self.keys, self.values = cache, cache.keys[layer], cache.values[layer]
         self.rows = rows  # (slot, first position, last position) per row; positions are consecutive
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None) -> torch.Tensor:
         """q (B, heads, T, hd); k, v (B, kv_heads, T, hd) for consecutive positions per row."""
         outputs = []
         for row, (slot, first, last) in enumerate(self.rows):
-            self.keys[slot, :, first : last + 1] = k[row]
-            self.values[slot, :, first : last + 1] = v[row]
+            blocks, offsets = self.cache.addresses(slot, first, last)
+            self.keys[blocks, :, offsets] = k[row].transpose(0, 1)
+            self.values[blocks, :, offsets] = v[row].transpose(0, 1)
             start = 0 if window is None else max(0, first + 1 - window)  # the first query's window
-            keys = self.keys[slot : slot + 1, :, start : last + 1]
-            values = self.values[slot : slot + 1, :, start : last + 1]
+            blocks, offsets = self.cache.addresses(slot, start, last)
+            keys = self.keys[blocks, :, offsets].transpose(0, 1)[None]  # (1, kv_heads, length, hd)
+            values = self.values[blocks, :, offsets].transpose(0, 1)[None]
             mask = None
             if last > first:  # several queries: each sees up to its own position
                 query_pos = torch.arange(first, last + 1, device=q.device)[:, None]
@@ -179,12 +181,13 @@ class Transformer(nn.Module):
         """Where token ids and positions go in."""
         return self.embed.weight.device
 
-    def new_cache(self, *, slots: int, max_len: int) -> KVCache:
+    def new_cache(self, *, slots: int, max_len: int, blocks: int | None = None) -> KVCache:
         """An empty KV cache for this model's layers, beside its weights."""
         return KVCache(
             self.spec,
             slots=slots,
             max_len=max_len,
+            blocks=blocks,
             device=self.head.weight.device,
             dtype=self.head.weight.dtype,
             layers=len(self.layers),
@@ -195,6 +198,10 @@ class Transformer(nn.Module):
 
     def prepare(self, cache: KVCache) -> None:
         """Nothing to prepare: the reference model runs eagerly."""
+
+    def folds_decode_rows(self, rows: int) -> bool:
+        """Never: a decode row's numbers must not depend on what is prefilled beside it."""
+        return False
 
     def padded_decode_rows(self, rows: int, max_batch: int) -> int:
         """Rows a decode step is padded to: always max_batch, so that a request's numbers never
@@ -232,7 +239,7 @@ class Transformer(nn.Module):
         rope = self.rope_for(positions, x.dtype)
         rows = [(s, p[0], p[-1]) for s, p in zip(slots.tolist(), positions.tolist())]
         for i, block in enumerate(self.layers):
-            x = block(x, rope, CacheView(cache.keys[i], cache.values[i], rows))
+            x = block(x, rope, CacheView(cache, i, rows))
         return self.final_logits(x[:, -1:] if last_only else x)
 
     def prefill(self, chunks: list[PrefillChunk], cache: KVCache) -> torch.Tensor:

@@ -34,6 +34,7 @@ class FrontCache:
         self.local, self.num_layers = local, num_layers
         self.keys, self.values = local.keys, local.values
         self.slots, self.max_len, self.scratch_slot = local.slots, local.max_len, local.scratch_slot
+        self.paged, self.block_size, self.num_blocks = False, local.block_size, local.num_blocks
 
     @property
     def bytes(self) -> int:
@@ -67,10 +68,16 @@ class DistributedPipeline:
     def prepare(self, cache: FrontCache) -> None:
         """Nothing to prepare: the stages run eagerly."""
 
+    def folds_decode_rows(self, rows: int) -> bool:
+        """Never: prefill runs chunk by chunk through the ranks."""
+        return False
+
     def padded_decode_rows(self, rows: int, max_batch: int) -> int:
         return max_batch
 
-    def new_cache(self, *, slots: int, max_len: int) -> FrontCache:
+    def new_cache(self, *, slots: int, max_len: int, blocks: int | None = None) -> FrontCache:
+        """Reserved slots whatever `blocks` says: the other ranks hold their parts of the cache
+        and never see the engine's block table, so no paging across processes."""
         if not self.alone:
             header = Header(Kind.ALLOCATE, slots=slots, max_len=max_len)
             wait_all(send_all([header.tensor(self.process.device)], 1))

@@ -25,11 +25,18 @@ class PipelineCache:
         self.stages = stages
         self.keys = [k for cache in stages for k in cache.keys]
         self.values = [v for cache in stages for v in cache.values]
-        self.slots, self.max_len, self.scratch_slot = stages[0].slots, stages[0].max_len, stages[0].scratch_slot
+        first = stages[0]
+        self.slots, self.max_len, self.scratch_slot = first.slots, first.max_len, first.scratch_slot
+        self.paged, self.block_size, self.num_blocks = first.paged, first.block_size, first.num_blocks
 
     @property
     def bytes(self) -> int:
         return sum(cache.bytes for cache in self.stages)
+
+    def assign_blocks(self, entries: list[tuple[int, int, int]]) -> None:
+        """Every stage's table alike: a block number names the same positions on every stage."""
+        for cache in self.stages:
+            cache.assign_blocks(entries)
 
 
 class Pipeline:
@@ -48,13 +55,17 @@ class Pipeline:
     def uses_graphs(self) -> bool:
         return self.fast and all(device.type == "cuda" for device in self.devices)
 
+    def folds_decode_rows(self, rows: int) -> bool:
+        """Never: prefill runs chunk by chunk through the stages."""
+        return False
+
     def padded_decode_rows(self, rows: int, max_batch: int) -> int:
         """Fast stages: the graph bucket that holds `rows`. Reference stages: always max_batch,
         as the single-device reference model (a request's numbers never depend on its neighbours)."""
         return graph_bucket(rows, max_batch) if self.fast else max_batch
 
-    def new_cache(self, *, slots: int, max_len: int) -> PipelineCache:
-        return PipelineCache([stage.new_cache(slots=slots, max_len=max_len) for stage in self.stages])
+    def new_cache(self, *, slots: int, max_len: int, blocks: int | None = None) -> PipelineCache:
+        return PipelineCache([stage.new_cache(slots=slots, max_len=max_len, blocks=blocks) for stage in self.stages])
 
     def decode_graphs(self, cache: PipelineCache) -> DecodeGraphs:
         if self.graphs is None or not self.graphs.serves(cache.stages):

@@ -16,7 +16,7 @@ import contextlib
 
 import torch
 
-from sliceserve.fast.model import FastTransformer
+from sliceserve.fast.model import FastTransformer, batch_tiles
 from sliceserve.model.decoder import CacheView, Transformer
 from sliceserve.model.kv_cache import KVCache
 
@@ -47,9 +47,15 @@ class ReferenceStage:
         self.model, self.device, self.spec = model, torch.device(device), model.spec
         self.dtype = next(model.parameters()).dtype
 
-    def new_cache(self, *, slots: int, max_len: int) -> KVCache:
+    def new_cache(self, *, slots: int, max_len: int, blocks: int | None = None) -> KVCache:
         return KVCache(
-            self.spec, slots=slots, max_len=max_len, device=self.device, dtype=self.dtype, layers=len(self.model.layers)
+            self.spec,
+            slots=slots,
+            max_len=max_len,
+            device=self.device,
+            dtype=self.dtype,
+            layers=len(self.model.layers),
+            blocks=blocks,
         )
 
     def embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> Activations:
@@ -67,7 +73,7 @@ class ReferenceStage:
         rope = model.rope_for(positions, x.dtype)
         rows = None if cache is None else cache_rows(slots, positions)
         for i, block in enumerate(model.layers):
-            x = block(x, rope, None if cache is None else CacheView(cache.keys[i], cache.values[i], rows))
+            x = block(x, rope, None if cache is None else CacheView(cache, i, rows))
         return [x]
 
     def logits(self, activations: Activations, last_only: bool = False) -> torch.Tensor:
@@ -88,8 +94,8 @@ class FastStage:
         self.model = FastTransformer(model, semi_structured=semi_structured, products=products)
         self.device, self.spec, self.dtype = torch.device(device), model.spec, self.model.dtype
 
-    def new_cache(self, *, slots: int, max_len: int) -> KVCache:
-        return self.model.new_cache(slots=slots, max_len=max_len)
+    def new_cache(self, *, slots: int, max_len: int, blocks: int | None = None) -> KVCache:
+        return self.model.new_cache(slots=slots, max_len=max_len, blocks=blocks)
 
     def embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> Activations:
         """positions (B, T), or (T,) for every row."""
@@ -122,8 +128,8 @@ class FastStage:
                 positions.reshape(-1),
                 flat_slots,
                 cache,
-                decode=length == 1,
                 splits=splits,
+                tiles=None if length == 1 else batch_tiles(positions.expand(batch, length), slots),
             )
         return shaped([x, px], (batch, length))
 

@@ -83,6 +83,7 @@ def engine_metrics(out: Exposition, stats: EngineStats) -> None:
         )
         running, waiting = stats.running, stats.waiting
         slots_used, slots_total, kv_bytes = stats.kv_slots_used, stats.kv_slots_total, stats.kv_cache_bytes
+        blocks_used, blocks_total, preemptions = stats.kv_blocks_used, stats.kv_blocks_total, stats.preemptions
     name = out.family("requests_finished_total", "counter", "Generation requests finished, by reason.")
     for reason in sorted(set(finished) | {"stop", "length", "cancelled", "error"}):
         out.sample(name, finished.get(reason, 0), reason=reason)
@@ -98,9 +99,12 @@ def engine_metrics(out: Exposition, stats: EngineStats) -> None:
     out.single(
         "kv_cache_usage_ratio",
         "gauge",
-        "Fraction of the KV cache slots in use.",
-        slots_used / slots_total if slots_total else 0.0,
+        "Fraction of the KV cache's blocks in use.",
+        blocks_used / blocks_total if blocks_total else 0.0,
     )
+    out.single("kv_cache_blocks_used", "gauge", "KV cache blocks (of positions) in use.", blocks_used)
+    out.single("kv_cache_blocks_total", "gauge", "KV cache blocks in all.", blocks_total)
+    out.single("preemptions_total", "counter", "Requests preempted for want of cache blocks.", preemptions)
     out.single("kv_cache_bytes", "gauge", "Bytes the KV cache holds allocated.", kv_bytes)
 
 

@@ -1,0 +1,214 @@
+"""The paged KV cache: the same numbers as the reserved one, and an engine whose requests share
+blocks, wait for them, and are preempted and recomputed when they run out.
+
+Model level: every family's reference decoder gives the same logits, bit for bit, whether its
+keys live in reserved rows or in blocks scattered over a shuffled table. Engine level: a
+tiny sliced Llama (test_server_support) serves the same greedy and seeded outputs with a
+cache far too small for all its requests at once as with a reserved one.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+
+import pytest
+import torch
+from test_server_support import build_checkpoint
+from tiny_models import NoTokenizerSource, save_tiny_model
+
+from sliceserve.engine.engine import Engine, RequestRejected
+from sliceserve.engine.requests import SamplingParams
+from sliceserve.model.kv_cache import KVCache, PrefillChunk
+from sliceserve.model.loader import load_model, load_tokenizer
+from sliceserve.slicing.checkpoint_writer import export_checkpoint
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def scattered_cache(model, slots: int, max_len: int, seed: int = 0) -> KVCache:
+    """A paged cache whose slots hold blocks in a shuffled order, interleaved between slots."""
+    per_slot = -(-max_len // 16)
+    cache = model.new_cache(slots=slots, max_len=max_len, blocks=slots * per_slot + 1)
+    blocks = list(range(1, cache.num_blocks))
+    random.Random(seed).shuffle(blocks)
+    cache.assign_blocks([(s, i, blocks[s * per_slot + i]) for s in range(slots) for i in range(per_slot)])
+    return cache
+
+
+@pytest.mark.parametrize("variant", ["llama", "mistral", "opt", "phi"])
+@torch.no_grad()
+def test_paged_logits_equal_reserved(variant, tmp_path):
+    save_tiny_model(variant, tmp_path / "hf")
+    model = load_model(export_checkpoint(NoTokenizerSource(tmp_path / "hf"), tmp_path / "dense", progress=False))
+    reserved = model.new_cache(slots=3, max_len=64)
+    paged = scattered_cache(model, slots=3, max_len=64)
+    assert paged.paged and not reserved.paged and paged.block_size == 16
+    generator = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, model.spec.vocab_size, (n,), generator=generator).tolist() for n in (21, 7, 35)]
+    chunks = [PrefillChunk(p[:16], 0, s) for s, p in enumerate(prompts)]
+    chunks += [PrefillChunk(p[16:], 16, s) for s, p in enumerate(prompts) if len(p) > 16]
+    first, second = model.prefill(chunks, reserved), model.prefill(chunks, paged)
+    assert torch.equal(first, second)
+    tokens = first[-3:].argmax(-1) if len(first) >= 3 else first.argmax(-1)
+    positions = torch.tensor([len(p) for p in prompts])
+    slots = torch.arange(3)
+    for step in range(20):  # decoding crosses block boundaries (and Mistral's window of 8)
+        a = model.forward_cached(tokens[:, None], (positions + step)[:, None], slots, reserved)
+        b = model.forward_cached(tokens[:, None], (positions + step)[:, None], slots, paged)
+        assert torch.equal(a, b)
+        tokens = a[:, 0].argmax(-1)
+
+
+@torch.no_grad()
+def test_fast_path_paged_logits_equal_reserved(tmp_path):
+    """The fast path's kernels (interpreted here) read and write the scattered blocks exactly
+    where the reserved rows are: Mistral (GQA, a sliding window of 8)."""
+    import kernel_support  # noqa: F401  (sets TRITON_INTERPRET before Triton loads)
+
+    from sliceserve.fast.model import FastTransformer
+
+    save_tiny_model("mistral", tmp_path / "hf")
+    fast = FastTransformer(
+        load_model(export_checkpoint(NoTokenizerSource(tmp_path / "hf"), tmp_path / "d", progress=False))
+    )
+    reserved = fast.new_cache(slots=2, max_len=48)
+    paged = scattered_cache(fast, slots=2, max_len=48)
+    generator = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, fast.spec.vocab_size, (n,), generator=generator).tolist() for n in (19, 6)]
+    chunks = [PrefillChunk(prompts[0][:12], 0, 0), PrefillChunk(prompts[1], 0, 1)]
+    assert torch.equal(fast.prefill(chunks, reserved), fast.prefill(chunks, paged))
+    chunks = [PrefillChunk(prompts[0][12:], 12, 0, all_positions=True), PrefillChunk([3], 6, 1)]
+    first, second = fast.prefill(chunks, reserved), fast.prefill(chunks, paged)
+    assert torch.equal(first, second)
+    tokens, positions, slots = first[[6, 7]].argmax(-1), torch.tensor([19, 7]), torch.arange(2)
+    for step in range(12):  # the second row crosses the block boundary at 16, the first the window's edge
+        a = fast.forward_cached(tokens[:, None], (positions + step)[:, None], slots, reserved)
+        b = fast.forward_cached(tokens[:, None], (positions + step)[:, None], slots, paged)
+        assert torch.equal(a, b)
+        tokens = a[:, 0].argmax(-1)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    path = build_checkpoint(tmp_path_factory.mktemp("paged"))
+    return load_model(path), load_tokenizer(path)
+
+
+def outputs(engine: Engine, prompts: list[list[int]], params: list[SamplingParams]) -> list[list[int]]:
+    """Every request submitted at once; each one's generated ids."""
+    results = [[] for _ in prompts]
+    done = threading.Semaphore(0)
+
+    def listener(i):
+        def on_event(event):
+            results[i] += event.token_ids
+            assert event.finish_reason in (None, "length"), event.error
+            if event.finished:
+                done.release()
+
+        return on_event
+
+    for i, (prompt, p) in enumerate(zip(prompts, params)):
+        engine.submit(prompt, p, listener(i))
+    engine.start()
+    for _ in prompts:
+        assert done.acquire(timeout=120)
+    return results
+
+
+def workload(vocab: int):
+    rng = random.Random(3)
+    prompts = [[rng.randrange(3, vocab) for _ in range(rng.randint(5, 40))] for _ in range(8)]
+    greedy = [SamplingParams(max_tokens=rng.randint(20, 50), temperature=0.0, ignore_eos=True) for _ in range(4)]
+    sampled = [
+        SamplingParams(max_tokens=rng.randint(20, 50), temperature=0.9, top_p=0.9, seed=i, ignore_eos=True)
+        for i in range(4)
+    ]
+    return prompts, greedy + sampled
+
+
+def test_tight_cache_preempts_and_recomputes_to_the_same_outputs(served):
+    model, tokenizer = served
+    prompts, params = workload(model.spec.vocab_size)
+    reserved = Engine(model, tokenizer, max_batch=8, max_model_len=128, prefill_chunk=8)
+    # 12 blocks of 16: about two requests' worth, for eight requests of up to 90 tokens
+    tight = Engine(model, tokenizer, max_batch=8, max_model_len=128, prefill_chunk=8, kv_blocks=13)
+    try:
+        expected = outputs(reserved, prompts, params)
+        got = outputs(tight, prompts, params)
+        assert got == expected
+        assert [len(ids) for ids in got] == [p.max_tokens for p in params]
+        assert tight.stats.preemptions > 0 and reserved.stats.preemptions == 0
+        assert tight.blocks.used == 0 and len(tight.blocks.free) == 12  # every block came back
+        assert tight.stats.kv_blocks_total == 12
+    finally:
+        reserved.shutdown()
+        tight.shutdown()
+
+
+def test_paged_cache_serves_more_requests_than_reserved_rows_would(served):
+    """Eight requests of at most 90 tokens (6 blocks) at once in 50 blocks (800 positions),
+    where eight reserved rows of 128 would take 1024."""
+    model, tokenizer = served
+    prompts, params = workload(model.spec.vocab_size)
+    engine = Engine(model, tokenizer, max_batch=8, max_model_len=128, prefill_chunk=64, kv_blocks=50)
+    peak = []
+    original = engine.update_gauges
+
+    def watch():
+        original()
+        peak.append(len(engine.running))
+
+    engine.update_gauges = watch
+    try:
+        outputs(engine, prompts, params)
+        assert max(peak) == 8 and engine.stats.preemptions == 0
+        assert engine.cache.bytes < model.new_cache(slots=8, max_len=128).bytes
+    finally:
+        engine.shutdown()
+
+
+def test_request_larger_than_the_cache_is_rejected(served):
+    model, tokenizer = served
+    engine = Engine(model, tokenizer, max_batch=2, max_model_len=128, kv_blocks=5)  # 4 blocks: 64 tokens
+    try:
+        with pytest.raises(RequestRejected, match="needs more KV cache than the server holds \\(64 tokens\\)"):
+            engine.submit([5] * 40, SamplingParams(max_tokens=30), lambda event: None)
+        engine.submit([5] * 40, SamplingParams(max_tokens=24), lambda event: None)  # 64: fits
+    finally:
+        engine.shutdown()
+
+
+def test_prompt_logprobs_survive_preemption(served):
+    model, tokenizer = served
+    prompts, params = workload(model.spec.vocab_size)
+    for p in params:
+        p.prompt_logprobs = 2
+    scored = {}
+
+    def run(engine):
+        results = [None] * len(prompts)
+        done = threading.Semaphore(0)
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+
+            def on_event(event, i=i):
+                if event.prompt_logprobs is not None:
+                    results[i] = [None if t is None else (t.token_id, t.logprob) for t in event.prompt_logprobs]
+                if event.finished:
+                    done.release()
+
+            engine.submit(prompt, p, on_event)
+        engine.start()
+        for _ in prompts:
+            assert done.acquire(timeout=120)
+        return results
+
+    for name, blocks in (("reserved", None), ("tight", 13)):
+        engine = Engine(model, tokenizer, max_batch=8, max_model_len=128, prefill_chunk=8, kv_blocks=blocks)
+        try:
+            scored[name] = run(engine)
+        finally:
+            engine.shutdown()
+    assert scored["tight"] == scored["reserved"]
+    assert all(len(s) == len(p) for s, p in zip(scored["tight"], prompts))
