@@ -162,3 +162,11 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
         "then they end with an error event (default 5)",
     )
     parser.add_argument("--model-name", help="the model id clients name (default: the folder name)")
+    parser.add_argument(
+        "--engine-process",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the engine loop in a process of its own, so that the HTTP work does not compete with it for "
+        "Python's interpreter lock (default: on). --distributed and stages over several devices (--gpus, "
+        "--devices) keep it in the server's process",
+    )

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import sys
 from pathlib import Path
 
-from sliceserve.commands.placement import is_stage_worker, placed_model, run_stage_worker
+from sliceserve.commands.placement import (
+    check_placement_options,
+    is_stage_worker,
+    placed_model,
+    run_stage_worker,
+    stage_devices,
+)
 from sliceserve.commands.slicing import check_device
 from sliceserve.errors import SliceserveError
 
@@ -26,6 +33,8 @@ def make_engine(path: str, args: argparse.Namespace, max_queue: int = 64):
             raise SliceserveError(f"--{name.replace('_', '-')} must be at least 1")
     if max_queue < 1:
         raise SliceserveError("--max-queue must be at least 1")
+    if getattr(args, "engine_process", False) and loads_on_one_device(args):
+        return start_engine_process(path, args, max_queue)
     model = placed_model(path, args)  # stages over several devices or processes, else None
     if model is None:
         return load_engine(
@@ -38,6 +47,28 @@ def make_engine(path: str, args: argparse.Namespace, max_queue: int = 64):
         )
     return Engine(
         model, load_tokenizer(path), max_batch=args.max_batch, max_model_len=args.max_model_len, max_queue=max_queue
+    )
+
+
+def loads_on_one_device(args: argparse.Namespace) -> bool:
+    """Whether `placed_model` leaves the loading to the engine (it would return None): then a
+    child process can load the model itself. Decided without touching CUDA here."""
+    check_placement_options(args)
+    return not args.distributed and len(stage_devices(args)) == 1
+
+
+def start_engine_process(path: str, args: argparse.Namespace, max_queue: int):
+    """The engine in a process of its own (engine/engine_process.py), loaded there by `make_engine`
+    with these options (a --gpu-memory cap then applies in that process, where CUDA runs)."""
+    from sliceserve.engine.engine_process import EngineProcess
+    from sliceserve.model.loader import load_tokenizer
+    from sliceserve.server.gpu_readings import GPUReadings
+
+    in_process = argparse.Namespace(**{**vars(args), "engine_process": False})
+    return EngineProcess(
+        functools.partial(make_engine, path, in_process, max_queue),
+        functools.partial(load_tokenizer, path),
+        extra_metrics=GPUReadings(),
     )
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from sliceserve.engine.engine import Engine
+from sliceserve.engine.kv_blocks import blocks_to_hold
 from sliceserve.fast.selection import use_fast_path, uses_sparse_tensor_cores
 from sliceserve.model.loader import load_model, load_tokenizer
 
@@ -21,8 +22,11 @@ def load_engine(
     prefill_chunk: int = 256,
     dtype: torch.dtype | None = None,
     runtime: str = "auto",
+    kv_cache_memory: int | None = None,
 ) -> Engine:
-    """An engine over a checkpoint folder (dense or sliced), not yet started.
+    """An engine over a checkpoint folder (dense or sliced), not yet started, over a paged KV
+    cache (engine/kv_blocks.py: `kv_cache_memory` bytes of it, or what max_batch requests of
+    max_model_len tokens need, as far as the GPU has room).
 
     runtime: "fast" (Triton kernels and CUDA graphs; CUDA only), "reference" (plain PyTorch),
     or "auto" (fast on CUDA, reference elsewhere).
@@ -32,6 +36,10 @@ def load_engine(
         from sliceserve.fast.model import FastTransformer
 
         model = FastTransformer(model, semi_structured=uses_sparse_tensor_cores(path, device))
+    if model.input_device.type == "cuda":
+        torch.cuda.empty_cache()  # what the loading left cached counts as free
+    max_len = min(max_model_len or model.spec.max_positions, model.spec.max_positions)
+    blocks = blocks_to_hold(model, max_batch=max_batch, max_model_len=max_len, memory=kv_cache_memory)
     return Engine(
         model,
         load_tokenizer(path),
@@ -39,4 +47,5 @@ def load_engine(
         max_model_len=max_model_len,
         max_queue=max_queue,
         prefill_chunk=prefill_chunk,
+        kv_blocks=blocks,
     )

@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 
 from sliceserve import __version__
 from sliceserve.engine.engine import QueueFull, RequestRejected, ShuttingDown
+from sliceserve.engine.engine_process import EngineDied
 from sliceserve.errors import SliceserveError
 from sliceserve.server.chat import create_chat_completion
 from sliceserve.server.completions import create_completion
@@ -36,7 +37,8 @@ def create_app(engine: Any, settings: ServerSettings | None = None) -> FastAPI:
     settings = settings or ServerSettings()
     app = FastAPI(title="sliceserve", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine, app.state.settings = engine, settings
-    app.state.responses, app.state.gpus = ResponseCounter(), GPUProbe()
+    # an engine in its own process reads its GPUs there (EngineProcess.gpus)
+    app.state.responses, app.state.gpus = ResponseCounter(), getattr(engine, "gpus", None) or GPUProbe()
     app.state.stopping = threading.Event()  # set when shutdown begins: every new request gets 503
     created = int(time.time())
 
@@ -54,6 +56,8 @@ def create_app(engine: Any, settings: ServerSettings | None = None) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict:
+        if not getattr(engine, "alive", True):  # an engine process that died: take this server out
+            raise engine_dead("the engine process has died")
         return {"status": "ok"}
 
     @app.get("/metrics")
@@ -90,6 +94,10 @@ def create_app(engine: Any, settings: ServerSettings | None = None) -> FastAPI:
     async def rejected(request: Request, error: RequestRejected) -> JSONResponse:
         return bad_request(str(error) or "the engine cannot take this request").response()
 
+    @app.exception_handler(EngineDied)
+    async def dead(request: Request, error: EngineDied) -> JSONResponse:
+        return engine_dead(str(error)).response()
+
     @app.exception_handler(ShuttingDown)  # a request that passed the Gate just before shutdown began
     async def stopping(request: Request, error: ShuttingDown) -> JSONResponse:
         return shutting_down().response()
@@ -106,6 +114,12 @@ def create_app(engine: Any, settings: ServerSettings | None = None) -> FastAPI:
         allowed_hosts=(settings.host, *settings.allowed_hosts),
     )
     return app
+
+
+def engine_dead(reason: str) -> APIError:
+    return APIError(
+        503, f"{reason}: the server cannot generate until it is restarted", "server_error", None, "engine_dead"
+    )
 
 
 def uvicorn_config(app: FastAPI, settings: ServerSettings, log_level: str = "info"):
