@@ -46,7 +46,7 @@ def timed(fn, repeats: int = 5) -> float:
 
 def products_only(model: FastTransformer, rows: int) -> float:
     """Seconds of one step's library matrix products (every layer's, then the head's last rows)."""
-    x = torch.randn(rows, model.width, device="cuda", dtype=model.dtype)
+    x = torch.randn(rows, model.layers[0].qkv_weight.shape[1], device="cuda", dtype=model.dtype)
 
     def run():
         for layer in model.layers:
@@ -78,15 +78,29 @@ def main() -> None:
     model = FastTransformer(random_transformer(spec, dtype=torch.float16), products="auto")
     slots = max(args.chunks, args.batch)
     cache = model.new_cache(slots=slots, max_len=1024)
+    paged = model.new_cache(slots=slots, max_len=1024, blocks=slots * 64 + 1)
+    blocks = torch.randperm(slots * 64, generator=torch.Generator().manual_seed(1)) + 1
+    paged.assign_blocks([(s, i, int(blocks[s * 64 + i])) for s in range(slots) for i in range(64)])
     vocab = spec.vocab_size
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, vocab, (args.chunk,), generator=g).tolist() for _ in range(args.chunks)]
     packed = [PrefillChunk(p, 0, slot) for slot, p in enumerate(prompts)]
     whole = [PrefillChunk([t for p in prompts for t in p][: min(1024, args.chunk * args.chunks)], 0, 0)]
-    result = {"shape": args.shape, "sparsity": args.sparsity, "dtype": "float16", "device": torch.cuda.get_device_name()}
+    result = {
+        "shape": args.shape,
+        "sparsity": args.sparsity,
+        "dtype": "float16",
+        "device": torch.cuda.get_device_name(),
+    }
     result["versions"] = versions()
+    reserved_logits, paged_logits = model.prefill(packed, cache), model.prefill(packed, paged)
+    result["paged_equals_reserved_prefill"] = bool(torch.equal(reserved_logits, paged_logits))
+    rows = torch.arange(args.chunks, device="cuda")
+    step = lambda c: model.step(reserved_logits.argmax(-1), rows * 0 + args.chunk, rows, c, splits=4)  # noqa: E731
+    result["paged_equals_reserved_decode"] = bool(torch.equal(step(cache), step(paged)))
     rows = args.chunk * args.chunks
     result["packed_prefill_ms"] = 1e3 * timed(lambda: model.prefill(packed, cache))
+    result["packed_prefill_paged_ms"] = 1e3 * timed(lambda: model.prefill(packed, paged))
     result["one_prompt_prefill_ms"] = 1e3 * timed(lambda: model.prefill(whole, cache))
     result["products_only_ms"] = 1e3 * products_only(model, rows)
     model.prepare(cache)
@@ -95,11 +109,38 @@ def main() -> None:
     decode_slots = torch.arange(args.batch, device="cuda")
     graphs = model.decode_graphs(cache)
     result["decode_graph_ms"] = 1e3 * timed(lambda: graphs.run(tokens, positions, decode_slots), repeats=20)
+    model.graphs = None
+    model.prepare(paged)
+    graphs = model.decode_graphs(paged)
+    result["decode_graph_paged_ms"] = 1e3 * timed(lambda: graphs.run(tokens, positions, decode_slots), repeats=20)
+    short = [PrefillChunk(p[:32], 0, slot) for slot, p in enumerate(prompts * (64 // len(prompts)))]
+    result["short_prefill_64x32_ms"] = 1e3 * timed(lambda: model.prefill(short, paged))
+    decode_rows = [PrefillChunk([1], 300, slot) for slot in range(args.batch)]
+    mixed = packed + decode_rows
+    result["mixed_prefill_plus_decode_folded_ms"] = 1e3 * timed(lambda: model.prefill(mixed, paged))
+
+    def separate():
+        model.prefill(packed, paged)
+        graphs.run(tokens, positions, decode_slots)
+
+    result["mixed_prefill_then_decode_graph_ms"] = 1e3 * timed(separate)
+
+    from sliceserve.kernels.prefill_attention import attention_tiles, prefill_attention, prefill_attention_reference
+
+    heads, head_dim = spec.num_heads, spec.head_dim
+    q = torch.randn(rows, heads, head_dim, device="cuda", dtype=model.dtype)
+    segments = [(i * args.chunk, (i + 1) * args.chunk, i, 0) for i in range(args.chunks)]
+    tiles = attention_tiles(segments, 64, "cuda")
+    keys, values = paged.keys[0], paged.values[0]
+    got = prefill_attention(q, keys, values, paged.block_table, tiles)
+    want = prefill_attention_reference(q, keys, values, paged.block_table, segments)
+    result["prefill_attention_max_abs_error"] = float((got.float() - want.float()).abs().max())
+    result["prefill_attention_ms"] = 1e3 * timed(lambda: prefill_attention(q, keys, values, paged.block_table, tiles))
 
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        model.prefill(packed, cache)
+        model.prefill(packed, paged)
         sync()
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
     host = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20)

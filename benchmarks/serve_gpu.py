@@ -45,13 +45,15 @@ class Scenario:
     target: float | None  # served / model-level wanted
 
 
+FIT = "fit"  # concurrency 0: as many requests of input + output tokens as the server's KV cache holds
 SCENARIOS = [
     Scenario("c64", 64, 256, 256, 128, 0.85),
     Scenario("c16", 16, 256, 256, 64, 0.9),
     Scenario("c1", 1, 256, 256, 6, 0.95),
     Scenario("c64-short", 64, 32, 64, 256, 0.7),
+    Scenario(FIT, 0, 512, 512, 0, None),
 ]
-QUICK = [Scenario("c4", 4, 16, 8, 12, None), Scenario("c1", 1, 16, 8, 3, None)]
+QUICK = [Scenario("c4", 4, 16, 8, 12, None), Scenario("c1", 1, 16, 8, 3, None), Scenario(FIT, 0, 16, 8, 0, None)]
 
 
 def export(shape: str, sparsity: float, tokenizer: str, out: Path, device: str) -> Path:
@@ -142,6 +144,16 @@ class Utilisation:
         }
 
 
+def cache_fit(port: int, tokens: int) -> int:
+    """How many requests of `tokens` tokens the server's paged KV cache holds at once (its
+    /metrics block count, less the 1% it keeps free when admitting)."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    blocks = next(
+        float(line.split()[-1]) for line in text.splitlines() if line.startswith("sliceserve_kv_cache_blocks_total")
+    )
+    return int(blocks * 0.99) // -(-tokens // 16)
+
+
 def start_server(checkpoint: Path, device: str, port: int, max_batch: int, max_model_len: int, log: Path):
     command = [
         sys.executable,
@@ -181,10 +193,10 @@ def run_variant(name: str, checkpoint: Path, args, scenarios: list[Scenario], ou
     result = {"variant": name, "checkpoint": str(checkpoint), "scenarios": []}
     model = FastTransformer(load_model(checkpoint, device=args.device))
     for s in scenarios:
-        steps = min(s.output_len, 128)
-        s_model = model_decode_tok_s(model, args.device, s.concurrency, s.input_len + s.output_len // 2, steps)
-        result["scenarios"].append({"name": s.name, "model_tok_s": s_model})
-        print(f"{name} {s.name}: model-level decode {s_model:,.0f} tok/s", flush=True)
+        row = {"name": s.name}
+        if s.name != FIT:  # measured once the server has said how many fit
+            row["model_tok_s"] = model_level(model, args, s)
+        result["scenarios"].append(row)
     del model
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()
@@ -193,6 +205,10 @@ def run_variant(name: str, checkpoint: Path, args, scenarios: list[Scenario], ou
     server = start_server(checkpoint, args.device, args.port, args.max_batch, max_len, out_dir / f"server_{name}.log")
     try:
         for s, row in zip(scenarios, result["scenarios"]):
+            if s.name == FIT:
+                fit = min(args.max_batch, cache_fit(args.port, s.input_len + s.output_len))
+                s = Scenario(FIT, fit, s.input_len, s.output_len, 2 * fit, None)
+                row["concurrency"] = fit
             config = BenchConfig(
                 base_url=f"http://127.0.0.1:{args.port}/v1",
                 num_prompts=s.num_prompts,
@@ -208,18 +224,34 @@ def run_variant(name: str, checkpoint: Path, args, scenarios: list[Scenario], ou
                 served = asyncio.run(run_benchmark(config))
             row["served"] = {k: served[k] for k in ("metrics",) if k in served} or served
             row["gpu_utilisation"] = utilisation.summary()
-            tok_s = served["metrics"]["output_throughput"]
-            row["served_tok_s"], row["served_over_model"] = tok_s, tok_s / row["model_tok_s"]
+            row["served_tok_s"] = served["metrics"]["output_throughput"]
             row["target"] = s.target
             print(
-                f"{name} {s.name}: served {tok_s:,.0f} tok/s = {row['served_over_model']:.2f} of model level, "
+                f"{name} {s.name} (c={s.concurrency}): served {row['served_tok_s']:,.0f} tok/s, "
                 f"TTFT p99 {served['metrics']['ttft_ms']['p99']:.0f} ms, errors {served['metrics']['errors']}",
                 flush=True,
             )
     finally:
         server.terminate()
         server.wait(timeout=60)
+    for s, row in zip(scenarios, result["scenarios"]):
+        if s.name == FIT and "concurrency" in row:
+            model = FastTransformer(load_model(checkpoint, device=args.device))
+            row["model_tok_s"] = model_level(
+                model, args, Scenario(FIT, row["concurrency"], s.input_len, s.output_len, 0, None)
+            )
+            del model
+        if "served_tok_s" in row:
+            row["served_over_model"] = row["served_tok_s"] / row["model_tok_s"]
     return result
+
+
+def model_level(model, args, s: Scenario) -> float:
+    tok_s = model_decode_tok_s(
+        model, args.device, s.concurrency, s.input_len + s.output_len // 2, min(s.output_len, 128)
+    )
+    print(f"{s.name} (batch {s.concurrency}): model-level decode {tok_s:,.0f} tok/s", flush=True)
+    return tok_s
 
 
 def markdown(result: dict) -> str:
@@ -246,7 +278,8 @@ def markdown(result: dict) -> str:
             )
             util = row.get("gpu_utilisation") or {}
             lines.append(
-                f"| {v['variant']} | {row['name']} (c={s['concurrency']}) | {s['input_len']} / {s['output_len']} | "
+                f"| {v['variant']} | {row['name']} (c={row.get('concurrency', s['concurrency'])}) | "
+                f"{s['input_len']} / {s['output_len']} | "
                 f"{row['model_tok_s']:,.0f} | {row['served_tok_s']:,.0f} | {row['served_over_model']:.2f}{verdict} | "
                 f"{m['ttft_ms']['p50']:.0f} / {m['ttft_ms']['p99']:.0f} | {m['tpot_ms']['p50']:.1f} | "
                 f"{util.get('mean', '-')} | {m['errors'] or 'none'} |"
@@ -294,7 +327,7 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/serve_gpu", help="where the checkpoints are written")
     parser.add_argument("--out-dir", default=".")
     parser.add_argument("--port", type=int, default=8123)
-    parser.add_argument("--max-batch", type=int, default=64)
+    parser.add_argument("--max-batch", type=int, default=256, help="the server's; bounds the fit scenario")
     parser.add_argument("--only", choices=["dense", "sliced"], help="one variant only")
     parser.add_argument("--quick", action="store_true", help="a CPU smoke run on the tiny shape")
     parser.add_argument("--scenarios", help="comma-separated names of the scenarios to run (default: all)")

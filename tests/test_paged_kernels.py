@@ -60,8 +60,9 @@ def paged_copy(keys: torch.Tensor, values: torch.Tensor, lengths: list[int], blo
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("block_size", [16, 4])
 @pytest.mark.parametrize("heads,kv_heads,head_dim,rotary_dim", [(4, 2, 24, 24), (2, 1, 16, 0)])
-def test_rope_store_writes_through_the_table(dtype, block_size, heads, kv_heads, head_dim, rotary_dim, generator):
-    slots_count, capacity, rows = 3, 32, 11
+@pytest.mark.parametrize("rows", [11, 29])  # a decode's program per row; a prefill's 8 rows a program, and a tail
+def test_rope_store_writes_through_the_table(dtype, block_size, heads, kv_heads, head_dim, rotary_dim, rows, generator):
+    slots_count, capacity = 3, 32
     qkv = randn(rows, (heads + 2 * kv_heads) * head_dim, dtype=dtype, generator=generator)
     pairs = torch.randperm(slots_count * capacity, generator=generator)[:rows]  # distinct (slot, position)
     slots, positions = (pairs // capacity).to(DEVICE), (pairs % capacity).to(DEVICE)

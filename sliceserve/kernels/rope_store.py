@@ -4,9 +4,9 @@ Input: the fused q|k|v projection of M tokens, each with its own position and KV
 slot. Output: rotated queries (M, heads, head_dim); rotated keys and the values land at
 (slot, kv_head, position) of the layer's cache, or in a paged cache at
 (block_table[slot, position // block_size], kv_head, position % block_size). One program
-per (token, head), so a prefill chunk and a decode batch take the same kernel. Partial rotary (Phi-2) rotates
-the first `rotary_dim` features of each head and passes the rest through; without rope
-(OPT) everything passes through.
+per (token, head) in a decode step, per (8 tokens, head) in a prefill: the same kernel for
+both. Partial rotary (Phi-2) rotates the first `rotary_dim` features of each head and passes
+the rest through; without rope (OPT) everything passes through.
 """
 
 from __future__ import annotations
@@ -69,15 +69,81 @@ def rope_store_kernel(
     head_dim,
     rot_half,
     block_size,
+    total_rows,
     HAS_ROPE: tl.constexpr,
     HAS_TABLE: tl.constexpr,
     HALF_P2: tl.constexpr,
     HEAD_P2: tl.constexpr,
     OVERLAP: tl.constexpr,
+    ROWS: tl.constexpr,
 ):
     wait_for_previous_kernel(OVERLAP)
-    m = tl.program_id(0)
     j = tl.program_id(1)  # 0..heads-1: a query head; then the key/value heads
+    for r in tl.static_range(ROWS):
+        m = tl.program_id(0) * ROWS + r
+        if m < total_rows:
+            store_row(
+                m,
+                j,
+                qkv_ptr,
+                q_ptr,
+                keys_ptr,
+                values_ptr,
+                cos_ptr,
+                sin_ptr,
+                positions_ptr,
+                slots_ptr,
+                block_table_ptr,
+                stride_qkv,
+                stride_q,
+                stride_cache_slot,
+                stride_cache_head,
+                stride_cache_pos,
+                stride_table,
+                stride_block_table,
+                num_heads,
+                num_kv_heads,
+                head_dim,
+                rot_half,
+                block_size,
+                HAS_ROPE,
+                HAS_TABLE,
+                HALF_P2,
+                HEAD_P2,
+            )
+
+
+@triton.jit
+def store_row(
+    m,
+    j,
+    qkv_ptr,
+    q_ptr,
+    keys_ptr,
+    values_ptr,
+    cos_ptr,
+    sin_ptr,
+    positions_ptr,
+    slots_ptr,
+    block_table_ptr,
+    stride_qkv,
+    stride_q,
+    stride_cache_slot,
+    stride_cache_head,
+    stride_cache_pos,
+    stride_table,
+    stride_block_table,
+    num_heads,
+    num_kv_heads,
+    head_dim,
+    rot_half,
+    block_size,
+    HAS_ROPE: tl.constexpr,
+    HAS_TABLE: tl.constexpr,
+    HALF_P2: tl.constexpr,
+    HEAD_P2: tl.constexpr,
+):
+    """Token m's head j: a query head rotated into q, or a key/value head rotated into the cache."""
     position = tl.load(positions_ptr + m)
     cos_row = cos_ptr + position * stride_table
     sin_row = sin_ptr + position * stride_table
@@ -145,7 +211,8 @@ def rope_store(
     rot_half = cos.shape[1] if cos is not None else 0
     table = cos if cos is not None else q  # stands in; never read without rope
     overlap = overlap_mode(qkv.device)
-    rope_store_kernel[(M, num_heads + num_kv_heads)](
+    rows = 1 if M <= PREFILL_FROM_ROWS else ROWS_PER_PREFILL_PROGRAM
+    rope_store_kernel[(triton.cdiv(M, rows), num_heads + num_kv_heads)](
         qkv,
         q,
         keys,
@@ -167,15 +234,24 @@ def rope_store(
         head_dim,
         rot_half,
         keys.shape[2],
+        M,
         HAS_ROPE=cos is not None,
         HAS_TABLE=block_table is not None,
         HALF_P2=triton.next_power_of_2(max(rot_half, 1)),
         HEAD_P2=triton.next_power_of_2(head_dim),
         OVERLAP=overlap,
+        ROWS=rows,
         **launch_options(overlap),
         num_warps=1,
     )
     return q
+
+
+# A decode step's few rows get a program per (row, head); a prefill's thousands of rows would
+# then launch hundreds of thousands of one-warp programs (80 us a layer for 2048 tokens on an
+# H200), so each prefill program takes several rows of one head.
+PREFILL_FROM_ROWS = 16
+ROWS_PER_PREFILL_PROGRAM = 8
 
 
 def rope_half_tables(inv_freq: torch.Tensor, max_positions: int, device) -> tuple[torch.Tensor, torch.Tensor]:
