@@ -154,7 +154,9 @@ def cache_fit(port: int, tokens: int) -> int:
     return int(blocks * 0.99) // -(-tokens // 16)
 
 
-def start_server(checkpoint: Path, device: str, port: int, max_batch: int, max_model_len: int, log: Path):
+def start_server(
+    checkpoint: Path, device: str, port: int, max_batch: int, max_model_len: int, log: Path, flags: str = ""
+):
     command = [
         sys.executable,
         "-m",
@@ -171,6 +173,7 @@ def start_server(checkpoint: Path, device: str, port: int, max_batch: int, max_m
         str(max_model_len),
         "--max-queue",
         "4096",
+        *flags.split(),
     ]
     server = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT)
     deadline = time.time() + 600
@@ -202,7 +205,8 @@ def run_variant(name: str, checkpoint: Path, args, scenarios: list[Scenario], ou
         torch.cuda.empty_cache()
     vocab = json.loads((checkpoint / "config.json").read_text())["model"]["vocab_size"]
     max_len = max(s.input_len + s.output_len for s in scenarios) + 8
-    server = start_server(checkpoint, args.device, args.port, args.max_batch, max_len, out_dir / f"server_{name}.log")
+    log = out_dir / f"server_{name}.log"
+    server = start_server(checkpoint, args.device, args.port, args.max_batch, max_len, log, args.server_flags)
     try:
         for s, row in zip(scenarios, result["scenarios"]):
             if s.name == FIT:
@@ -260,7 +264,7 @@ def markdown(result: dict) -> str:
         f"# Served vs model-level decode, {c['shape']} shapes (random weights)",
         "",
         f"{c['device']}, {c['dtype']}, torch {c['torch']}, Python {c['python']}, {c['date']}. "
-        f"Server: `sliceserve serve --max-batch {c['max_batch']}`, streaming, greedy, ignore_eos, "
+        f"Server: `sliceserve serve --max-batch {c['max_batch']}{(' ' + c['server_flags']) if c.get('server_flags') else ''}`, streaming, greedy, ignore_eos, "
         "benchmarks/serve_bench.py on the same machine. Model level: the same CUDA-graph decode step alone, "
         "batch = concurrency, context = prompt + half the output.",
         "",
@@ -329,6 +333,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8123)
     parser.add_argument("--max-batch", type=int, default=256, help="the server's; bounds the fit scenario")
     parser.add_argument("--only", choices=["dense", "sliced"], help="one variant only")
+    parser.add_argument("--server-flags", default="", help="more `sliceserve serve` options, e.g. --no-engine-process")
     parser.add_argument("--quick", action="store_true", help="a CPU smoke run on the tiny shape")
     parser.add_argument("--scenarios", help="comma-separated names of the scenarios to run (default: all)")
     args = parser.parse_args()
@@ -355,6 +360,7 @@ def main() -> None:
             "shape": args.shape,
             "dtype": "float16",
             "max_batch": args.max_batch,
+            "server_flags": args.server_flags,
             "date": time.strftime("%Y-%m-%d"),
             "device": torch.cuda.get_device_name(0) if args.device == "cuda" else platform.processor() or "cpu",
             "torch": torch.__version__,

@@ -16,6 +16,7 @@ import copy
 import dataclasses
 import logging
 import signal
+import sys
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -183,6 +184,10 @@ def run_engine_child(
     except BaseException as error:  # noqa: BLE001 - every failure reaches the server as a message
         send(failure_message(error))
         return
+    # This process's main thread takes the server's messages while the engine thread launches
+    # kernels; at Python's default 5 ms switch interval each submit of a burst would wait that
+    # long for the interpreter lock, one after another. Hand it over as the server does.
+    sys.setswitchinterval(float(os.environ.get("SLICESERVE_SWITCH_INTERVAL", "0.0005")))
     engine.start()
     send(("ready", EngineFacts(engine.model.spec, engine.max_model_len, os.getpid())))
     serve_pipe(EngineSession(engine, send, extra_metrics), connection)

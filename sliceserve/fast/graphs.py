@@ -1,8 +1,8 @@
 """Decode steps replayed from CUDA graphs: per batch bucket, one graph per stage.
 
 A decode step of a 7B model launches a few hundred kernels; launched one by one from
-Python, the host time exceeds the GPU time. Captured once per bucket (1, 2, 4, ... up to
-the cache's slots) and replayed, a step costs one launch per stage. A single-device model
+Python, the host time exceeds the GPU time. Captured once per bucket (1, 2, 4, 8, 16, then
+every multiple of 16 up to the cache's slots) and replayed, a step costs one launch per stage. A single-device model
 is a pipeline of one stage. A CUDA graph belongs to one device, so a pipelined step is:
 copy the rows' tokens, positions and slots in; replay stage 0's graph; copy its outputs
 (the stream and its partial sums of squares) into stage 1's static inputs on the next GPU;
@@ -19,12 +19,19 @@ import torch
 from sliceserve.kernels.decode_attention import choose_splits
 from sliceserve.model.kv_cache import KVCache
 
+BUCKET_STEP = 16  # above this many rows, buckets are its multiples
+
 
 def graph_bucket(rows: int, max_rows: int) -> int:
-    """The captured batch size that holds `rows`: the next power of two, at most `max_rows`."""
+    """The captured batch size that holds `rows`: the next power of two up to BUCKET_STEP, the
+    next multiple of it above (a batch of 40 runs 48 rows, not 64: while a burst of requests
+    fills or drains the batch, padding rows would otherwise cost up to half the step), at
+    most `max_rows`."""
     bucket = 1
-    while bucket < rows:
+    while bucket < min(rows, BUCKET_STEP):
         bucket *= 2
+    if rows > BUCKET_STEP:
+        bucket = -(-rows // BUCKET_STEP) * BUCKET_STEP
     return min(bucket, max_rows)
 
 
@@ -129,12 +136,8 @@ class DecodeGraphs:
         return self.graphs[bucket]
 
     def capture_all(self) -> None:
-        rows = 1
-        while True:
-            self.graph(rows)
-            if rows >= self.caches[0].slots:
-                return
-            rows = min(rows * 2, self.caches[0].slots)
+        for bucket in sorted({graph_bucket(rows, self.caches[0].slots) for rows in range(1, self.caches[0].slots + 1)}):
+            self.graph(bucket)
 
     def run(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         return self.graph(tokens.shape[0]).run(tokens, positions, slots)
