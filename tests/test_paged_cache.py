@@ -9,11 +9,17 @@ cache far too small for all its requests at once as with a reserved one.
 
 from __future__ import annotations
 
+import os
 import random
+import re
+import subprocess
+import sys
 import threading
 
+import httpx
 import pytest
 import torch
+from cli_support import assert_one_line_error, run_sliceserve
 from test_server_support import build_checkpoint
 from tiny_models import NoTokenizerSource, save_tiny_model
 
@@ -89,10 +95,84 @@ def test_fast_path_paged_logits_equal_reserved(tmp_path):
         tokens = a[:, 0].argmax(-1)
 
 
+@torch.no_grad()
+def test_prefill_warm_up_writes_only_the_scratch_slot(tmp_path):
+    """The fast path's start-up prefills (run on CUDA before serving, to compile its kernels)
+    touch no block a request holds, in a paged cache and in reserved rows shorter than they ask."""
+    import kernel_support  # noqa: F401  (sets TRITON_INTERPRET before Triton loads)
+
+    from sliceserve.fast.model import FastTransformer
+
+    save_tiny_model("llama", tmp_path / "hf")
+    fast = FastTransformer(
+        load_model(export_checkpoint(NoTokenizerSource(tmp_path / "hf"), tmp_path / "d", progress=False))
+    )
+    for cache in (scattered_cache(fast, slots=2, max_len=64), fast.new_cache(slots=2, max_len=24)):
+        for keys in cache.keys + cache.values:
+            keys.normal_()
+        held = [k.clone() for k in cache.keys + cache.values]
+        fast.warm_up_prefill(cache)
+        scratch = 0 if cache.paged else cache.scratch_slot  # the block the scratch slot's entries name
+        for before, after in zip(held, cache.keys + cache.values):
+            others = [b for b in range(cache.num_blocks) if b != scratch]
+            assert torch.equal(before[others], after[others])
+            assert not torch.equal(before[scratch], after[scratch])
+
+
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    path = build_checkpoint(tmp_path_factory.mktemp("paged"))
-    return load_model(path), load_tokenizer(path)
+def checkpoint(tmp_path_factory):
+    return build_checkpoint(tmp_path_factory.mktemp("paged"))
+
+
+@pytest.fixture(scope="module")
+def served(checkpoint):
+    return load_model(checkpoint), load_tokenizer(checkpoint)
+
+
+def test_serve_sizes_the_cache_from_kv_cache_memory(checkpoint, tmp_path):
+    """`sliceserve serve --kv-cache-memory 80KiB`: the tiny model's blocks take 8 KiB (2 layers, 2 kv
+    heads of 16, 16 positions, keys and values in float32), so 10 blocks, 9 of them for requests."""
+    env = dict(os.environ, TQDM_DISABLE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    command = [
+        sys.executable,
+        "-m",
+        "sliceserve",
+        "serve",
+        str(checkpoint),
+        "--port",
+        "0",
+        "--kv-cache-memory",
+        "80KiB",
+    ]
+    process = subprocess.Popen(command, text=True, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        found = None
+        while found is None and (line := process.stdout.readline()):
+            found = re.search(r"serving .* at (http://\S+)/v1", line)
+        assert found, "the server did not start"
+        url = found.group(1)
+        answer = httpx.post(url + "/v1/completions", json={"prompt": "ka", "max_tokens": 4}, timeout=30).json()
+        assert answer["usage"]["completion_tokens"] == 4
+        too_long = httpx.post(url + "/v1/completions", json={"prompt": "ka " * 100, "max_tokens": 60}, timeout=30)
+        assert too_long.status_code == 400 and "144 tokens" in too_long.json()["error"]["message"]
+        metrics = httpx.get(url + "/metrics", timeout=30).text
+        assert re.search(r"^sliceserve_kv_cache_blocks_total 9(\.0)?$", metrics, re.M), metrics
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+
+
+@pytest.mark.parametrize(
+    "size,words",
+    [
+        ("0GiB", "--kv-cache-memory: the size '0GiB' must be more than zero"),
+        ("lots", "--kv-cache-memory: the size 'lots'"),
+    ],
+)
+def test_serve_refuses_a_bad_kv_cache_memory(checkpoint, tmp_path, size, words):
+    result = run_sliceserve("serve", checkpoint, "--port", "0", "--kv-cache-memory", size, cwd=tmp_path)
+    assert result.returncode == 2
+    assert_one_line_error(result, words)
 
 
 def outputs(engine: Engine, prompts: list[list[int]], params: list[SamplingParams]) -> list[list[int]]:

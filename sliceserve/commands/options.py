@@ -109,7 +109,7 @@ def add_placement_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-DEFAULT_MAX_MODEL_LEN = 2048  # the KV cache reserves this many positions per slot
+DEFAULT_MAX_MODEL_LEN = 2048  # longest request by default
 
 
 def add_engine_options(parser: argparse.ArgumentParser) -> None:
@@ -121,6 +121,13 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
         help=f"longest prompt + completion, in tokens (default {DEFAULT_MAX_MODEL_LEN}, capped by the model)",
     )
     parser.add_argument("--max-batch", type=int, default=8, help="requests decoded together (KV-cache slots)")
+    parser.add_argument(
+        "--kv-cache-memory",
+        metavar="SIZE",
+        help="memory of the paged KV cache, e.g. 40GiB: requests share its blocks of 16 positions as they grow, "
+        "wait for them when it is full, and are preempted (to recompute) when it runs out. Default: enough for "
+        "--max-batch requests of --max-model-len tokens, as far as the GPU has room",
+    )
     parser.add_argument(
         "--runtime",
         choices=["auto", "fast", "reference"],

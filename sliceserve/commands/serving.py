@@ -24,6 +24,7 @@ log = logging.getLogger("sliceserve")
 
 def make_engine(path: str, args: argparse.Namespace, max_queue: int = 64):
     from sliceserve.engine.engine import Engine
+    from sliceserve.engine.kv_blocks import blocks_to_hold
     from sliceserve.engine.loading import load_engine
     from sliceserve.model.loader import load_tokenizer
 
@@ -33,6 +34,7 @@ def make_engine(path: str, args: argparse.Namespace, max_queue: int = 64):
             raise SliceserveError(f"--{name.replace('_', '-')} must be at least 1")
     if max_queue < 1:
         raise SliceserveError("--max-queue must be at least 1")
+    kv_memory = kv_cache_memory(args)
     if getattr(args, "engine_process", False) and loads_on_one_device(args):
         return start_engine_process(path, args, max_queue)
     model = placed_model(path, args)  # stages over several devices or processes, else None
@@ -44,10 +46,32 @@ def make_engine(path: str, args: argparse.Namespace, max_queue: int = 64):
             max_model_len=args.max_model_len,
             max_queue=max_queue,
             runtime=getattr(args, "runtime", "auto"),
+            kv_cache_memory=kv_memory,
         )
+    # stages: reserved rows unless a size is given (ranks in other processes never page)
+    blocks = None
+    if kv_memory is not None:
+        blocks = blocks_to_hold(model, max_batch=args.max_batch, max_model_len=args.max_model_len, memory=kv_memory)
     return Engine(
-        model, load_tokenizer(path), max_batch=args.max_batch, max_model_len=args.max_model_len, max_queue=max_queue
+        model,
+        load_tokenizer(path),
+        max_batch=args.max_batch,
+        max_model_len=args.max_model_len,
+        max_queue=max_queue,
+        kv_blocks=blocks,
     )
+
+
+def kv_cache_memory(args: argparse.Namespace) -> int | None:
+    """--kv-cache-memory in bytes (None: the engine's default)."""
+    from sliceserve.planning.sizes import parse_size
+
+    if getattr(args, "kv_cache_memory", None) is None:
+        return None
+    try:
+        return parse_size(args.kv_cache_memory)
+    except SliceserveError as error:
+        raise SliceserveError(f"--kv-cache-memory: {error}") from None
 
 
 def loads_on_one_device(args: argparse.Namespace) -> bool:

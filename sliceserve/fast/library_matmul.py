@@ -47,8 +47,10 @@ def library_linear(
     acc = reference_activation(acc, activation)
     if residual is not None:
         acc = acc + residual
-    squares = torch.linalg.vector_norm(acc, dim=-1, keepdim=True, dtype=torch.float32).square() if sumsq else None
-    return acc, squares
+    if not sumsq:
+        return acc, None
+    wide = torch.promote_types(acc.dtype, torch.float32)  # float32 at least: half precision sums overflow
+    return acc, torch.linalg.vector_norm(acc, dim=-1, keepdim=True, dtype=wide).square()
 
 
 def library_gated(
