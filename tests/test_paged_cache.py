@@ -220,7 +220,7 @@ def test_tight_cache_preempts_and_recomputes_to_the_same_outputs(served):
         assert got == expected
         assert [len(ids) for ids in got] == [p.max_tokens for p in params]
         assert tight.stats.preemptions > 0 and reserved.stats.preemptions == 0
-        assert tight.blocks.used == 0 and len(tight.blocks.free) == 12  # every block came back
+        assert tight.blocks.used == 0 and tight.blocks.available == 12  # every block came back
         assert tight.stats.kv_blocks_total == 12
     finally:
         reserved.shutdown()

@@ -75,12 +75,15 @@ class Engine:
         prefill_chunk: int = 256,
         token_budget: int | None = None,
         kv_blocks: int | None = None,
+        prefix_caching: bool = True,
     ):
         """token_budget: tokens one step may carry (decode rows plus prompt chunks); by default
         max(2048, prefill_chunk + max_batch).
         kv_blocks: a paged KV cache of this many blocks (model/kv_cache.py: BLOCK_SIZE positions
         each), shared by the running requests as they grow; None reserves max_model_len
-        positions for each of the max_batch slots."""
+        positions for each of the max_batch slots.
+        prefix_caching: a paged cache's full prompt blocks are kept for later requests that begin
+        with the same tokens (engine/kv_blocks.py)."""
         if max_batch < 1 or max_queue < 1 or prefill_chunk < 1:
             raise ValueError("max_batch, max_queue and prefill_chunk must be at least 1")
         self.model, self.tokenizer = model, tokenizer
@@ -93,7 +96,7 @@ class Engine:
             raise ValueError("token_budget must exceed max_batch, or prompts could never be prefilled")
         self.device = model.input_device
         self.cache = model.new_cache(slots=max_batch, max_len=self.max_model_len, blocks=kv_blocks)
-        self.blocks = BlockPool(self.cache)
+        self.blocks = BlockPool(self.cache, prefix_caching)
         # a request is admitted only if this many blocks stay free for the running ones to grow into
         self.admission_reserve = max(1, self.blocks.total // 100) if self.blocks.paged else 0
         self.free_slots = list(range(max_batch))
@@ -285,6 +288,7 @@ class Engine:
                 scores.add(score_chunk(request, logits[row : row + chunk.logit_rows], request.prompt_ids, start, top))
             row += chunk.logit_rows
             request.prefilled = end
+            self.blocks.remember(request.slot, request.prefill_ids, end)
             if end == len(request.prefill_ids):
                 (ready if request.params.max_tokens > 0 else silent).append(request)
                 if request.params.max_tokens > 0:
@@ -333,7 +337,7 @@ class Engine:
             last = len(r.output_ids) + 1 >= r.params.max_tokens or r.length + 1 >= self.max_model_len
             if last or r.cancelled:
                 return None
-        if sum(self.blocks.missing(r.slot, r.length + 1) for r in rows) > len(self.blocks.free):
+        if sum(self.blocks.missing(r.slot, r.length + 1) for r in rows) > self.blocks.available:
             return None  # the next step needs a preemption: the scheduler decides it
         for r in rows:
             self.blocks.grow(r.slot, r.length + 1)
@@ -354,9 +358,8 @@ class Engine:
                 len(self.free_slots),
                 token_budget=self.token_budget,
                 prefill_chunk=self.prefill_chunk,
+                admit=self.admit,
             )
-            for request in plan.admitted:
-                self.admit(request)
             self.hold_prefill_blocks(plan)
             self.update_gauges()
         return plan
@@ -379,7 +382,7 @@ class Engine:
             tokens = len(request.prefill_ids)
             others = len(self.running) - len(plan.admitted) + n  # running before these admissions
             reserve = self.admission_reserve if others else 0
-            if self.blocks.missing(request.slot, tokens) + reserve <= len(self.blocks.free):
+            if self.blocks.missing(request.slot, tokens) + reserve <= self.blocks.available:
                 self.blocks.grow(request.slot, tokens)
                 continue
             refused = plan.admitted[n:]
@@ -393,6 +396,9 @@ class Engine:
         """Back to the front of the queue (its sampling state kept)."""
         self.running.remove(request)
         self.release_slot(request)
+        with self.stats.lock:
+            self.stats.prefix_cache_hit_tokens -= request.prefilled  # counted again when admitted
+        request.prefilled = 0
         self.waiting.appendleft(request)
 
     def preempt(self, request: Request) -> None:
@@ -415,7 +421,13 @@ class Engine:
         request.slot = None
 
     def admit(self, request: Request) -> None:
+        """A slot, and the cached blocks its prompt begins with (not for prompt scoring, which
+        needs every position's logits)."""
         request.slot = self.free_slots.pop(0)
+        if not scores_prompt(request):
+            request.prefilled = self.blocks.share_prefix(request.slot, request.prefill_ids)
+            with self.stats.lock:
+                self.stats.prefix_cache_hit_tokens += request.prefilled
         if request.text is not None:  # readmitted after a preemption: its output so far stays
             self.running.append(request)
             return

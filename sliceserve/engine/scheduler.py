@@ -11,6 +11,7 @@ in a few steps. One decode row per running request is always scheduled, whatever
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sliceserve.engine.requests import Request
@@ -29,10 +30,17 @@ class StepPlan:
 
 
 def plan_step(
-    running: list[Request], waiting: deque[Request], free_slots: int, *, token_budget: int, prefill_chunk: int
+    running: list[Request],
+    waiting: deque[Request],
+    free_slots: int,
+    *,
+    token_budget: int,
+    prefill_chunk: int,
+    admit: Callable[[Request], None],
 ) -> StepPlan:
-    """The next step's work. Admitted requests are popped from `waiting`; the caller gives them
-    slots (as many as `free_slots`) and adds them to `running`."""
+    """The next step's work. Admitted requests are popped from `waiting` (at most `free_slots`)
+    and handed to `admit` before their first chunk is planned (it gives them a slot, and may
+    find part of their prompt already cached: their chunk starts after it)."""
     plan = StepPlan(decode=[r for r in running if r.decoding])
     budget = token_budget - len(plan.decode)
 
@@ -48,5 +56,6 @@ def plan_step(
     while budget > 0 and waiting and len(plan.admitted) < free_slots:
         request = waiting.popleft()
         plan.admitted.append(request)
+        admit(request)
         add_chunk(request)
     return plan

@@ -42,5 +42,6 @@ class EngineStats:
     kv_cache_bytes: int = 0
     kv_blocks_used: int = 0  # blocks of positions (a reserved cache: slots)
     kv_blocks_total: int = 0
+    prefix_cache_hit_tokens: int = 0  # prompt tokens found in the cache, not computed
     preemptions: int = 0  # requests put back to the queue for want of cache blocks, to recompute
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)

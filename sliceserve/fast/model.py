@@ -168,6 +168,25 @@ class FastTransformer:
             x = x + self.positions.weight[positions]
         return x, rms_norm(x, self.width, self.eps, sumsq_only=True)
 
+    def rotate_and_store(
+        self, qkv: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, cache: KVCache, i: int
+    ) -> torch.Tensor:
+        """Rotated queries of the fused q|k|v projection; its keys and values into layer i's cache."""
+        spec = self.spec
+        return rope_store(
+            qkv,
+            positions,
+            slots,
+            cache.keys[i],
+            cache.values[i],
+            self.cos,
+            self.sin,
+            num_heads=spec.num_heads,
+            num_kv_heads=spec.num_kv_heads,
+            head_dim=spec.head_dim,
+            block_table=cache.block_table if cache.paged else None,
+        )
+
     def attend(
         self,
         q: torch.Tensor,
@@ -204,20 +223,9 @@ class FastTransformer:
         spec, layer = self.spec, self.layers[i]
         norm = (px, self.width, self.eps)
         qkv, _ = self.linear(x, layer.qkv_weight, bias=layer.qkv_bias, norm=norm)
-        q = rope_store(
-            qkv,
-            positions,
-            slots,
-            cache.keys[i],
-            cache.values[i],
-            self.cos,
-            self.sin,
-            num_heads=spec.num_heads,
-            num_kv_heads=spec.num_kv_heads,
-            head_dim=spec.head_dim,
-            block_table=cache.block_table if cache.paged else None,
+        attn = self.attend(
+            self.rotate_and_store(qkv, positions, slots, cache, i), positions, slots, cache, i, splits, tiles
         )
-        attn = self.attend(q, positions, slots, cache, i, splits, tiles)
         if spec.parallel_block:
             act = self.mlp_up(layer, x, norm)
             if layer.shortcut is None:

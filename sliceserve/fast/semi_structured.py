@@ -87,24 +87,10 @@ def sparse_layer_forward(
     model, i: int, x: torch.Tensor, positions, slots, cache, splits: int | None, tiles=None
 ) -> torch.Tensor:
     """One sequential block with semi-structured projections; returns the new residual stream."""
-    from sliceserve.kernels.rope_store import rope_store
-
-    spec, layer = model.spec, model.sparse_layers[i]
+    layer = model.sparse_layers[i]
     h = rms_norm(x, model.width, model.eps)
     qkv = sparse_linear(h, layer.qkv, layer.biases["qkv"])
-    q = rope_store(
-        qkv,
-        positions,
-        slots,
-        cache.keys[i],
-        cache.values[i],
-        model.cos,
-        model.sin,
-        num_heads=spec.num_heads,
-        num_kv_heads=spec.num_kv_heads,
-        head_dim=spec.head_dim,
-        block_table=cache.block_table if cache.paged else None,
-    )
+    q = model.rotate_and_store(qkv, positions, slots, cache, i)
     attn = model.attend(q, positions, slots, cache, i, splits, tiles)
     x = x + sparse_linear(attn, layer.o, layer.biases["o"])
     h = rms_norm(x, model.width, model.eps)

@@ -82,107 +82,47 @@ def rope_store_kernel(
     for r in tl.static_range(ROWS):
         m = tl.program_id(0) * ROWS + r
         if m < total_rows:
-            store_row(
-                m,
-                j,
-                qkv_ptr,
-                q_ptr,
-                keys_ptr,
-                values_ptr,
-                cos_ptr,
-                sin_ptr,
-                positions_ptr,
-                slots_ptr,
-                block_table_ptr,
-                stride_qkv,
-                stride_q,
-                stride_cache_slot,
-                stride_cache_head,
-                stride_cache_pos,
-                stride_table,
-                stride_block_table,
-                num_heads,
-                num_kv_heads,
-                head_dim,
-                rot_half,
-                block_size,
-                HAS_ROPE,
-                HAS_TABLE,
-                HALF_P2,
-                HEAD_P2,
-            )
-
-
-@triton.jit
-def store_row(
-    m,
-    j,
-    qkv_ptr,
-    q_ptr,
-    keys_ptr,
-    values_ptr,
-    cos_ptr,
-    sin_ptr,
-    positions_ptr,
-    slots_ptr,
-    block_table_ptr,
-    stride_qkv,
-    stride_q,
-    stride_cache_slot,
-    stride_cache_head,
-    stride_cache_pos,
-    stride_table,
-    stride_block_table,
-    num_heads,
-    num_kv_heads,
-    head_dim,
-    rot_half,
-    block_size,
-    HAS_ROPE: tl.constexpr,
-    HAS_TABLE: tl.constexpr,
-    HALF_P2: tl.constexpr,
-    HEAD_P2: tl.constexpr,
-):
-    """Token m's head j: a query head rotated into q, or a key/value head rotated into the cache."""
-    position = tl.load(positions_ptr + m)
-    cos_row = cos_ptr + position * stride_table
-    sin_row = sin_ptr + position * stride_table
-    row = qkv_ptr + m * stride_qkv
-    if j < num_heads:
-        rotate_head(
-            row + j * head_dim,
-            q_ptr + m * stride_q + j * head_dim,
-            cos_row,
-            sin_row,
-            head_dim,
-            rot_half,
-            HAS_ROPE,
-            HALF_P2,
-            HEAD_P2,
-        )
-    else:
-        h = j - num_heads
-        slot = tl.load(slots_ptr + m)
-        if HAS_TABLE:
-            block = tl.load(block_table_ptr + slot * stride_block_table + position // block_size).to(tl.int64)
-            where = block * stride_cache_slot + h * stride_cache_head + (position % block_size) * stride_cache_pos
-        else:
-            where = slot * stride_cache_slot + h * stride_cache_head + position * stride_cache_pos
-        rotate_head(
-            row + (num_heads + h) * head_dim,
-            keys_ptr + where,
-            cos_row,
-            sin_row,
-            head_dim,
-            rot_half,
-            HAS_ROPE,
-            HALF_P2,
-            HEAD_P2,
-        )
-        d = tl.arange(0, HEAD_P2)
-        ok = d < head_dim
-        v = tl.load(row + (num_heads + num_kv_heads + h) * head_dim + d, mask=ok, other=0.0)
-        tl.store(values_ptr + where + d, v, mask=ok)
+            position = tl.load(positions_ptr + m)
+            cos_row = cos_ptr + position * stride_table
+            sin_row = sin_ptr + position * stride_table
+            row = qkv_ptr + m * stride_qkv
+            if j < num_heads:
+                rotate_head(
+                    row + j * head_dim,
+                    q_ptr + m * stride_q + j * head_dim,
+                    cos_row,
+                    sin_row,
+                    head_dim,
+                    rot_half,
+                    HAS_ROPE,
+                    HALF_P2,
+                    HEAD_P2,
+                )
+            else:
+                h = j - num_heads
+                slot = tl.load(slots_ptr + m)
+                if HAS_TABLE:
+                    block = tl.load(block_table_ptr + slot * stride_block_table + position // block_size).to(tl.int64)
+                    where = (
+                        block * stride_cache_slot + h * stride_cache_head + (position % block_size) * stride_cache_pos
+                    )
+                else:
+                    where = slot * stride_cache_slot + h * stride_cache_head + position * stride_cache_pos
+                rotate_head(
+                    row + (num_heads + h) * head_dim,
+                    keys_ptr + where,
+                    cos_row,
+                    sin_row,
+                    head_dim,
+                    rot_half,
+                    HAS_ROPE,
+                    HALF_P2,
+                    HEAD_P2,
+                )
+                d = tl.arange(0, HEAD_P2)
+                ok = d < head_dim
+                v = tl.load(row + (num_heads + num_kv_heads + h) * head_dim + d, mask=ok, other=0.0)
+                tl.store(values_ptr + where + d, v, mask=ok)
 
 
 def rope_store(

@@ -84,6 +84,7 @@ def engine_metrics(out: Exposition, stats: EngineStats) -> None:
         running, waiting = stats.running, stats.waiting
         slots_used, slots_total, kv_bytes = stats.kv_slots_used, stats.kv_slots_total, stats.kv_cache_bytes
         blocks_used, blocks_total, preemptions = stats.kv_blocks_used, stats.kv_blocks_total, stats.preemptions
+        prefix_hits = stats.prefix_cache_hit_tokens
     name = out.family("requests_finished_total", "counter", "Generation requests finished, by reason.")
     for reason in sorted(set(finished) | {"stop", "length", "cancelled", "error"}):
         out.sample(name, finished.get(reason, 0), reason=reason)
@@ -105,6 +106,9 @@ def engine_metrics(out: Exposition, stats: EngineStats) -> None:
     out.single("kv_cache_blocks_used", "gauge", "KV cache blocks (of positions) in use.", blocks_used)
     out.single("kv_cache_blocks_total", "gauge", "KV cache blocks in all.", blocks_total)
     out.single("preemptions_total", "counter", "Requests preempted for want of cache blocks.", preemptions)
+    out.single(
+        "prefix_cache_hit_tokens_total", "counter", "Prompt tokens found in the KV cache, not computed.", prefix_hits
+    )
     out.single("kv_cache_bytes", "gauge", "Bytes the KV cache holds allocated.", kv_bytes)
 
 
