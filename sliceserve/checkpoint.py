@@ -32,6 +32,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from sliceserve.errors import SliceserveError
+from sliceserve.model.quantized import quant_format
 from sliceserve.model.spec import DecoderSpec
 from sliceserve.model.spec_checks import check_model_description, check_tensors
 
@@ -269,7 +270,7 @@ def open_checkpoint(path: str | Path, *, verify: bool = True) -> Checkpoint:
         total_bytes += shard_path.stat().st_size
         shapes.update(_check_shard_holds(shard_path, names))
     if spec is not None:
-        check_tensors(spec, shapes, str(path / INDEX_FILE))
+        check_tensors(spec, shapes, str(path / INDEX_FILE), quant_format(config))
     for shard_file in names_by_shard if verify else ():  # last: it reads every byte
         expected = hashes.get(shard_file)
         if expected is None:

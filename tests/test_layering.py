@@ -17,6 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "sliceserve"
 LAYERS = [
     ["sliceserve", "errors"],
     ["model.spec"],
+    ["model.quantized"],
     ["model.spec_checks"],
     ["checkpoint", "kernels", "perplexity", "hf_modeling"],
     ["model"],
@@ -24,7 +25,7 @@ LAYERS = [
     ["parallel"],
     ["engine"],
     ["slicing"],
-    ["pruning", "planning", "finetuning"],
+    ["pruning", "quantization", "planning", "finetuning", "harness"],
     ["server"],
     ["commands"],
     ["cli"],

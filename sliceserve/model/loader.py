@@ -10,6 +10,7 @@ import torch
 from sliceserve.checkpoint import checkpoint_spec, is_checkpoint, open_checkpoint
 from sliceserve.errors import SliceserveError
 from sliceserve.model.decoder import Transformer
+from sliceserve.model.quantized import dequantize, in_features_of, quant_format
 
 
 def load_model(
@@ -18,8 +19,16 @@ def load_model(
     """The runtime model of a checkpoint, its weights on `device` (in `dtype` if given)."""
     checkpoint = open_checkpoint(path, verify=verify)
     spec = checkpoint_spec(checkpoint.config)
+    quantized = quant_format(checkpoint.config)
 
     def get(name: str) -> torch.Tensor | None:
+        stem = name.removesuffix(".weight")
+        if quantized is not None and not checkpoint.has(name) and checkpoint.has(f"{stem}.qweight"):
+            scales = checkpoint.tensor(f"{stem}.scales", device)
+            zeros = checkpoint.tensor(f"{stem}.zeros", device) if checkpoint.has(f"{stem}.zeros") else None
+            codes = checkpoint.tensor(f"{stem}.qweight", device)
+            in_features = in_features_of(spec, stem)
+            return dequantize(codes, scales, zeros, quantized, in_features, dtype or scales.dtype)
         if not checkpoint.has(name):
             return None
         tensor = checkpoint.tensor(name, device)

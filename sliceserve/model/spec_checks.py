@@ -16,6 +16,7 @@ import math
 from typing import Any
 
 from sliceserve.errors import SliceserveError
+from sliceserve.model.quantized import QuantFormat
 from sliceserve.model.spec import ATTENTION_READERS, ATTENTION_WRITER, DecoderSpec, LayerWidths, RopeSpec
 
 ACTIVATIONS = ("none", "silu", "relu", "gelu", "gelu_tanh")  # what the reference and the kernels compute
@@ -224,11 +225,26 @@ def expected_tensors(spec: DecoderSpec) -> tuple[dict[str, tuple[int, ...]], dic
     return needed, biases
 
 
-def check_tensors(spec: DecoderSpec, tensors: dict[str, tuple[tuple[int, ...], str]], source: str) -> None:
+def check_tensors(
+    spec: DecoderSpec,
+    tensors: dict[str, tuple[tuple[int, ...], str]],
+    source: str,
+    quantized: QuantFormat | None = None,
+) -> None:
     """Every tensor the description needs is in the index with its shape, and nothing else is
     (a stray tensor means the description and the weights disagree). `tensors` maps each name of
-    the index to the shape and safetensors dtype its shard's header gives."""
+    the index to the shape and safetensors dtype its shard's header gives. `quantized`: the
+    linears it names are stored as codes and scales (model/quantized.py) instead of weights."""
     needed, biases = expected_tensors(spec)
+    integer: dict[str, tuple[str, ...]] = {}  # quantized codes: name -> the integer dtypes allowed
+    for name in list(needed) if quantized is not None else ():
+        linear = name.removesuffix(".weight").split(".", 2)[-1]
+        if name.startswith("layers.") and name.endswith(".weight") and linear in quantized.linears:
+            out_features, in_features = needed.pop(name)
+            for suffix, (shape, dtypes) in quantized.stored_shapes(out_features, in_features).items():
+                needed[f"{name.removesuffix('.weight')}.{suffix}"] = shape
+                if dtypes:
+                    integer[f"{name.removesuffix('.weight')}.{suffix}"] = dtypes
     for name in needed:
         if name not in tensors:
             raise SliceserveError(f"{source} lacks the tensor {name} that the model description needs")
@@ -241,6 +257,10 @@ def check_tensors(spec: DecoderSpec, tensors: dict[str, tuple[tuple[int, ...], s
             raise SliceserveError(
                 f"{source}: tensor {name} has shape {list(shape)}; the model description needs {list(expected)}"
             )
+        if name in integer:
+            if dtype not in integer[name]:
+                raise SliceserveError(f"{source}: tensor {name} is {dtype}; quantized codes must be {integer[name][0]}")
+            continue
         if dtype not in FLOAT_DTYPES:
             raise SliceserveError(f"{source}: tensor {name} is {dtype}; weights must be floating point")
         dtypes.add(dtype)

@@ -1,0 +1,49 @@
+"""`sliceserve quantize`: a checkpoint of ours with its block linears in 8 or 4 bits."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from sliceserve.checkpoint import check_destination, open_checkpoint
+from sliceserve.errors import SliceserveError
+
+log = logging.getLogger("sliceserve")
+
+
+def quantize_command(args: argparse.Namespace) -> int:
+    from sliceserve.model.loader import load_model, load_tokenizer
+    from sliceserve.quantization.checkpoint_writer import quantize_checkpoint
+    from sliceserve.slicing.calibration import load_calibration
+
+    if args.group_size < 2:
+        raise SliceserveError(f"--group-size must be at least 2, got {args.group_size}")
+    open_checkpoint(args.checkpoint, verify=False)  # a readable checkpoint, before anything else
+    check_destination(Path(args.out).absolute(), args.overwrite)
+    batches, calibration = None, None
+    if args.method == "gptq":
+        batches = load_calibration(
+            args.calibration,
+            load_tokenizer(args.checkpoint),
+            nsamples=args.nsamples,
+            seqlen=args.seqlen,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            data_dir=args.data_dir,
+            model_loader=lambda: load_model(args.checkpoint),
+        )
+        calibration = {"source": args.calibration, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed}
+        log.info("calibration: %s, %d x %d tokens", args.calibration, args.nsamples, args.seqlen)
+    out = quantize_checkpoint(
+        args.checkpoint,
+        args.out,
+        bits=args.bits,
+        group_size=args.group_size,
+        method=args.method,
+        batches=batches,
+        calibration=calibration,
+        overwrite=args.overwrite,
+    )
+    log.info("wrote %s", out)
+    return 0

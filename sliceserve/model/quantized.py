@@ -1,0 +1,103 @@
+"""How a checkpoint stores quantized linears, and how the runtime turns them back into weights.
+
+A quantized linear `layers.{i}.{name}` holds, in place of its `.weight` (out, in):
+  .qweight  int8 (out, in), w = q * scale                      8 bits, symmetric
+            uint8 (out, ceil(in / 2)), two 4-bit codes a byte,  4 bits, w = (q - zero) * scale
+            the even input column in the low nibble
+  .scales   (out, groups) in the checkpoint's float dtype, one per `group_size` inputs
+  .zeros    uint8 (out, groups), 4 bits only
+config.json's "quantization" entry names the bits, the group size and the quantized linears
+(quantization/ writes it). Everything else (embeddings, head, norms, shortcuts) stays float.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sliceserve.errors import SliceserveError
+from sliceserve.model.spec import BLOCK_LINEARS
+
+BITS = (8, 4)
+
+
+@dataclass(frozen=True)
+class QuantFormat:
+    bits: int
+    group_size: int
+    linears: tuple[str, ...]  # which of a block's linears (BLOCK_LINEARS) are stored quantized
+
+    @classmethod
+    def from_config(cls, entry: object, source: str = "config.json") -> QuantFormat:
+        if not isinstance(entry, dict):
+            raise SliceserveError(f'{source}: "quantization" must be an object')
+        bits, group, linears = entry.get("bits"), entry.get("group_size"), entry.get("linears")
+        if bits not in BITS:
+            raise SliceserveError(f'{source}: quantization "bits" must be 8 or 4, not {bits!r}')
+        if not isinstance(group, int) or isinstance(group, bool) or group < 2:
+            raise SliceserveError(f'{source}: quantization "group_size" must be an integer of at least 2')
+        if not isinstance(linears, list) or not linears or any(name not in BLOCK_LINEARS for name in linears):
+            raise SliceserveError(f'{source}: quantization "linears" must list some of {", ".join(BLOCK_LINEARS)}')
+        return cls(bits, group, tuple(linears))
+
+    def groups(self, in_features: int) -> int:
+        return -(-in_features // self.group_size)
+
+    def stored_shapes(self, out_features: int, in_features: int) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
+        """Each stored tensor's suffix -> (shape, safetensors dtypes allowed); scales take the
+        checkpoint's float dtype (None: any)."""
+        groups = (out_features, self.groups(in_features))
+        if self.bits == 8:
+            return {"qweight": ((out_features, in_features), ("I8",)), "scales": (groups, ())}
+        packed = (out_features, -(-in_features // 2))
+        return {"qweight": (packed, ("U8",)), "scales": (groups, ()), "zeros": (groups, ("U8",))}
+
+
+def quant_format(config: dict) -> QuantFormat | None:
+    entry = config.get("quantization")
+    return None if entry is None else QuantFormat.from_config(entry)
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """(out, in) codes 0..15 -> (out, ceil(in / 2)) uint8, column 2j in the low nibble."""
+    if codes.shape[1] % 2:
+        codes = torch.nn.functional.pad(codes, (0, 1))
+    codes = codes.to(torch.uint8)
+    return codes[:, 0::2] | (codes[:, 1::2] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor, in_features: int) -> torch.Tensor:
+    low, high = packed & 0x0F, packed >> 4
+    return torch.stack([low, high], dim=-1).reshape(packed.shape[0], -1)[:, :in_features]
+
+
+def dequantize(
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    fmt: QuantFormat,
+    in_features: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """The float weight (out, in) the codes stand for, computed in float32 (at least) then cast."""
+    wide = torch.promote_types(scales.dtype, torch.float32)
+    codes = qweight if fmt.bits == 8 else unpack_nibbles(qweight, in_features)
+    codes = codes.to(wide)
+    if zeros is not None:
+        codes = codes - zeros.to(wide).repeat_interleave(fmt.group_size, dim=1)[:, :in_features]
+    weight = codes * scales.to(wide).repeat_interleave(fmt.group_size, dim=1)[:, :in_features]
+    return weight.to(dtype)
+
+
+def in_features_of(spec, name: str) -> int:
+    """Inputs of a block linear `layers.{i}.{linear}` of `spec` (from the layer's widths)."""
+    _, index, *rest = name.split(".")
+    linear, layer = ".".join(rest), spec.layers[int(index)]
+    if linear in ("attn.q", "attn.k", "attn.v"):
+        return layer.input_width
+    if linear == "attn.o":
+        return spec.num_heads * spec.head_dim
+    if linear in ("mlp.gate", "mlp.up"):
+        return layer.input_width if spec.parallel_block else layer.middle_width
+    return spec.intermediate_size

@@ -1,0 +1,135 @@
+"""A checkpoint of ours (dense export, sliced or 2:4) with its block linears quantized.
+
+The linears' weights become codes and scales (model/quantized.py); every other tensor (the
+embedding, the head, the shortcut matrices, biases) is copied as it is. RTN needs no data;
+GPTQ runs the calibration text through the checkpoint's own runtime model (stream.py), held
+in float64. Each linear's relative output error on the calibration tokens,
+||X W^T - X Q^T||_F / ||X W^T||_F, goes into config.json beside the scheme (GPTQ; RTN records
+its relative weight change).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from sliceserve.checkpoint import CheckpointWriter, checkpoint_spec, open_checkpoint
+from sliceserve.errors import SliceserveError
+from sliceserve.model.loader import load_model, load_tokenizer
+from sliceserve.model.quantized import QuantFormat, dequantize, pack_nibbles, quant_format
+from sliceserve.model.spec import BLOCK_LINEARS
+from sliceserve.quantization.gptq import DAMPING, gptq_quantize
+from sliceserve.quantization.grids import round_to_nearest
+from sliceserve.quantization.stream import QuantizationStream, block_linears
+from sliceserve.slicing.slicer import Batches
+
+log = logging.getLogger(__name__)
+
+METHODS = ("rtn", "gptq")
+TRANSFORMERS_KEYS = ("model_type", "architectures", "auto_map", "linear_biases")  # its modelling code reads no codes
+
+
+def stored(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, fmt: QuantFormat) -> dict:
+    """The tensors a quantized linear is written as."""
+    if fmt.bits == 8:
+        return {"qweight": codes.to(torch.int8), "scales": scales}
+    return {"qweight": pack_nibbles(codes), "scales": scales, "zeros": zeros.to(torch.uint8)}
+
+
+def relative_output_error(weight: torch.Tensor, quantized: torch.Tensor, gram: torch.Tensor) -> float:
+    """||X (W - Q)^T||_F / ||X W^T||_F from H = X^T X alone."""
+    delta = (weight - quantized).to(torch.float64)
+    w = weight.to(torch.float64)
+    return float(torch.sqrt(torch.einsum("oi,ij,oj->", delta, gram, delta) / torch.einsum("oi,ij,oj->", w, gram, w)))
+
+
+def quantize_checkpoint(
+    path: str | Path,
+    out: str | Path,
+    *,
+    bits: int,
+    group_size: int = 128,
+    method: str = "rtn",
+    batches: Batches | None = None,
+    calibration: dict | None = None,
+    linears: tuple[str, ...] = BLOCK_LINEARS,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    if method not in METHODS:
+        raise SliceserveError(f"unknown quantization method {method!r}: rtn or gptq")
+    if method == "gptq" and not batches:
+        raise SliceserveError("GPTQ needs calibration text (no calibration batches given)")
+    source = open_checkpoint(path)
+    if quant_format(source.config) is not None:
+        raise SliceserveError(f"{path} is quantized already")
+    spec = checkpoint_spec(source.config)
+    fmt = QuantFormat.from_config({"bits": bits, "group_size": group_size, "linears": list(linears)}, "the options")
+    dtype = source.tensor("embed.weight").dtype
+    started = time.perf_counter()
+    model = load_model(path, dtype=torch.float64) if method == "gptq" else None
+    stream = QuantizationStream(model, batches) if model is not None else None
+    quantized_names = {f"layers.{i}.{name}.weight" for i in range(spec.num_layers) for name in linears}
+    with CheckpointWriter(out, dtype=dtype, overwrite=overwrite) as writer:
+        for name in source.names:
+            if name not in quantized_names:
+                writer.add(name, source.tensor(name))
+        errors = []
+        bar = tqdm(
+            range(spec.num_layers), desc=f"quantizing to {bits} bits ({method})", unit="layer", disable=not progress
+        )
+        for i in bar:
+            grams = stream.grams(i, linears) if stream is not None else {}
+            modules = block_linears(model.layers[i], linears) if model is not None else {}
+            layer_errors = {}
+            for name in linears:
+                key = f"layers.{i}.{name}.weight"
+                if not source.has(key):
+                    continue
+                weight = source.tensor(key).to(torch.float64)
+                if name in grams:
+                    codes, scales, zeros = gptq_quantize(weight, grams[name].gram, fmt)
+                else:
+                    codes, scales, zeros = round_to_nearest(weight, fmt)
+                for suffix, tensor in stored(codes, scales, zeros, fmt).items():
+                    writer.add(f"layers.{i}.{name}.{suffix}", tensor)
+                tensors = stored(codes, scales.to(dtype), zeros, fmt)  # as the runtime will read them back
+                back = dequantize(
+                    tensors["qweight"], tensors["scales"], tensors.get("zeros"), fmt, weight.shape[1], torch.float64
+                )
+                if name in grams:
+                    layer_errors[name] = relative_output_error(weight, back, grams[name].gram)
+                    modules[name].weight.data.copy_(back)  # the stream moves on through the quantized layer
+                else:
+                    layer_errors[name] = float((weight - back).norm() / weight.norm())
+            if stream is not None:
+                stream.advance(i)
+            errors.append({name: round(e, 6) for name, e in layer_errors.items()})
+            bar.set_postfix(max_error=f"{max(layer_errors.values()):.4f}")
+        config = {key: value for key, value in source.config.items() if key not in TRANSFORMERS_KEYS}
+        config.pop("format", None), config.pop("format_version", None)
+        config["quantization"] = {
+            "bits": bits,
+            "group_size": group_size,
+            "linears": list(linears),
+            "method": method,
+            "scheme": "symmetric int8, w = q * scale" if bits == 8 else "asymmetric 4-bit, w = (q - zero) * scale",
+            "calibration": calibration if stream is not None else None,
+            "calibration_tokens": stream.tokens if stream is not None else 0,
+            "damping": DAMPING if stream is not None else None,
+            "relative_error": {
+                "measure": "output error on the calibration tokens" if stream is not None else "weight change",
+                "layers": errors,
+            },
+            "seconds": round(time.perf_counter() - started, 2),
+            "source": str(Path(path).resolve()),
+        }
+        try:
+            tokenizer = load_tokenizer(path)
+        except SliceserveError:
+            tokenizer = None
+        return writer.finish(config, tokenizer)
