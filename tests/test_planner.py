@@ -235,3 +235,40 @@ def test_planned_bytes_are_the_checkpoints(variant, tmp_path):
     assert planned_weight_bytes(planned_sliced, shape.biases) == checkpoint_summary(str(sliced))["parameters"] * 8
     assert planned_weight_bytes(written.spec, written.biases) == checkpoint_summary(str(sliced))["parameters"] * 8
     assert planned_weight_bytes(planned_dense, shape.biases) == checkpoint_summary(str(dense))["parameters"] * 8
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_planned_quantized_bytes_are_the_checkpoints(bits, tmp_path):
+    """The planner's bytes for a quantized model are those `sliceserve quantize` writes: codes,
+    scales in the dtype, and zero points at 4 bits (float64 checkpoint, groups of 16)."""
+    from safetensors import safe_open
+
+    from sliceserve.quantization.checkpoint_writer import quantize_checkpoint
+
+    torch.set_num_threads(1)
+    save_tiny_model("llama", tmp_path / "hf")
+    sliced = slice_checkpoint(
+        NoTokenizerSource(tmp_path / "hf"), tmp_path / "sliced", calibration_batches(), sparsity=0.25, progress=False
+    )
+    out = quantize_checkpoint(sliced, tmp_path / "q", bits=bits, group_size=16, progress=False)
+    written = 0
+    for shard in out.glob("*.safetensors"):
+        with safe_open(shard, "pt") as handle:
+            written += sum(
+                handle.get_tensor(name).numel() * handle.get_tensor(name).element_size() for name in handle.keys()
+            )
+    shape = read_model_shape(sliced)
+    costs = stage_costs(shape.spec, shape.biases, Workload(dtype="float64", bits=bits, group_size=16))
+    assert sum(costs.layer_weights) + costs.embedding + costs.head == written
+
+
+def test_llama_2_70b_sliced_and_4_bit_fits_two_24_gib_cards():
+    """Llama-2-70B at 25% with int4 linears (groups of 128; shortcuts, embeddings and head in
+    float16), one request of 2048 tokens: two 24 GiB cards; int8 needs three, float16 five."""
+    shape = read_model_shape(CONFIGS / "llama-2-70b.json")
+    sliced = sliced_spec(shape.spec, 0.25)
+    cards = {
+        bits: len(fewest_stages(stage_costs(sliced, shape.biases, Workload(context=2048, bits=bits)), 24 * 2**30))
+        for bits in (None, 8, 4)
+    }
+    assert cards == {None: 5, 8: 3, 4: 2}

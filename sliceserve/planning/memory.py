@@ -15,11 +15,13 @@ from dataclasses import dataclass
 
 from sliceserve.errors import SliceserveError
 from sliceserve.model.spec import (
+    BLOCK_LINEARS,
     DecoderSpec,
     embedding_parameter_count,
     head_parameter_count,
     layer_parameter_count,
 )
+from sliceserve.model.spec_checks import expected_tensors
 
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
 DEFAULT_RESERVE = 2**30  # 1 GiB a card: see the README's planner section for why
@@ -34,6 +36,8 @@ class Workload:
     context: int = 2048  # positions each slot reserves (prompt + completion)
     prefill_chunk: int = 256  # prompt tokens one forward reads (the engine's default)
     reserve: int = DEFAULT_RESERVE  # bytes a card keeps for the CUDA context, workspaces, slack
+    bits: int | None = None  # block linears stored in 8 or 4 bits (model/quantized.py); None: dtype
+    group_size: int = 128  # inputs per quantization scale
 
     @property
     def dtype_bytes(self) -> int:
@@ -47,6 +51,10 @@ class Workload:
                 raise SliceserveError(f"--{name.replace('_', '-')} must be at least 1")
         if self.reserve < 0:
             raise SliceserveError("the reserve cannot be negative")
+        if self.bits not in (None, 8, 4):
+            raise SliceserveError(f"--bits must be 8 or 4, not {self.bits}")
+        if self.group_size < 2:
+            raise SliceserveError("--group-size must be at least 2")
 
 
 @dataclass
@@ -67,7 +75,10 @@ def stage_costs(spec: DecoderSpec, biases: dict[str, bool], work: Workload) -> S
     b = work.dtype_bytes
     kv = kv_cache_bytes_per_layer(spec, work)
     return StageCosts(
-        layer_weights=[layer_parameter_count(spec, w, biases) * b for w in spec.layers],
+        layer_weights=[
+            layer_parameter_count(spec, w, biases) * b + quantization_saving(linears, work)
+            for w, linears in zip(spec.layers, linear_shapes_by_layer(spec))
+        ],
         layer_kv_cache=[kv] * spec.num_layers,
         embedding=embedding_parameter_count(spec) * b,
         head=head_parameter_count(spec, biases) * b,
@@ -75,6 +86,31 @@ def stage_costs(spec: DecoderSpec, biases: dict[str, bool], work: Workload) -> S
         logits=work.batch * spec.vocab_size * b,
         reserve=work.reserve,
     )
+
+
+def linear_shapes_by_layer(spec: DecoderSpec) -> list[list[tuple[int, int]]]:
+    """(out, in) of each block linear, layer by layer."""
+    needed, _ = expected_tensors(spec)
+    shapes: list[list[tuple[int, int]]] = [[] for _ in spec.layers]
+    for name, shape in needed.items():
+        parts = name.split(".")
+        if parts[0] == "layers" and parts[-1] == "weight" and ".".join(parts[2:-1]) in BLOCK_LINEARS:
+            shapes[int(parts[1])].append(shape)
+    return shapes
+
+
+def quantization_saving(linears: list[tuple[int, int]], work: Workload) -> int:
+    """Bytes the layer's linears weigh quantized less what they weigh in the dtype (negative, or 0
+    unquantized): the codes, a scale per group in the dtype, and a zero byte per group at 4 bits."""
+    if work.bits is None:
+        return 0
+    total = 0
+    for out_features, in_features in linears:
+        groups = out_features * -(-in_features // work.group_size)
+        codes = out_features * (in_features if work.bits == 8 else -(-in_features // 2))
+        scales = groups * (work.dtype_bytes + (1 if work.bits == 4 else 0))
+        total += codes + scales - out_features * in_features * work.dtype_bytes
+    return total
 
 
 def kv_cache_bytes_per_layer(spec: DecoderSpec, work: Workload) -> int:
