@@ -237,8 +237,8 @@ def test_planned_bytes_are_the_checkpoints(variant, tmp_path):
     assert planned_weight_bytes(planned_dense, shape.biases) == checkpoint_summary(str(dense))["parameters"] * 8
 
 
-@pytest.mark.parametrize("bits", [8, 4])
-def test_planned_quantized_bytes_are_the_checkpoints(bits, tmp_path):
+@pytest.mark.parametrize("bits,shortcuts", [(8, False), (4, False), (4, True)])
+def test_planned_quantized_bytes_are_the_checkpoints(bits, shortcuts, tmp_path):
     """The planner's bytes for a quantized model are those `sliceserve quantize` writes: codes,
     scales in the dtype, and zero points at 4 bits (float64 checkpoint, groups of 16)."""
     from safetensors import safe_open
@@ -250,7 +250,7 @@ def test_planned_quantized_bytes_are_the_checkpoints(bits, tmp_path):
     sliced = slice_checkpoint(
         NoTokenizerSource(tmp_path / "hf"), tmp_path / "sliced", calibration_batches(), sparsity=0.25, progress=False
     )
-    out = quantize_checkpoint(sliced, tmp_path / "q", bits=bits, group_size=16, progress=False)
+    out = quantize_checkpoint(sliced, tmp_path / "q", bits=bits, group_size=16, shortcuts=shortcuts, progress=False)
     written = 0
     for shard in out.glob("*.safetensors"):
         with safe_open(shard, "pt") as handle:
@@ -258,7 +258,8 @@ def test_planned_quantized_bytes_are_the_checkpoints(bits, tmp_path):
                 handle.get_tensor(name).numel() * handle.get_tensor(name).element_size() for name in handle.keys()
             )
     shape = read_model_shape(sliced)
-    costs = stage_costs(shape.spec, shape.biases, Workload(dtype="float64", bits=bits, group_size=16))
+    work = Workload(dtype="float64", bits=bits, group_size=16, quantized_shortcuts=shortcuts)
+    costs = stage_costs(shape.spec, shape.biases, work)
     assert sum(costs.layer_weights) + costs.embedding + costs.head == written
 
 
@@ -272,3 +273,8 @@ def test_llama_2_70b_sliced_and_4_bit_fits_two_24_gib_cards():
         for bits in (None, 8, 4)
     }
     assert cards == {None: 5, 8: 3, 4: 2}
+    dense_int4 = stage_costs(dense_spec(shape.spec), shape.biases, Workload(context=2048, bits=4))
+    float16_shortcuts = stage_costs(sliced, shape.biases, Workload(context=2048, bits=4))
+    int4_shortcuts = stage_costs(sliced, shape.biases, Workload(context=2048, bits=4, quantized_shortcuts=True))
+    # float16 shortcuts (2 x 6144^2 a layer) outweigh what slicing saves at 4 bits; 4-bit ones do not
+    assert sum(float16_shortcuts.layer_weights) > sum(dense_int4.layer_weights) > sum(int4_shortcuts.layer_weights)

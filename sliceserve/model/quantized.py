@@ -1,6 +1,7 @@
 """How a checkpoint stores quantized linears, and how the runtime turns them back into weights.
 
-A quantized linear `layers.{i}.{name}` holds, in place of its `.weight` (out, in):
+A quantized linear `layers.{i}.{name}` holds, in place of its `.weight` (out, in) (a shortcut
+matrix `layers.{i}.attn_shortcut`, stored (out, in) as a linear's weight, in place of itself):
   .qweight  int8 (out, in), w = q * scale                      8 bits, symmetric
             uint8 (out, ceil(in / 2)), two 4-bit codes a byte,  4 bits, w = (q - zero) * scale
             the even input column in the low nibble
@@ -20,13 +21,15 @@ from sliceserve.errors import SliceserveError
 from sliceserve.model.spec import BLOCK_LINEARS
 
 BITS = (8, 4)
+SHORTCUTS = ("attn_shortcut", "mlp_shortcut", "shortcut")  # a sliced block's shortcut matrices
+QUANTIZABLE = (*BLOCK_LINEARS, *SHORTCUTS)
 
 
 @dataclass(frozen=True)
 class QuantFormat:
     bits: int
     group_size: int
-    linears: tuple[str, ...]  # which of a block's linears (BLOCK_LINEARS) are stored quantized
+    linears: tuple[str, ...]  # which of a block's matrices (QUANTIZABLE) are stored quantized
 
     @classmethod
     def from_config(cls, entry: object, source: str = "config.json") -> QuantFormat:
@@ -37,8 +40,8 @@ class QuantFormat:
             raise SliceserveError(f'{source}: quantization "bits" must be 8 or 4, not {bits!r}')
         if not isinstance(group, int) or isinstance(group, bool) or group < 2:
             raise SliceserveError(f'{source}: quantization "group_size" must be an integer of at least 2')
-        if not isinstance(linears, list) or not linears or any(name not in BLOCK_LINEARS for name in linears):
-            raise SliceserveError(f'{source}: quantization "linears" must list some of {", ".join(BLOCK_LINEARS)}')
+        if not isinstance(linears, list) or not linears or any(name not in QUANTIZABLE for name in linears):
+            raise SliceserveError(f'{source}: quantization "linears" must list some of {", ".join(QUANTIZABLE)}')
         return cls(bits, group, tuple(linears))
 
     def groups(self, in_features: int) -> int:
@@ -94,6 +97,10 @@ def in_features_of(spec, name: str) -> int:
     """Inputs of a block linear `layers.{i}.{linear}` of `spec` (from the layer's widths)."""
     _, index, *rest = name.split(".")
     linear, layer = ".".join(rest), spec.layers[int(index)]
+    if linear in ("attn_shortcut", "shortcut"):
+        return layer.input_width
+    if linear == "mlp_shortcut":
+        return layer.middle_width
     if linear in ("attn.q", "attn.k", "attn.v"):
         return layer.input_width
     if linear == "attn.o":

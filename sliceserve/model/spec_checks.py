@@ -238,13 +238,13 @@ def check_tensors(
     needed, biases = expected_tensors(spec)
     integer: dict[str, tuple[str, ...]] = {}  # quantized codes: name -> the integer dtypes allowed
     for name in list(needed) if quantized is not None else ():
-        linear = name.removesuffix(".weight").split(".", 2)[-1]
-        if name.startswith("layers.") and name.endswith(".weight") and linear in quantized.linears:
+        stem = name.removesuffix(".weight")  # a shortcut's name is its own stem
+        if name.startswith("layers.") and stem.split(".", 2)[-1] in quantized.linears:
             out_features, in_features = needed.pop(name)
             for suffix, (shape, dtypes) in quantized.stored_shapes(out_features, in_features).items():
-                needed[f"{name.removesuffix('.weight')}.{suffix}"] = shape
+                needed[f"{stem}.{suffix}"] = shape
                 if dtypes:
-                    integer[f"{name.removesuffix('.weight')}.{suffix}"] = dtypes
+                    integer[f"{stem}.{suffix}"] = dtypes
     for name in needed:
         if name not in tensors:
             raise SliceserveError(f"{source} lacks the tensor {name} that the model description needs")

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sliceserve.errors import SliceserveError
+from sliceserve.model.quantized import SHORTCUTS
 from sliceserve.model.spec import (
     BLOCK_LINEARS,
     DecoderSpec,
@@ -38,6 +39,7 @@ class Workload:
     reserve: int = DEFAULT_RESERVE  # bytes a card keeps for the CUDA context, workspaces, slack
     bits: int | None = None  # block linears stored in 8 or 4 bits (model/quantized.py); None: dtype
     group_size: int = 128  # inputs per quantization scale
+    quantized_shortcuts: bool = False  # a sliced model's shortcut matrices in `bits` too
 
     @property
     def dtype_bytes(self) -> int:
@@ -77,7 +79,7 @@ def stage_costs(spec: DecoderSpec, biases: dict[str, bool], work: Workload) -> S
     return StageCosts(
         layer_weights=[
             layer_parameter_count(spec, w, biases) * b + quantization_saving(linears, work)
-            for w, linears in zip(spec.layers, linear_shapes_by_layer(spec))
+            for w, linears in zip(spec.layers, linear_shapes_by_layer(spec, work.quantized_shortcuts))
         ],
         layer_kv_cache=[kv] * spec.num_layers,
         embedding=embedding_parameter_count(spec) * b,
@@ -88,13 +90,14 @@ def stage_costs(spec: DecoderSpec, biases: dict[str, bool], work: Workload) -> S
     )
 
 
-def linear_shapes_by_layer(spec: DecoderSpec) -> list[list[tuple[int, int]]]:
-    """(out, in) of each block linear, layer by layer."""
+def linear_shapes_by_layer(spec: DecoderSpec, shortcuts: bool = False) -> list[list[tuple[int, int]]]:
+    """(out, in) of each block linear (and shortcut matrix), layer by layer."""
     needed, _ = expected_tensors(spec)
     shapes: list[list[tuple[int, int]]] = [[] for _ in spec.layers]
     for name, shape in needed.items():
         parts = name.split(".")
-        if parts[0] == "layers" and parts[-1] == "weight" and ".".join(parts[2:-1]) in BLOCK_LINEARS:
+        linear = ".".join(parts[2:-1]) if parts[-1] == "weight" else ".".join(parts[2:])
+        if parts[0] == "layers" and (linear in BLOCK_LINEARS or (shortcuts and linear in SHORTCUTS)):
             shapes[int(parts[1])].append(shape)
     return shapes
 

@@ -1,9 +1,10 @@
 """A checkpoint of ours (dense export, sliced or 2:4) with its block linears quantized.
 
-The linears' weights become codes and scales (model/quantized.py); every other tensor (the
-embedding, the head, the shortcut matrices, biases) is copied as it is. RTN needs no data;
-GPTQ runs the calibration text through the checkpoint's own runtime model (stream.py), held
-in float64. Each linear's relative output error on the calibration tokens,
+The linears' weights become codes and scales (model/quantized.py), and with `shortcuts` a
+sliced block's shortcut matrices too (by round-to-nearest: GPTQ's statistics are gathered at
+the linears); every other tensor (the embedding, the head, biases) is copied as it is. RTN
+needs no data; GPTQ runs the calibration text through the checkpoint's own runtime model
+(stream.py), held in float64. Each linear's relative output error on the calibration tokens,
 ||X W^T - X Q^T||_F / ||X W^T||_F, goes into config.json beside the scheme (GPTQ; RTN records
 its relative weight change).
 """
@@ -20,7 +21,7 @@ from tqdm.auto import tqdm
 from sliceserve.checkpoint import CheckpointWriter, checkpoint_spec, open_checkpoint
 from sliceserve.errors import SliceserveError
 from sliceserve.model.loader import load_model, load_tokenizer
-from sliceserve.model.quantized import QuantFormat, dequantize, pack_nibbles, quant_format
+from sliceserve.model.quantized import SHORTCUTS, QuantFormat, dequantize, pack_nibbles, quant_format
 from sliceserve.model.spec import BLOCK_LINEARS
 from sliceserve.quantization.gptq import DAMPING, gptq_quantize
 from sliceserve.quantization.grids import round_to_nearest
@@ -31,6 +32,11 @@ log = logging.getLogger(__name__)
 
 METHODS = ("rtn", "gptq")
 TRANSFORMERS_KEYS = ("model_type", "architectures", "auto_map", "linear_biases")  # its modelling code reads no codes
+
+
+def stored_name(layer: int, name: str) -> str:
+    """The tensor a block matrix is in the unquantized checkpoint."""
+    return f"layers.{layer}.{name}" if name in SHORTCUTS else f"layers.{layer}.{name}.weight"
 
 
 def stored(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, fmt: QuantFormat) -> dict:
@@ -56,7 +62,7 @@ def quantize_checkpoint(
     method: str = "rtn",
     batches: Batches | None = None,
     calibration: dict | None = None,
-    linears: tuple[str, ...] = BLOCK_LINEARS,
+    shortcuts: bool = False,
     overwrite: bool = False,
     progress: bool = True,
 ) -> Path:
@@ -68,12 +74,13 @@ def quantize_checkpoint(
     if quant_format(source.config) is not None:
         raise SliceserveError(f"{path} is quantized already")
     spec = checkpoint_spec(source.config)
+    linears = BLOCK_LINEARS + (tuple(name for name in SHORTCUTS if source.has(f"layers.0.{name}")) if shortcuts else ())
     fmt = QuantFormat.from_config({"bits": bits, "group_size": group_size, "linears": list(linears)}, "the options")
     dtype = source.tensor("embed.weight").dtype
     started = time.perf_counter()
     model = load_model(path, dtype=torch.float64) if method == "gptq" else None
     stream = QuantizationStream(model, batches) if model is not None else None
-    quantized_names = {f"layers.{i}.{name}.weight" for i in range(spec.num_layers) for name in linears}
+    quantized_names = {stored_name(i, name) for i in range(spec.num_layers) for name in linears}
     with CheckpointWriter(out, dtype=dtype, overwrite=overwrite) as writer:
         for name in source.names:
             if name not in quantized_names:
@@ -87,7 +94,7 @@ def quantize_checkpoint(
             modules = block_linears(model.layers[i], linears) if model is not None else {}
             layer_errors = {}
             for name in linears:
-                key = f"layers.{i}.{name}.weight"
+                key = stored_name(i, name)
                 if not source.has(key):
                     continue
                 weight = source.tensor(key).to(torch.float64)
@@ -96,7 +103,7 @@ def quantize_checkpoint(
                 else:
                     codes, scales, zeros = round_to_nearest(weight, fmt)
                 for suffix, tensor in stored(codes, scales, zeros, fmt).items():
-                    writer.add(f"layers.{i}.{name}.{suffix}", tensor)
+                    writer.add(f"{key.removesuffix('.weight')}.{suffix}", tensor)
                 tensors = stored(codes, scales.to(dtype), zeros, fmt)  # as the runtime will read them back
                 back = dequantize(
                     tensors["qweight"], tensors["scales"], tensors.get("zeros"), fmt, weight.shape[1], torch.float64
@@ -106,6 +113,8 @@ def quantize_checkpoint(
                     modules[name].weight.data.copy_(back)  # the stream moves on through the quantized layer
                 else:
                     layer_errors[name] = float((weight - back).norm() / weight.norm())
+                    if model is not None and name in SHORTCUTS:
+                        getattr(model.layers[i], name).copy_(back)
             if stream is not None:
                 stream.advance(i)
             errors.append({name: round(e, 6) for name, e in layer_errors.items()})
@@ -122,7 +131,9 @@ def quantize_checkpoint(
             "calibration_tokens": stream.tokens if stream is not None else 0,
             "damping": DAMPING if stream is not None else None,
             "relative_error": {
-                "measure": "output error on the calibration tokens" if stream is not None else "weight change",
+                "measure": "output error on the calibration tokens (shortcuts: weight change)"
+                if stream is not None
+                else "weight change",
                 "layers": errors,
             },
             "seconds": round(time.perf_counter() - started, 2),

@@ -21,6 +21,8 @@ def block_linears(block: nn.Module, names: tuple[str, ...]) -> dict[str, nn.Line
     """The block's linears by their checkpoint names ("attn.q", ...), those it has."""
     found = {}
     for name in names:
+        if "." not in name:  # a shortcut matrix: no module of its own
+            continue
         part, linear = name.split(".")
         module = getattr(getattr(block, part), linear, None)
         if isinstance(module, nn.Linear):
