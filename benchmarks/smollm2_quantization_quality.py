@@ -29,7 +29,7 @@ from sliceserve.slicing.calibration import load_calibration, wikitext2_text
 from sliceserve.slicing.checkpoint_writer import export_checkpoint, slice_checkpoint
 from sliceserve.slicing.sources import open_source
 
-SCHEMES = [(8, "rtn"), (4, "rtn"), (4, "gptq")]
+SCHEMES = [(8, "rtn", False), (4, "rtn", False), (4, "gptq", False), (8, "rtn", True), (4, "gptq", True)]
 
 
 def main() -> None:
@@ -52,7 +52,8 @@ def main() -> None:
     conditions, rows = results["conditions"], results["rows"]
     conditions["quantization"] = (
         f"groups of {args.group_size} inputs on every decoder linear (q, k, v, o, gate, up, down); int8 symmetric, "
-        f"int4 asymmetric with zero points; embeddings, head and shortcut matrices float32; GPTQ with H in float64 "
+        f"int4 asymmetric with zero points; embeddings and head float32, shortcut matrices too unless the row says "
+        f"(then round-to-nearest in the row's bits); GPTQ with H in float64 "
         f"from wiki.valid.raw, {args.gptq_nsamples} x {args.gptq_seqlen} tokens (seed 7), 1% dampening, blocks of "
         f"128 columns; no Hadamard rotation yet; measured on {time.strftime('%Y-%m-%d')} with torch "
         f"{torch.__version__}, CPU {torch.get_num_threads()} threads"
@@ -82,20 +83,28 @@ def main() -> None:
         data_dir=args.data_dir,
     )
     calibration = {"source": "wikitext2", "nsamples": args.gptq_nsamples, "seqlen": args.gptq_seqlen, "seed": 7}
+    done = {row["model"] for row in rows}
     for label, base in bases.items():
         parameters, _ = checkpoint_size(base)
-        for bits, method in SCHEMES:
-            out = work / f"{base.name}-int{bits}-{method}"
+        for bits, method, shortcuts in SCHEMES:
+            if shortcuts and label == "dense":
+                continue  # a dense model has no shortcut matrices
+            name = f"{label} + int{bits} {method.upper()} g{args.group_size}" + (
+                " (shortcuts too)" if shortcuts else ""
+            )
+            if name in done:
+                continue
+            out = work / f"{base.name}-int{bits}-{method}{'-shortcuts' if shortcuts else ''}"
             started = time.perf_counter()
             if not (out / "config.json").exists():
                 quantize_checkpoint(
-                    base, out, bits=bits, group_size=args.group_size, method=method,
+                    base, out, bits=bits, group_size=args.group_size, method=method, shortcuts=shortcuts,
                     batches=gptq_batches if method == "gptq" else None, calibration=calibration, progress=False,
                 )  # fmt: skip
             seconds = time.perf_counter() - started
             _, size = checkpoint_size(out)
             row = {
-                "model": f"{label} + int{bits} {method.upper()} g{args.group_size}",
+                "model": name,
                 "sparsity": 0.25 if "25" in label else 0.0,
                 "parameters": parameters,
                 "checkpoint_bytes": size,
