@@ -29,7 +29,16 @@ from sliceserve.slicing.calibration import load_calibration, wikitext2_text
 from sliceserve.slicing.checkpoint_writer import export_checkpoint, slice_checkpoint
 from sliceserve.slicing.sources import open_source
 
-SCHEMES = [(8, "rtn", False), (4, "rtn", False), (4, "gptq", False), (8, "rtn", True), (4, "gptq", True)]
+# (bits, method, shortcuts quantized too, stream rotated first)
+SCHEMES = [
+    (8, "rtn", False, False),
+    (4, "rtn", False, False),
+    (4, "gptq", False, False),
+    (4, "rtn", False, True),
+    (4, "gptq", False, True),
+    (8, "rtn", True, False),
+    (4, "gptq", True, True),
+]
 
 
 def main() -> None:
@@ -55,7 +64,8 @@ def main() -> None:
         f"int4 asymmetric with zero points; embeddings and head float32, shortcut matrices too unless the row says "
         f"(then round-to-nearest in the row's bits); GPTQ with H in float64 "
         f"from wiki.valid.raw, {args.gptq_nsamples} x {args.gptq_seqlen} tokens (seed 7), 1% dampening, blocks of "
-        f"128 columns; no Hadamard rotation yet; measured on {time.strftime('%Y-%m-%d')} with torch "
+        f"128 columns; "rotated": the stream first turned by random orthogonal matrices (seed 0; in the place of QuaRot's "
+        f"Hadamard rotation); measured on {time.strftime('%Y-%m-%d')} with torch "
         f"{torch.__version__}, CPU {torch.get_num_threads()} threads"
     )
 
@@ -86,19 +96,18 @@ def main() -> None:
     done = {row["model"] for row in rows}
     for label, base in bases.items():
         parameters, _ = checkpoint_size(base)
-        for bits, method, shortcuts in SCHEMES:
+        for bits, method, shortcuts, rotate in SCHEMES:
             if shortcuts and label == "dense":
                 continue  # a dense model has no shortcut matrices
-            name = f"{label} + int{bits} {method.upper()} g{args.group_size}" + (
-                " (shortcuts too)" if shortcuts else ""
-            )
+            name = f"{label} + int{bits} {method.upper()} g{args.group_size}" + (" rotated" if rotate else "")
+            name += " (shortcuts too)" if shortcuts else ""
             if name in done:
                 continue
-            out = work / f"{base.name}-int{bits}-{method}{'-shortcuts' if shortcuts else ''}"
+            out = work / f"{base.name}-int{bits}-{method}{'-rotated' if rotate else ''}{'-shortcuts' if shortcuts else ''}"
             started = time.perf_counter()
             if not (out / "config.json").exists():
                 quantize_checkpoint(
-                    base, out, bits=bits, group_size=args.group_size, method=method, shortcuts=shortcuts,
+                    base, out, bits=bits, group_size=args.group_size, method=method, shortcuts=shortcuts, rotate=rotate,
                     batches=gptq_batches if method == "gptq" else None, calibration=calibration, progress=False,
                 )  # fmt: skip
             seconds = time.perf_counter() - started

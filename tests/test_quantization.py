@@ -154,3 +154,35 @@ def test_gptq_without_calibration_and_bad_options_are_refused(checkpoints, tmp_p
     with pytest.raises(SliceserveError, match='"bits" must be 8 or 4'):
         quantize_checkpoint(paths["dense"], tmp_path / "y", bits=3)
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+@pytest.mark.parametrize("variant", ["llama", "opt", "phi"])
+def test_a_rotated_checkpoint_is_the_same_model(variant, tmp_path):
+    """Random orthogonal bases folded into every weight (float64): the logits do not move, dense
+    or sliced, sequential or parallel blocks, rope or learned positions."""
+    from sliceserve.quantization.rotation import rotate_checkpoint
+
+    save_tiny_model(variant, tmp_path / "hf")
+    source = NoTokenizerSource(tmp_path / "hf")
+    tokens = random_tokens(2, 20, seed=9)
+    for kind, path in {
+        "dense": export_checkpoint(source, tmp_path / "dense", dtype=torch.float64, progress=False),
+        "sliced": slice_checkpoint(
+            source, tmp_path / "sliced", calibration_batches(), sparsity=0.25, dtype=torch.float64, progress=False
+        ),
+    }.items():
+        rotated = rotate_checkpoint(path, tmp_path / f"{kind}-rotated", seed=1)
+        before, after = load_model(path)(tokens), load_model(rotated)(tokens)
+        assert float((after - before).abs().max() / before.abs().max()) < 1e-10, kind
+        original = open_checkpoint(path).tensor("layers.0.attn.q.weight")
+        assert not torch.allclose(open_checkpoint(rotated).tensor("layers.0.attn.q.weight"), original)
+
+
+def test_rotated_quantization_records_its_rotation(checkpoints, tmp_path):
+    work, paths = checkpoints
+    out = quantize_checkpoint(
+        paths["sliced"], tmp_path / "q", bits=4, group_size=16, rotate=True, seed=3, progress=False
+    )
+    entry = open_checkpoint(out).config["quantization"]
+    assert entry["rotation"]["seed"] == 3 and "rotation" not in open_checkpoint(out).config
+    assert logits_error(paths["sliced"], out) < 0.7
