@@ -64,7 +64,7 @@ def main() -> None:
         f"int4 asymmetric with zero points; embeddings and head float32, shortcut matrices too unless the row says "
         f"(then round-to-nearest in the row's bits); GPTQ with H in float64 "
         f"from wiki.valid.raw, {args.gptq_nsamples} x {args.gptq_seqlen} tokens (seed 7), 1% dampening, blocks of "
-        f"128 columns; "rotated": the stream first turned by random orthogonal matrices (seed 0; in the place of QuaRot's "
+        f"128 columns; 'rotated': the stream first turned by random orthogonal matrices (seed 0; in the place of QuaRot's "
         f"Hadamard rotation); measured on {time.strftime('%Y-%m-%d')} with torch "
         f"{torch.__version__}, CPU {torch.get_num_threads()} threads"
     )
@@ -103,7 +103,10 @@ def main() -> None:
             name += " (shortcuts too)" if shortcuts else ""
             if name in done:
                 continue
-            out = work / f"{base.name}-int{bits}-{method}{'-rotated' if rotate else ''}{'-shortcuts' if shortcuts else ''}"
+            out = (
+                work
+                / f"{base.name}-int{bits}-{method}{'-rotated' if rotate else ''}{'-shortcuts' if shortcuts else ''}"
+            )
             started = time.perf_counter()
             if not (out / "config.json").exists():
                 quantize_checkpoint(
