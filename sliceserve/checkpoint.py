@@ -32,7 +32,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from sliceserve.errors import SliceserveError
-from sliceserve.model.quantized import quant_format
+from sliceserve.model.quant_format import quant_format
 from sliceserve.model.spec import DecoderSpec
 from sliceserve.model.spec_checks import check_model_description, check_tensors
 

@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "sliceserve"
 LAYERS = [
     ["sliceserve", "errors"],
     ["model.spec"],
-    ["model.quantized"],
+    ["model.quant_format"],
     ["model.spec_checks"],
     ["checkpoint", "kernels", "perplexity", "hf_modeling"],
     ["model"],

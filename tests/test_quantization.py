@@ -17,7 +17,8 @@ from tiny_models import NoTokenizerSource, calibration_batches, random_tokens, s
 from sliceserve.checkpoint import open_checkpoint
 from sliceserve.errors import SliceserveError
 from sliceserve.model.loader import load_model
-from sliceserve.model.quantized import QuantFormat, dequantize, pack_nibbles, unpack_nibbles
+from sliceserve.model.quant_format import QuantFormat
+from sliceserve.model.quantized import dequantize, pack_nibbles, unpack_nibbles
 from sliceserve.quantization.checkpoint_writer import quantize_checkpoint, relative_output_error
 from sliceserve.quantization.gptq import gptq_quantize
 from sliceserve.quantization.grids import round_to_nearest

@@ -10,7 +10,8 @@ import torch
 from sliceserve.checkpoint import checkpoint_spec, is_checkpoint, open_checkpoint
 from sliceserve.errors import SliceserveError
 from sliceserve.model.decoder import Transformer
-from sliceserve.model.quantized import dequantize, in_features_of, quant_format
+from sliceserve.model.quant_format import quant_format
+from sliceserve.model.quantized import dequantize, in_features_of
 
 
 def load_model(

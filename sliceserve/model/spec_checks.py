@@ -16,7 +16,7 @@ import math
 from typing import Any
 
 from sliceserve.errors import SliceserveError
-from sliceserve.model.quantized import QuantFormat
+from sliceserve.model.quant_format import QuantFormat
 from sliceserve.model.spec import ATTENTION_READERS, ATTENTION_WRITER, DecoderSpec, LayerWidths, RopeSpec
 
 ACTIVATIONS = ("none", "silu", "relu", "gelu", "gelu_tanh")  # what the reference and the kernels compute

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sliceserve.errors import SliceserveError
-from sliceserve.model.quantized import SHORTCUTS
+from sliceserve.model.quant_format import SHORTCUTS
 from sliceserve.model.spec import (
     BLOCK_LINEARS,
     DecoderSpec,

@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 from sliceserve.checkpoint import CheckpointWriter, checkpoint_spec, open_checkpoint
 from sliceserve.errors import SliceserveError
 from sliceserve.model.loader import load_model, load_tokenizer
-from sliceserve.model.quantized import SHORTCUTS, QuantFormat, dequantize, pack_nibbles, quant_format
+from sliceserve.model.quant_format import SHORTCUTS, QuantFormat, quant_format
+from sliceserve.model.quantized import dequantize, pack_nibbles
 from sliceserve.model.spec import BLOCK_LINEARS
 from sliceserve.quantization.gptq import DAMPING, gptq_quantize
 from sliceserve.quantization.grids import round_to_nearest

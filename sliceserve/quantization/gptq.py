@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from sliceserve.model.quantized import QuantFormat
+from sliceserve.model.quant_format import QuantFormat
 from sliceserve.quantization.grids import from_codes, group_grid, to_codes
 
 DAMPING = 0.01  # of the mean diagonal of H, added to it: H of few tokens is singular

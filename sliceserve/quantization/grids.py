@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from sliceserve.model.quantized import QuantFormat
+from sliceserve.model.quant_format import QuantFormat
 
 
 def group_grid(weights: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor | None]:
