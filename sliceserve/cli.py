@@ -1,4 +1,4 @@
-"""The `sliceserve` command: slice, export, prune, finetune, ppl, info, serve, generate, demo."""
+"""The `sliceserve` command: slice, export, prune, quantize, finetune, ppl, eval, info, plan, serve, generate, demo."""
 
 from __future__ import annotations
 
@@ -13,10 +13,13 @@ from collections.abc import Iterator
 
 from sliceserve.commands.options import (
     add_calibration_options,
+    add_demo_options,
     add_engine_options,
+    add_eval_options,
     add_finetune_options,
     add_output_options,
     add_plan_options,
+    add_quantize_options,
     add_server_options,
 )
 from sliceserve.errors import SliceserveError
@@ -68,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_output_options(p)
     add_calibration_options(p)
 
+    p = sub.add_parser("quantize", help="8- or 4-bit block linears (round to nearest or GPTQ) in a new checkpoint")
+    add_quantize_options(p)
+
     p = sub.add_parser("finetune", help="recovery fine-tuning: LoRA (PEFT) on a checkpoint, merged into a new one")
     add_finetune_options(p)
 
@@ -82,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16", "float64"], help="run in this dtype")
     p.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
 
+    p = sub.add_parser("eval", help="zero-shot tasks of lm-evaluation-harness (piqa, arc_easy, ...) on a checkpoint")
+    add_eval_options(p)
+
     p = sub.add_parser("plan", help="cards needed for a model, dense and sliced, with the layers of each card")
     add_plan_options(p)
 
@@ -94,10 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_server_options(p)
 
     p = sub.add_parser("demo", help="slice SmolLM2-135M once (cached) and serve it on 127.0.0.1:8000")
-    p.add_argument("--sparsity", type=float, default=0.25, help="fraction of the width to slice away (default 0.25)")
-    p.add_argument("--nsamples", type=int, default=32, help="generated calibration sequences")
-    p.add_argument("--seqlen", type=int, default=256, help="tokens per generated calibration sequence")
-    add_server_options(p)
+    add_demo_options(p)
 
     p = sub.add_parser("generate", help="generate text from a prompt with a checkpoint")
     p.add_argument("path", help="checkpoint folder")
@@ -168,6 +174,12 @@ def run_export(args: argparse.Namespace) -> int:
     return export_command(args)
 
 
+def run_quantize(args: argparse.Namespace) -> int:
+    from sliceserve.commands.quantizing import quantize_command
+
+    return quantize_command(args)
+
+
 def run_prune(args: argparse.Namespace) -> int:
     from sliceserve.commands.pruning import prune_command
 
@@ -184,6 +196,12 @@ def run_ppl(args: argparse.Namespace) -> int:
     from sliceserve.commands.evaluation import ppl_command
 
     return ppl_command(args)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from sliceserve.commands.harness import eval_command
+
+    return eval_command(args)
 
 
 def run_plan(args: argparse.Namespace) -> int:
@@ -210,8 +228,10 @@ COMMANDS = {
     "slice": run_slice,
     "export": run_export,
     "prune": run_prune,
+    "quantize": run_quantize,
     "finetune": run_finetune,
     "ppl": run_ppl,
+    "eval": run_eval,
     "info": run_info,
     "plan": run_plan,
     "serve": run_serving,

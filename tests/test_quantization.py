@@ -12,6 +12,7 @@ import json
 
 import pytest
 import torch
+from cli_support import assert_one_line_error, run_sliceserve
 from tiny_models import NoTokenizerSource, calibration_batches, random_tokens, save_tiny_model
 
 from sliceserve.checkpoint import open_checkpoint
@@ -187,3 +188,28 @@ def test_rotated_quantization_records_its_rotation(checkpoints, tmp_path):
     entry = open_checkpoint(out).config["quantization"]
     assert entry["rotation"]["seed"] == 3 and "rotation" not in open_checkpoint(out).config
     assert logits_error(paths["sliced"], out) < 0.7
+
+
+def test_the_quantize_command(tmp_path):
+    from test_server_support import build_checkpoint, training_words
+
+    checkpoint = build_checkpoint(tmp_path / "ck")  # a tiny sliced model with a tokenizer
+    text = tmp_path / "calibration.txt"
+    text.write_text(" ".join(training_words(400)))
+    out = tmp_path / "q"
+    result = run_sliceserve(
+        "quantize", checkpoint, "--bits", "4", "--group-size", "16", "--method", "gptq", "--rotate", "--shortcuts",
+        "--calibration", text, "--nsamples", "4", "--seqlen", "32", "--batch-size", "2", "--out", out, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    entry = open_checkpoint(out).config["quantization"]
+    assert (entry["bits"], entry["method"], entry["calibration_tokens"]) == (4, "gptq", 128)
+    assert "attn_shortcut" in entry["linears"] and entry["rotation"]["seed"] == 0
+    assert load_model(out)(torch.tensor([[5, 6, 7]])).isfinite().all()
+    refused = run_sliceserve(
+        "quantize", checkpoint, "--bits", "4", "--group-size", "1", "--out", tmp_path / "x", cwd=tmp_path
+    )
+    assert_one_line_error(refused, "--group-size must be at least 2")
+    assert not (tmp_path / "x").exists()
+    taken = run_sliceserve("quantize", checkpoint, "--bits", "8", "--out", out, cwd=tmp_path)
+    assert_one_line_error(taken, "exists")

@@ -11,26 +11,18 @@ import torch
 from sliceserve.checkpoint import checkpoint_spec, open_checkpoint
 from sliceserve.commands.slicing import check_device
 from sliceserve.errors import SliceserveError
-from sliceserve.model.loader import load_model, load_tokenizer
+from sliceserve.harness.scorer import open_scoring_model
 from sliceserve.perplexity import evaluation_tokens, perplexity
 from sliceserve.slicing.calibration import read_text_files, wikitext2_text
 from sliceserve.slicing.checkpoint_writer import DTYPES
-from sliceserve.slicing.sources import open_source
 
 
 def model_for_perplexity(args: argparse.Namespace):
-    """(logits function, tokenizer, max positions, label) for a checkpoint or a source model."""
-    from sliceserve.checkpoint import is_checkpoint
-
+    """(logits function, tokenizer, max positions) for a checkpoint (its reference model) or a
+    source model (run by Transformers itself)."""
     dtype = DTYPES[args.dtype] if args.dtype else None
-    if is_checkpoint(args.path):
-        model = load_model(args.path, device=args.device, dtype=dtype)
-        return (lambda batch: model(batch.to(args.device))), load_tokenizer(args.path), model.spec.max_positions
-    source = open_source(args.path)  # the dense reference, run by Transformers itself
-    hf = source.hf_model().to(args.device).eval()
-    if dtype is not None:
-        hf = hf.to(dtype)
-    return (lambda batch: hf(batch.to(args.device)).logits), source.tokenizer(), source.config.max_position_embeddings
+    model = open_scoring_model(args.path, device=args.device, dtype=dtype, runtime="reference")
+    return model.logits, model.tokenizer, model.max_positions
 
 
 @torch.inference_mode()

@@ -1,4 +1,5 @@
-"""`sliceserve finetune`: recovery fine-tuning (LoRA) of a checkpoint, merged into a new one."""
+"""`sliceserve finetune`: recovery fine-tuning (LoRA) of a checkpoint, merged into a new one; with
+`--distill-from`, trained to match a dense model's next-token distribution."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ import torch
 from sliceserve.checkpoint import check_destination, checkpoint_spec, read_config
 from sliceserve.commands.slicing import check_device
 from sliceserve.errors import SliceserveError
-from sliceserve.finetuning.lora import LoraSettings, finetune_checkpoint
+from sliceserve.finetuning.distillation import Distillation, check_teacher_fits, load_teacher
+from sliceserve.finetuning.lora import LoraSettings, finetune_checkpoint, training_dtype
 from sliceserve.model.loader import load_model, load_tokenizer
 from sliceserve.slicing.calibration import load_calibration
+from sliceserve.slicing.checkpoint_writer import DTYPES
 
 log = logging.getLogger("sliceserve")
 
@@ -28,20 +31,43 @@ def finetune_command(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     settings.check()
+    if args.lm_weight and not args.distill_from:
+        raise SliceserveError("--lm-weight applies only with --distill-from")
     check_device(args.device)
-    spec = checkpoint_spec(read_config(args.checkpoint))
+    config = read_config(args.checkpoint)
+    spec = checkpoint_spec(config)
     if args.seqlen > spec.max_positions:
         raise SliceserveError(f"--seqlen {args.seqlen} exceeds the model's {spec.max_positions} positions")
     check_destination(Path(args.out).absolute(), args.overwrite)  # fail before the long work
+    tokenizer = load_tokenizer(args.checkpoint)
+    distillation = None
+    if args.distill_from:
+        distillation = Distillation(
+            load_teacher(
+                args.distill_from,
+                device=args.device,
+                dtype=training_dtype(DTYPES.get(config.get("dtype"), torch.float32)),
+            ),
+            lm_weight=args.lm_weight,
+        )
+        distillation.check()
+        check_teacher_fits(distillation.teacher, spec, tokenizer, args.seqlen)  # before sampling any text
+        log.info("distilling from %s", distillation.teacher.description)
+
+    def text_model():  # "generated" text comes from the teacher when there is one
+        if distillation is not None:
+            return distillation.teacher.model
+        return load_model(args.checkpoint, device=args.device, dtype=torch.float32)
+
     batches = load_calibration(
         args.data,
-        load_tokenizer(args.checkpoint),
+        tokenizer,
         nsamples=args.nsamples,
         seqlen=args.seqlen,
         seed=args.seed,
         batch_size=args.batch_size,
         data_dir=args.data_dir,
-        model_loader=lambda: load_model(args.checkpoint, device=args.device, dtype=torch.float32),
+        model_loader=text_model,
     )
     log.info("training text: %s, %d x %d tokens, seed %d", args.data, args.nsamples, args.seqlen, args.seed)
     data = {
@@ -50,9 +76,18 @@ def finetune_command(args: argparse.Namespace) -> int:
         "seqlen": args.seqlen,
         "batch_size": args.batch_size,
         "seed": args.seed,
+        **({"sampled_from": "teacher"} if distillation is not None and args.data == "generated" else {}),
     }
     out = finetune_checkpoint(
-        args.checkpoint, args.out, batches, settings, device=args.device, data=data, overwrite=args.overwrite
+        args.checkpoint,
+        args.out,
+        batches,
+        settings,
+        device=args.device,
+        data=data,
+        distillation=distillation,
+        dtype=DTYPES[args.dtype] if args.dtype else None,
+        overwrite=args.overwrite,
     )
     log.info("wrote %s", out)
     return 0

@@ -57,9 +57,47 @@ def add_finetune_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--alpha", type=float, help="LoRA alpha (default 2 x rank)")
     parser.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (default 2e-4)")
     parser.add_argument("--train-shortcuts", action="store_true", help="train the shortcut matrices too (whole)")
+    parser.add_argument(
+        "--distill-from",
+        metavar="DENSE",
+        help="distillation: train to match this model's next-token distribution (KL to its softmax) instead of "
+        "predicting the text; a dense checkpoint, Hugging Face folder, .gguf file or smollm2-135m, sharing the "
+        "checkpoint's tokenizer. --data generated then samples the text from it: no data set needed",
+    )
+    parser.add_argument(
+        "--lm-weight",
+        type=float,
+        default=0.0,
+        help="with --distill-from: loss = (1 - W) KL + W language-model loss (default 0: KL only)",
+    )
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "float16", "bfloat16", "float64"],
+        help="weights dtype of the result (default: the checkpoint's)",
+    )
     parser.add_argument("--device", default="cpu", help="where training runs: cpu, cuda, cuda:1, ...")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+
+
+DEMO_RECOVER_STEPS = 0  # measured: see the README's demo section
+
+
+def add_demo_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--sparsity", type=float, default=0.25, help="fraction of the width to slice away (default 0.25)"
+    )
+    parser.add_argument("--nsamples", type=int, default=32, help="generated calibration sequences")
+    parser.add_argument("--seqlen", type=int, default=256, help="tokens per generated calibration sequence")
+    parser.add_argument(
+        "--recover-steps",
+        type=int,
+        default=DEMO_RECOVER_STEPS,
+        help="after slicing, distil the slice towards the dense model for N LoRA steps of 4 sequences on the same "
+        "generated text (default 0: 8 steps took 266 s on this project's 2-core CPU, most of another first run; "
+        "see README)",
+    )
+    add_server_options(parser)
 
 
 def add_plan_options(parser: argparse.ArgumentParser) -> None:
@@ -85,7 +123,33 @@ def add_plan_options(parser: argparse.ArgumentParser) -> None:
         default="1GiB",
         help="per card, for the CUDA context, library workspaces and allocator slack (default 1GiB)",
     )
+    parser.add_argument(
+        "--bits", type=int, choices=[8, 4], help="plan the block linears in 8 or 4 bits (sliceserve quantize)"
+    )
+    parser.add_argument("--group-size", type=int, default=128, help="inputs per quantization scale (default 128)")
+    parser.add_argument(
+        "--quantized-shortcuts", action="store_true", help="with --bits: the shortcut matrices quantized too"
+    )
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+
+def add_quantize_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="a checkpoint folder of ours: dense export, sliced or 2:4")
+    parser.add_argument("--bits", type=int, choices=[8, 4], required=True, help="8 (symmetric) or 4 (with zero points)")
+    parser.add_argument("--group-size", type=int, default=128, help="inputs sharing one scale (default 128)")
+    parser.add_argument(
+        "--method", choices=["rtn", "gptq"], default="rtn", help="rtn: round to nearest, no data (default); "
+        "gptq: error feedback from calibration text (the calibration options)",
+    )  # fmt: skip
+    parser.add_argument("--shortcuts", action="store_true", help="quantize a sliced model's shortcut matrices too")
+    parser.add_argument(
+        "--rotate", action="store_true", help="first rotate the residual stream by random orthogonal matrices "
+        "(the same model; its weights quantize with less error)",
+    )  # fmt: skip
+    parser.add_argument("--rotation-seed", type=int, default=0)
+    parser.add_argument("--out", required=True, help="checkpoint folder to write")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    add_calibration_options(parser)
 
 
 def add_placement_options(parser: argparse.ArgumentParser) -> None:
@@ -106,6 +170,40 @@ def add_placement_options(parser: argparse.ArgumentParser) -> None:
         "--micro-batches",
         type=int,
         help="with --distributed: pieces a decode batch is cut into (default: the number of stages)",
+    )
+
+
+PAPER_TASKS = "piqa,arc_easy,arc_challenge,hellaswag,winogrande"  # SliceGPT's zero-shot tasks
+
+
+def add_eval_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="checkpoint folder, or a model (Hugging Face folder, .gguf, smollm2-135m)")
+    parser.add_argument(
+        "--tasks",
+        default=PAPER_TASKS,
+        help=f"lm-eval task names, comma-separated (default: the paper's, {PAPER_TASKS})",
+    )
+    parser.add_argument(
+        "--include-path", metavar="DIR", help="folder of task YAML files of your own, besides lm-eval's"
+    )
+    parser.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda, cuda:1, ...")
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16", "float64"], help="run in this dtype")
+    parser.add_argument(
+        "--runtime",
+        choices=["auto", "fast", "reference"],
+        default="auto",
+        help="for a checkpoint: fast (Triton kernels, CUDA only), reference (plain PyTorch), auto (default): fast on CUDA",
+    )
+    parser.add_argument("--batch-size", type=int, default=8, help="requests scored per forward pass (default 8)")
+    parser.add_argument("--max-length", type=int, help="tokens per forward pass (default: the model's positions)")
+    parser.add_argument("--limit", type=float, help="at most N documents per task (below 1: that fraction)")
+    parser.add_argument("--out", metavar="FILE", help="write lm-eval's results as JSON")
+    parser.add_argument("--log-samples", action="store_true", help="with --out: every document's requests and scores")
+    parser.add_argument(
+        "--bootstrap-iters",
+        type=int,
+        default=100_000,
+        help="resamples for the standard errors (default 100000; 0: none)",
     )
 
 

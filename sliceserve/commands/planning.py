@@ -22,7 +22,12 @@ def plan_command(args: argparse.Namespace) -> int:
         batch=args.batch,
         context=args.context or spec.max_positions,
         reserve=parse_size(args.reserve, allow_zero=True),
+        bits=args.bits,
+        group_size=args.group_size,
+        quantized_shortcuts=args.quantized_shortcuts,
     )
+    if args.quantized_shortcuts and args.bits is None:
+        raise SliceserveError("--quantized-shortcuts needs --bits")
     if work.context > spec.max_positions:
         raise SliceserveError(f"--context {work.context} exceeds the model's {spec.max_positions} positions")
     if args.round_to < 1:
@@ -40,6 +45,9 @@ def plan_command(args: argparse.Namespace) -> int:
             "context": work.context,
             "prefill_chunk": work.prefill_chunk,
             "reserve": work.reserve,
+            "bits": work.bits,
+            "group_size": work.group_size if work.bits else None,
+            "quantized_shortcuts": work.quantized_shortcuts,
         },
         "dense": plan_report(dense_spec(spec), shape, work, budget, "dense"),
         "sliced": {"sparsity": sparsity, **plan_report(sliced, shape, work, budget, "the sliced model")},
@@ -101,6 +109,12 @@ def print_plan(report: dict) -> None:
         f"cards of {format_size(report['gpu_memory'])}; {work['dtype']}, batch {work['batch']} "
         f"(+1 scratch KV slot), context {work['context']}, prefill chunks of {work['prefill_chunk']}, "
         f"reserve {format_size(work['reserve'])} a card"
+        + (
+            f"; block linears{' and shortcuts' if work['quantized_shortcuts'] else ''} in {work['bits']} bits, "
+            f"groups of {work['group_size']}"
+            if work["bits"]
+            else ""
+        )
     )
     sliced = report["sliced"]
     kind = f"sliced {sliced['sparsity']:.0%}" if sliced["sparsity"] is not None else "sliced (checkpoint)"

@@ -43,6 +43,9 @@ def quantize_command(args: argparse.Namespace) -> int:
         method=args.method,
         batches=batches,
         calibration=calibration,
+        shortcuts=args.shortcuts,
+        rotate=args.rotate,
+        seed=args.rotation_seed,
         overwrite=args.overwrite,
     )
     log.info("wrote %s", out)

@@ -7,6 +7,10 @@ import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sliceserve.engine.grammar import GrammarState
 
 
 @dataclass
@@ -31,6 +35,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # None: none; n >= 0: each prompt token's logprob (after the first), top n
     skip_special_tokens: bool = True  # special tokens leave no text
     include_stop_str_in_output: bool = False  # the stop string (or stop token's text) ends the text
+    grammar: GrammarState | None = None  # structured output: only tokens the grammar allows, then eos
 
 
 @dataclass

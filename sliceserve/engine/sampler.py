@@ -11,7 +11,7 @@ sits in it, and there is no generator state to keep. The draw is the Gumbel tric
 argmax(scores + G) with G = -log(-log u), which samples softmax(scores) exactly (it is
 argmax(p / E) with E = -log u exponential) without a cumulative sum.
 
-Work on a row, in vLLM's order: allowed_token_ids, bans (bad words, stop tokens before
+Work on a row, in vLLM's order: the grammar's mask (structured output), allowed_token_ids, bans (bad words, stop tokens before
 min_tokens) and logit_bias; repetition, frequency and presence penalties; then greedy argmax, or
 temperature, top-k, top-p, min-p and the draw. Logprobs are those of the raw logits (the model's
 distribution), as the OpenAI API reports them. Every feature costs nothing in a step where no row
@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from sliceserve.engine.grammar import grammar_bitmask, masked_by_grammar
 from sliceserve.engine.requests import SamplingParams
 
 GREEDY_BELOW = 1e-5  # smaller temperatures overflow the scores: argmax instead (as vLLM does)
@@ -67,6 +68,7 @@ class SamplingRows:
     addition_index: Tensor | None = None  # (2, N) int64: (row, token) pairs of additions
     addition_values: Tensor | None = None  # (N,) float32 added to those logits: logit_bias, -inf for bans
     allowed: Tensor | None = None  # (2, N) int64 (row, token): a row named here can sample only its tokens
+    grammar_bitmask: Tensor | None = None  # (B, ceil(V / 32)) int32: allowed tokens, packed; all on grammarless rows
     logprob_index: Tensor | None = None  # (A,) int64: rows that asked for logprobs
     logprob_rows: tuple[int, ...] = ()  # the same rows, on the host
     logprob_tops: tuple[int, ...] = ()  # per asking row, how many alternatives it wants
@@ -124,6 +126,7 @@ class SamplingRows:
             raise ValueError("multi-token bad_words_ids need output_ids")
 
         fields.update(_additions(params, counters, output_ids, eos_ids, V, device))
+        fields.update(_grammars(params, output_ids, V, device))
         allowed = [
             (row, t)
             for row, p in enumerate(params)
@@ -191,6 +194,14 @@ def _padded(lists: Sequence[Sequence[int]], pad: int, device) -> Tensor:
     return torch.tensor([[*ids, *[pad] * (width - len(ids))] for ids in lists], dtype=torch.int64, device=device)
 
 
+def _grammars(params: Sequence[SamplingParams], output_ids, V: int, device) -> dict[str, Tensor]:
+    """The grammar rows' masks this step; their matchers are first fed the tokens sampled since."""
+    if all(p.grammar is None for p in params):
+        return {}
+    outputs = _needed(output_ids, "output_ids", "grammars")
+    return {"grammar_bitmask": grammar_bitmask([p.grammar for p in params], outputs, V).to(device)}
+
+
 def _additions(
     params: Sequence[SamplingParams], counters: Sequence[int], output_ids, eos_ids: Collection[int], V: int, device
 ) -> dict[str, Tensor]:
@@ -226,8 +237,10 @@ def sample(logits: Tensor, rows: SamplingRows) -> Sampled:
 
 
 def adjust_logits(logits: Tensor, rows: SamplingRows) -> Tensor:
-    """Float32 logits after allowed_token_ids, bans, logit_bias and penalties (logits stay as they are)."""
+    """Float32 logits after the grammar, allowed_token_ids, bans, logit_bias and penalties (logits stay as they are)."""
     scores = logits.float()  # out-of-place from here on: for float32 logits, this is the caller's tensor
+    if rows.grammar_bitmask is not None:
+        scores = masked_by_grammar(scores, rows.grammar_bitmask)
     if rows.allowed is not None:
         scores = scores.masked_fill(~_allowed_mask(rows.allowed, scores), NEG_INF)
     if rows.addition_index is not None:

@@ -7,13 +7,16 @@ are written back through the checkpoint writer, with the source's config, a "fin
 and the tokenizer. The shortcut matrices are plain parameters, not linears: with
 `train_shortcuts` they are trained whole rather than through adapters.
 
-Training runs in float32 (float64 for a float64 checkpoint); the result is stored in the
-source's dtype. Each step takes the next batch, cycling; padding (mask False) is not predicted.
+The objective is the language-model loss on the text, or, given a `Distillation`, the KL
+divergence to a dense teacher's next-token distribution (distillation.py). Training runs in
+float32 (float64 for a float64 checkpoint); the result is stored in the source's dtype unless
+another is asked. Each step takes the next batch, cycling; padding (mask False) is not predicted.
 """
 
 from __future__ import annotations
 
 import datetime
+import functools
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -22,9 +25,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from sliceserve.checkpoint import CheckpointWriter, check_destination, read_config
+from sliceserve.checkpoint import CheckpointWriter, check_destination, checkpoint_spec, read_config
 from sliceserve.errors import SliceserveError
+from sliceserve.finetuning.distillation import Distillation, check_teacher_fits, distillation_loss
 from sliceserve.hf_modeling import loadable_by_transformers
+from sliceserve.model.loader import load_tokenizer
 from sliceserve.model.spec import BLOCK_LINEARS
 from sliceserve.slicing.checkpoint_writer import DTYPES, library_versions
 
@@ -88,10 +93,13 @@ def finetune_checkpoint(
     *,
     device: str = "cpu",
     data: dict | None = None,
+    distillation: Distillation | None = None,
+    dtype: torch.dtype | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> Path:
-    """Train LoRA adapters (and, if asked, the shortcuts) on `batches`, merge, write `out`."""
+    """Train LoRA adapters (and, if asked, the shortcuts) on `batches`, merge, write `out` (in
+    `dtype`, default the source's). With `distillation` the loss is the KL to its teacher."""
     settings.check()
     if not batches:
         raise SliceserveError("fine-tuning needs training text (no batches given)")
@@ -103,6 +111,13 @@ def finetune_checkpoint(
         )
     stored = DTYPES.get(config.get("dtype"), torch.float32)
     check_destination(Path(out).absolute(), overwrite)
+    tokenizer = load_tokenizer(checkpoint) if (checkpoint / "tokenizer_config.json").is_file() else None
+    objective = batch_loss
+    if distillation is not None:
+        distillation.check()
+        seqlen = max(tokens.shape[1] for tokens, _ in batches)
+        check_teacher_fits(distillation.teacher, checkpoint_spec(config), tokenizer, seqlen)
+        objective = functools.partial(distillation_loss, distillation)
     dev = torch.device(device)
     torch.manual_seed(settings.seed)  # PEFT draws each adapter's A at random
     model, targets = lora_model(checkpoint, settings, dev, training_dtype(stored))
@@ -111,9 +126,10 @@ def finetune_checkpoint(
     model.train()
     losses = []
     started = time.perf_counter()
-    bar = tqdm(range(settings.steps), desc="fine-tuning (LoRA)", unit="step", disable=not progress)
+    title = "distilling (LoRA, KL to the teacher)" if distillation else "fine-tuning (LoRA)"
+    bar = tqdm(range(settings.steps), desc=title, unit="step", disable=not progress)
     for step in bar:
-        loss = batch_loss(model, *batches[step % len(batches)], dev)
+        loss = objective(model, *batches[step % len(batches)], dev)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -121,15 +137,14 @@ def finetune_checkpoint(
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
     seconds = time.perf_counter() - started
     merged = model.merge_and_unload().eval()
-
-    from sliceserve.model.loader import load_tokenizer
-
-    tokenizer = load_tokenizer(checkpoint) if (checkpoint / "tokenizer_config.json").is_file() else None
-    with CheckpointWriter(out, dtype=stored, overwrite=overwrite) as writer:
+    dtype = dtype or stored
+    with CheckpointWriter(out, dtype=dtype, overwrite=overwrite) as writer:
         for name, tensor in merged.state_dict().items():
             writer.add(name, tensor)
         record = {
             "method": "lora",
+            "objective": "distillation" if distillation else "language-model",
+            **({"distillation": distillation.record()} if distillation else {}),
             "source": str(checkpoint.resolve()),
             **asdict(settings),
             "targets": targets,
@@ -146,6 +161,7 @@ def finetune_checkpoint(
         }
         finished = {
             **config,
+            "dtype": str(dtype).removeprefix("torch."),
             "finetuning": record,
             "versions": library_versions(),
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

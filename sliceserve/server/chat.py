@@ -15,6 +15,7 @@ from sliceserve.server.generation import AnswerShape, check_model, max_tokens_fo
 from sliceserve.server.logprobs import LogprobsWriter
 from sliceserve.server.protocol import ChatCompletionRequest, ChatMessage
 from sliceserve.server.streams import Choice, ChoiceStreams
+from sliceserve.server.structured_output import compile_response_format, grammar_states
 
 
 def chat_prompt_ids(tokenizer: Any, messages: list[ChatMessage]) -> list[int]:
@@ -56,8 +57,10 @@ async def create_chat_completion(request: Request) -> Response:
         len(prompt_ids), body.requested_max_tokens(), None, engine.max_model_len, "messages", tokens_param
     )
     logprobs = body.logprobs_count()
+    grammar = await run_in_threadpool(compile_response_format, body.response_format, engine)
+    grammars = grammar_states(grammar, engine, body.choices)
     choices = [
-        Choice(i, 0, prompt_ids, body.sampling_params(max_tokens, i, logprobs, bad_words_ids))
+        Choice(i, 0, prompt_ids, body.sampling_params(max_tokens, i, logprobs, bad_words_ids, grammars[i]))
         for i in range(body.choices)
     ]
     writer = LogprobsWriter(engine.pieces, bool(body.return_tokens_as_token_ids))

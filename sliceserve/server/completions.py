@@ -21,6 +21,7 @@ from sliceserve.server.generation import AnswerShape, check_model, max_tokens_fo
 from sliceserve.server.logprobs import LogprobsWriter, joined
 from sliceserve.server.protocol import CompletionRequest
 from sliceserve.server.streams import Choice, ChoiceStreams
+from sliceserve.server.structured_output import compile_response_format, grammar_states
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 
@@ -98,12 +99,14 @@ async def create_completion(request: Request) -> Response:
             "n",
         )
     prepared = await run_in_threadpool(prepare, body, engine.tokenizer, prompts, vocab)
+    grammar = await run_in_threadpool(compile_response_format, body.response_format, engine)
     choices = []
     for p, ids in enumerate(prepared.prompt_ids):
         max_tokens = max_tokens_for(len(ids), body.max_tokens, DEFAULT_MAX_TOKENS, engine.max_model_len, "prompt")
+        grammars = grammar_states(grammar, engine, body.choices)
         for i in range(body.choices):
             # each prompt's choice i takes seed + i, as it would alone
-            params = body.sampling_params(max_tokens, i, body.logprobs, prepared.bad_words_ids)
+            params = body.sampling_params(max_tokens, i, body.logprobs, prepared.bad_words_ids, grammars[i])
             choices.append(Choice(p * body.choices + i, p, ids, params))
     writer = LogprobsWriter(engine.pieces, bool(body.return_tokens_as_token_ids))
     echoed: set[int] = set()  # choices whose prompt a stream has sent

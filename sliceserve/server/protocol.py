@@ -14,12 +14,15 @@ docs/api_parity.md is the resulting table, written by tests/test_api_parity.py.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from sliceserve.engine.requests import SamplingParams
 from sliceserve.server.errors import bad_request
+
+if TYPE_CHECKING:
+    from sliceserve.engine.grammar import GrammarState
 
 MAX_STOP_SEQUENCES = 16
 MAX_TOP_LOGPROBS = 20
@@ -94,8 +97,29 @@ class ResponseFormat(StrictModel):
     model_config = ConfigDict(strict=True, extra="allow")  # the structured-output kinds carry more
 
     def check(self) -> None:
-        if self.type != "text":
-            raise bad_request(f"response_format: type {self.type!r} is not supported (only 'text')", "response_format")
+        """The shape OpenAI documents: json_schema carries {"name", "schema", "strict"}; text and
+        json_object carry nothing (their grammar is compiled later, with the tokenizer)."""
+        if self.type == "structural_tag":
+            raise bad_request(
+                "response_format: type 'structural_tag' is not supported by this server", "response_format"
+            )
+        if self.type != "json_schema":
+            return
+        spec = self.json_schema
+        if spec is None:
+            raise bad_request("response_format: type 'json_schema' needs a json_schema object", "response_format")
+        if not isinstance(spec.get("name"), str) or not spec["name"]:
+            raise bad_request("response_format.json_schema.name must be a non-empty string", "response_format")
+        if not isinstance(spec.get("schema", {}), dict):
+            raise bad_request("response_format.json_schema.schema must be a JSON object", "response_format")
+        if not isinstance(spec.get("strict", False), (bool, type(None))):
+            raise bad_request("response_format.json_schema.strict must be a boolean", "response_format")
+
+    def schema(self) -> dict:
+        """The JSON schema the output must follow: json_object is any object (OpenAI's meaning)."""
+        if self.type == "json_object":
+            return {"type": "object"}
+        return (self.json_schema or {}).get("schema") or {}
 
 
 class GenerationRequest(StrictModel):
@@ -225,7 +249,12 @@ class GenerationRequest(StrictModel):
         return self.prompt_logprobs
 
     def sampling_params(
-        self, max_tokens: int, choice: int, logprobs: int | None, bad_words_ids: list[list[int]] | None = None
+        self,
+        max_tokens: int,
+        choice: int,
+        logprobs: int | None,
+        bad_words_ids: list[list[int]] | None = None,
+        grammar: GrammarState | None = None,
     ) -> SamplingParams:
         """The engine's parameters for one choice; choice i of n gets seed + i."""
         temperature = 1.0 if self.temperature is None else self.temperature
@@ -250,6 +279,7 @@ class GenerationRequest(StrictModel):
             prompt_logprobs=self.prompt_logprobs_count(),
             skip_special_tokens=self.skip_special_tokens is not False,
             include_stop_str_in_output=bool(self.include_stop_str_in_output),
+            grammar=grammar,
         )
 
     def truncated(self, prompt_ids: list[int]) -> list[int]:

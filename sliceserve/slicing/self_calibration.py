@@ -8,7 +8,11 @@ faster on a CPU than Transformers' `generate` (measured: 8 x 32 tokens of SmolLM
 
 from __future__ import annotations
 
+import json
+import os
 import queue
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -114,4 +118,41 @@ def generated_token_windows(
     for i, ids in enumerate(outputs):
         tokens[i, : len(ids)] = torch.tensor(ids)
         mask[i, : len(ids)] = True
+    return tokens, mask
+
+
+def cached_generated_windows(
+    cache_file: Path,
+    key: dict,
+    model_loader: Callable[[], Transformer],
+    tokenizer,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`generated_token_windows` for `key` (its "nsamples", "seqlen" and "seed", and whatever
+    names the model, as "source"), read from `cache_file` when a run with the same key wrote it.
+
+    Sampling takes minutes on a CPU and its result does not depend on what it is used for (the
+    sparsity, the fine-tuning), so it is done once per key. The file is written whole under a
+    temporary name and renamed, so an interrupted run never leaves a cache that looks complete;
+    a file whose stored key differs (or that cannot be read) is sampled again and replaced.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    stored_key = json.dumps(key, sort_keys=True)
+    if cache_file.is_file():
+        try:
+            with safe_open(str(cache_file), framework="pt") as cached:
+                if cached.metadata().get("key") == stored_key:
+                    return cached.get_tensor("tokens"), cached.get_tensor("mask")
+        except Exception:  # truncated or foreign file: sample again
+            pass
+    tokens, mask = generated_token_windows(
+        model_loader(), tokenizer, key["nsamples"], key["seqlen"], key["seed"], batch_size, progress
+    )
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    partial = cache_file.with_name(f".{cache_file.name}.partial-{os.getpid()}")
+    save_file({"tokens": tokens, "mask": mask}, str(partial), metadata={"key": stored_key})
+    os.replace(partial, cache_file)
     return tokens, mask
