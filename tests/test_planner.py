@@ -168,7 +168,16 @@ def test_plan_command(capsys):
     assert code == 0
     plan = json.loads(out)
     assert (plan["dense"]["cards"], plan["sliced"]["cards"]) == (7, 5)
-    assert plan["workload"] == {"dtype": "float16", "batch": 1, "context": 4096, "prefill_chunk": 256, "reserve": GiB}
+    assert plan["workload"] == {
+        "dtype": "float16",
+        "batch": 1,
+        "context": 4096,
+        "prefill_chunk": 256,
+        "reserve": GiB,
+        "bits": None,
+        "group_size": None,
+        "quantized_shortcuts": False,
+    }
     assert plan["sliced"]["widths"] == [6144]
     ranges = [stage["layers"] for stage in plan["sliced"]["stages"]]
     assert ranges == [[0, 15], [16, 31], [32, 47], [48, 63], [64, 79]]
