@@ -13,9 +13,9 @@ log = logging.getLogger("sliceserve")
 
 
 def quantize_command(args: argparse.Namespace) -> int:
+    from sliceserve.commands.slicing import calibration_text
     from sliceserve.model.loader import load_model, load_tokenizer
     from sliceserve.quantization.checkpoint_writer import quantize_checkpoint
-    from sliceserve.slicing.calibration import load_calibration
 
     if args.group_size < 2:
         raise SliceserveError(f"--group-size must be at least 2, got {args.group_size}")
@@ -23,18 +23,9 @@ def quantize_command(args: argparse.Namespace) -> int:
     check_destination(Path(args.out).absolute(), args.overwrite)
     batches, calibration = None, None
     if args.method == "gptq":
-        batches = load_calibration(
-            args.calibration,
-            load_tokenizer(args.checkpoint),
-            nsamples=args.nsamples,
-            seqlen=args.seqlen,
-            seed=args.seed,
-            batch_size=args.batch_size,
-            data_dir=args.data_dir,
-            model_loader=lambda: load_model(args.checkpoint),
+        batches, calibration = calibration_text(
+            args, load_tokenizer(args.checkpoint), lambda: load_model(args.checkpoint)
         )
-        calibration = {"source": args.calibration, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed}
-        log.info("calibration: %s, %d x %d tokens", args.calibration, args.nsamples, args.seqlen)
     out = quantize_checkpoint(
         args.checkpoint,
         args.out,

@@ -36,6 +36,11 @@ def calibration_from_args(args: argparse.Namespace, source: ModelSource) -> tupl
     tokenizer = source.tokenizer()
     if tokenizer is None:
         raise SliceserveError("this model has no tokenizer, so calibration text cannot be tokenized")
+    return calibration_text(args, tokenizer, lambda: dense_runtime_model(source))
+
+
+def calibration_text(args: argparse.Namespace, tokenizer, model_loader) -> tuple[list, dict]:
+    """calibration_from_args for any tokenizer; `model_loader` gives the model "generated" samples from."""
     batches = load_calibration(
         args.calibration,
         tokenizer,
@@ -44,7 +49,7 @@ def calibration_from_args(args: argparse.Namespace, source: ModelSource) -> tupl
         seed=args.seed,
         batch_size=args.batch_size,
         data_dir=args.data_dir,
-        model_loader=lambda: dense_runtime_model(source),
+        model_loader=model_loader,
     )
     # Logged once the text is found, so a calibration error stays a one-line message.
     log.info("calibration: %s, %d x %d tokens, seed %d", args.calibration, args.nsamples, args.seqlen, args.seed)
