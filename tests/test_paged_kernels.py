@@ -117,7 +117,7 @@ def test_decode_attention_reads_through_the_table(dtype, heads, kv_heads, head_d
         q, paged_keys, paged_values, positions, slots, window=window, block_table=table
     )
     assert torch.equal(paged_expected, expected)
-    for splits in (1, 4):
+    for splits, block_n in ((1, 16), (4, 16), (4, 32)):
         out = decode_attention(
             q,
             paged_keys,
@@ -126,12 +126,12 @@ def test_decode_attention_reads_through_the_table(dtype, heads, kv_heads, head_d
             slots,
             window=window,
             splits=splits,
-            block_n=16,
+            block_n=block_n,
             block_table=table,
             out=poisoned((rows, heads * head_dim), dtype),
         )
         assert relative_error(out, expected) < tolerance(dtype)
-        plain = decode_attention(q, keys, values, positions, slots, window=window, splits=splits, block_n=16)
+        plain = decode_attention(q, keys, values, positions, slots, window=window, splits=splits, block_n=block_n)
         identity = decode_attention(
             q,
             keys,
@@ -140,7 +140,7 @@ def test_decode_attention_reads_through_the_table(dtype, heads, kv_heads, head_d
             slots,
             window=window,
             splits=splits,
-            block_n=16,
+            block_n=block_n,
             block_table=identity_table(slots_count),
         )
         assert torch.equal(identity, plain)

@@ -39,6 +39,7 @@ from sliceserve.engine.stats import EngineStats
 from sliceserve.engine.text_stream import TextStream
 from sliceserve.engine.token_pieces import TokenPieces
 from sliceserve.model.kv_cache import PrefillChunk
+from sliceserve.uploads import upload
 
 log = logging.getLogger(__name__)
 
@@ -299,7 +300,7 @@ class Engine:
             self.record_prompt(request)
             self.finish(request, "length")
         if len(last_rows) < logits.shape[0]:
-            logits = logits[last_rows]
+            logits = logits.index_select(0, upload(last_rows, logits.device))
         if folded:
             return torch.cat([logits, folded_logits]), ready + plan.folded
         return logits, ready
@@ -326,7 +327,11 @@ class Engine:
             if not keep:
                 return
             rows = [ahead[i] for i in keep]
-            logits = next_logits if len(keep) == len(ahead) else next_logits[keep]
+            logits = (
+                next_logits
+                if len(keep) == len(ahead)
+                else next_logits.index_select(0, upload(keep, next_logits.device))
+            )
 
     def decode_ahead(self, rows: list[Request]) -> list[Request] | None:
         """The rows of the next decode step if it can be queued before this step's tokens are
@@ -450,7 +455,7 @@ class Engine:
         ahead = sampled is not None
         positions = [r.length - (not ahead) for r in requests] + [0] * pad
         slots = [r.slot for r in requests] + [self.cache.scratch_slot] * pad
-        as_tensor = lambda values: torch.tensor(values, device=self.device)  # noqa: E731
+        as_tensor = lambda values: upload(values, self.device)  # noqa: E731
         if ahead:
             sampled = sampled.to(self.device)  # a pipeline's logits come out on its last device
             tokens = torch.cat([sampled, sampled.new_zeros(pad)]) if pad else sampled

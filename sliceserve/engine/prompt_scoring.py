@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from sliceserve.uploads import upload
+
 # (token id, logprob, rank, top (id, logprob) pairs, most likely first)
 PromptTokenScore = tuple[int, float, int, list[tuple[int, float]]]
 
@@ -34,7 +36,7 @@ def score_chunk(owner: object, logits: Tensor, prompt: list[int], start: int, to
     if not targets:
         return None
     logprobs = logits[: len(targets)].float().log_softmax(dim=-1)
-    target_ids = torch.tensor(targets, device=logprobs.device)
+    target_ids = upload(targets, logprobs.device)
     chosen = logprobs.gather(1, target_ids[:, None])[:, 0]
     ranks = (logprobs > chosen[:, None]).sum(dim=-1) + 1
     top = min(top, logprobs.shape[1])

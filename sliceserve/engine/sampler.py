@@ -33,6 +33,7 @@ from torch import Tensor
 
 from sliceserve.engine.grammar import grammar_bitmask, masked_by_grammar
 from sliceserve.engine.requests import SamplingParams
+from sliceserve.uploads import upload
 
 GREEDY_BELOW = 1e-5  # smaller temperatures overflow the scores: argmax instead (as vLLM does)
 MASK32 = 0xFFFFFFFF
@@ -135,10 +136,10 @@ class SamplingRows:
             if 0 <= t < V
         ]
         if allowed:
-            fields["allowed"] = torch.tensor(allowed, dtype=torch.int64, device=device).T
+            fields["allowed"] = upload(allowed, device).T
         asking = tuple(row for row, p in enumerate(params) if p.logprobs is not None)
         if asking:
-            fields["logprob_index"] = torch.tensor(asking, dtype=torch.int64, device=device)
+            fields["logprob_index"] = upload(asking, device)
             fields["logprob_rows"] = asking
             fields["logprob_tops"] = tuple(params[row].logprobs for row in asking)
 
@@ -185,13 +186,13 @@ def _upload(columns: dict[str, list], dtype: torch.dtype, device) -> dict[str, T
     """Per-row columns as views of one tensor: one host->device copy for all of them."""
     if not columns:
         return {}
-    packed = torch.tensor(list(columns.values()), dtype=dtype, device=device)
+    packed = upload(list(columns.values()), device, dtype)
     return dict(zip(columns, packed.unbind(0)))
 
 
 def _padded(lists: Sequence[Sequence[int]], pad: int, device) -> Tensor:
     width = max(1, max(len(ids) for ids in lists))
-    return torch.tensor([[*ids, *[pad] * (width - len(ids))] for ids in lists], dtype=torch.int64, device=device)
+    return upload([[*ids, *[pad] * (width - len(ids))] for ids in lists], device)
 
 
 def _grammars(params: Sequence[SamplingParams], output_ids, V: int, device) -> dict[str, Tensor]:
@@ -221,8 +222,8 @@ def _additions(
         return {}
     rows, tokens, values = zip(*triples)
     return {
-        "addition_index": torch.tensor([rows, tokens], dtype=torch.int64, device=device),
-        "addition_values": torch.tensor(values, dtype=torch.float32, device=device),
+        "addition_index": upload([rows, tokens], device),
+        "addition_values": upload(values, device, torch.float32),
     }
 
 

@@ -31,6 +31,7 @@ from sliceserve.kernels.rms_norm import rms_norm
 from sliceserve.kernels.rope_store import rope_half_tables, rope_store
 from sliceserve.model.decoder import Block, Transformer
 from sliceserve.model.kv_cache import KVCache, PrefillChunk
+from sliceserve.uploads import upload
 
 
 def concatenated_bias(parts: list[torch.nn.Linear], widths: list[int]) -> torch.Tensor | None:
@@ -367,16 +368,16 @@ class FastTransformer:
         layer serves every chunk over its own slot's prefix. Only the rows returned go through
         the head."""
         device = self.input_device
-        tokens = torch.tensor([t for c in chunks for t in c.tokens], device=device)
-        positions = torch.tensor([p for c in chunks for p in range(c.start, c.start + len(c.tokens))], device=device)
-        slots = torch.tensor([c.slot for c in chunks for _ in c.tokens], device=device)
+        tokens = upload([t for c in chunks for t in c.tokens], device)
+        positions = upload([p for c in chunks for p in range(c.start, c.start + len(c.tokens))], device)
+        slots = upload([c.slot for c in chunks for _ in c.tokens], device)
         segments, rows, start = [], [], 0
         for c in chunks:
             end = start + len(c.tokens)
             segments.append((start, end, c.slot, c.start))
             rows += range(start, end) if c.all_positions else [end - 1]
             start = end
-        last_rows = torch.tensor(rows, device=device)
+        last_rows = upload(rows, device)
         tiles = attention_tiles(segments, PREFILL_ROWS, device)
         return self.step(tokens, positions, slots, cache, last_rows=last_rows, tiles=tiles)
 

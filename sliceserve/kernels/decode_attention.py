@@ -49,10 +49,10 @@ def decode_attention_kernel(
     head_dim,
     window,
     scale,
-    block_size,
     SPLITS: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     HAS_TABLE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,  # a paged cache's positions per block: a shift and a mask, not a division
     BLOCK_H: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HEAD_P2: tl.constexpr,
@@ -87,8 +87,8 @@ def decode_attention_kernel(
         n = n0 + tl.arange(0, BLOCK_N)
         kv_mask = (n[:, None] < hi) & (d[None, :] < head_dim)
         if HAS_TABLE:
-            block = tl.load(table_row + n // block_size, mask=n < hi, other=0).to(tl.int64)
-            where = block * stride_slot + (n % block_size) * stride_pos
+            block = tl.load(table_row + n // BLOCK_SIZE, mask=n < hi, other=0).to(tl.int64)
+            where = block * stride_slot + (n % BLOCK_SIZE) * stride_pos
             offsets = kv_head * stride_head + where[:, None] + d[None, :]
         else:
             offsets = base + n[:, None] * stride_pos + d[None, :]
@@ -192,10 +192,10 @@ def decode_attention(
         head_dim,
         window or 0,
         1.0 / math.sqrt(head_dim),
-        keys.shape[2],
         SPLITS=splits,
         HAS_WINDOW=window is not None,
         HAS_TABLE=block_table is not None,
+        BLOCK_SIZE=keys.shape[2] if block_table is not None else 1,
         BLOCK_H=max(16, triton.next_power_of_2(group)),
         BLOCK_N=block_n,
         HEAD_P2=head_p2,

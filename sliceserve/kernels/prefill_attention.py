@@ -30,6 +30,7 @@ import triton.language as tl
 from sliceserve.kernels.decode_attention import cache_row
 from sliceserve.kernels.fused_linear import dot_precision
 from sliceserve.kernels.launch import launch_options, overlap_mode, wait_for_previous_kernel
+from sliceserve.uploads import upload
 
 
 @triton.jit
@@ -121,7 +122,7 @@ def attention_tiles(segments: list[tuple[int, int, int, int]], block_m: int, dev
         for start, end, slot, first in segments
         for row in range(start, end, block_m)
     ]
-    return torch.tensor(tiles, dtype=torch.int32).reshape(-1, 4).to(device)
+    return upload(tiles, device, torch.int32).reshape(-1, 4)
 
 
 def prefill_attention(

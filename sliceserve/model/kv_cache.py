@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from sliceserve.model.spec import DecoderSpec
+from sliceserve.uploads import upload
 
 
 @dataclass
@@ -105,11 +106,9 @@ class KVCache:
         device, ordered on its stream before the next step that reads the table."""
         if entries:
             slots, indices, blocks = zip(*entries)
-            where = torch.tensor([slots, indices], dtype=torch.long)
-            self.block_table.index_put_(
-                tuple(where.to(self.block_table.device)),
-                torch.tensor(blocks, dtype=torch.int32).to(self.block_table.device),
-            )
+            device = self.block_table.device
+            where = upload([slots, indices], device)
+            self.block_table.index_put_(tuple(where), upload(blocks, device, torch.int32))
 
     def addresses(self, slot: int, first: int, last: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(blocks, offsets) of positions first..last of `slot`: where those keys live."""
