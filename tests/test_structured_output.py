@@ -12,7 +12,7 @@ import time
 import openai
 import pytest
 import torch
-from test_server_support import checkpoint_path, start_server
+from test_server_support import checkpoint_path, demo_checkpoint_path, start_server
 
 from sliceserve.engine.loading import load_engine
 
@@ -103,6 +103,24 @@ def test_text_is_the_default(client):
     plain = chat(client, temperature=0, max_tokens=12)
     text = chat(client, temperature=0, max_tokens=12, response_format={"type": "text"})
     assert plain.message.content == text.message.content
+
+
+@pytest.mark.parametrize("fields,param", [({"ignore_eos": True}, "ignore_eos"), ({"min_tokens": 2}, "min_tokens")])
+@pytest.mark.parametrize("route", ["/chat/completions", "/completions"])
+def test_a_grammar_refuses_what_would_hold_it_open(server, route, fields, param):
+    """The answer ends with eos once the grammar is complete: ignore_eos, or min_tokens past where
+    the grammar may end, would leave nothing the grammar allows."""
+    import httpx
+
+    body = {"max_tokens": 50, "response_format": JSON_SCHEMA, **fields}
+    body |= {"messages": [{"role": "user", "content": PROMPT}]} if route.startswith("/chat") else {"prompt": PROMPT}
+    response = httpx.post(server.base_url + route, json=body, timeout=60)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and "response_format" in error["message"], error
+    plain = {"max_tokens": 4, "response_format": {"type": "text"}, **fields}  # no grammar: nothing to refuse
+    plain |= {"messages": [{"role": "user", "content": PROMPT}]} if route.startswith("/chat") else {"prompt": PROMPT}
+    assert httpx.post(server.base_url + route, json=plain, timeout=60).status_code == 200
 
 
 @pytest.mark.parametrize(
@@ -204,3 +222,45 @@ def test_a_state_sent_to_an_engine_process_replays_the_output(server):
     there = grammar_bitmask([pickle.loads(pickle.dumps(state))], [output], vocab)
     assert torch.equal(here, there)
     assert not torch.equal(here, grammar_bitmask(grammar_states(compiled, engine, 1), [[]], vocab))
+
+
+COUNTRY = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 40}, "capital": {"type": "string", "maxLength": 40}},
+    "required": ["name", "capital"],
+    "additionalProperties": False,
+}
+
+
+@pytest.mark.slow
+def test_the_demo_model_answers_a_json_schema(tmp_path_factory):
+    """SmolLM2-135M-Instruct (the demo model, exported dense) fills a small schema (about 20 tokens
+    and 2.5 s an answer on a 2-core CPU, 2026-12)."""
+    import jsonschema
+
+    engine = load_engine(demo_checkpoint_path(tmp_path_factory), max_batch=2, max_model_len=256)
+    running = start_server(engine, model_name="smollm2-dense")
+    try:
+        client = openai.OpenAI(base_url=running.base_url, api_key="unused", max_retries=0, timeout=120)
+        response_format = {"type": "json_schema", "json_schema": {"name": "country", "schema": COUNTRY}}
+        for sampling in ({"temperature": 0}, {"temperature": 1, "seed": 1}):
+            choice = client.chat.completions.create(
+                model="smollm2-dense",
+                messages=[{"role": "user", "content": "Name a country and its capital, as JSON."}],
+                response_format=response_format,
+                max_tokens=48,
+                **sampling,
+            ).choices[0]
+            print(sampling, choice.message.content)
+            assert choice.finish_reason == "stop", choice.message.content
+            jsonschema.validate(json.loads(choice.message.content), COUNTRY)
+        # its chat template never reads `tools`: tools are refused by name, not left out of the prompt
+        with pytest.raises(openai.BadRequestError, match="no tool support"):
+            client.chat.completions.create(
+                model="smollm2-dense",
+                messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+                tools=[{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}],
+                max_tokens=4,
+            )
+    finally:
+        running.stop()

@@ -70,18 +70,21 @@ def render_chat(
     tokenizer: Any,
     conversation: list[dict],
     *,
+    tools: list[dict] | None = None,
     seconds: float = TEMPLATE_SECONDS,
     max_chars: int = TEMPLATE_MAX_CHARS,
 ) -> list[int]:
-    """The prompt's token ids: `conversation` rendered by the tokenizer's chat template, ending
-    with the opening of the assistant's turn. Raises ChatTemplateError."""
+    """The prompt's token ids: `conversation` rendered by the tokenizer's chat template (given
+    `tools`, the function definitions, where there are any), ending with the opening of the
+    assistant's turn. Raises ChatTemplateError."""
     from jinja2 import TemplateError
 
     marker = f"\ue000{secrets.token_hex(8)}:"  # a private-use character and a nonce: no user can guess it
-    conversation, escaped = escape_special_tokens(tokenizer, conversation, marker)
+    (conversation, tools), escaped = escape_special_tokens(tokenizer, (conversation, tools), marker)
+    extra = {} if tools is None else {"tools": tools}
     try:
         with template_limits(seconds, max_chars):
-            text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+            text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False, **extra)
     except TemplateLimit as error:
         raise ChatTemplateError(str(error)) from None
     except TemplateError as error:  # the sandbox's refusals and the template's own raise_exception(...)
@@ -98,12 +101,13 @@ def special_token_texts(tokenizer: Any) -> list[str]:
     return sorted((t for t in texts if t), key=len, reverse=True)
 
 
-def escape_special_tokens(tokenizer: Any, conversation: list[dict], marker: str) -> tuple[list[dict], list[str]]:
-    """`conversation` with every special token's text in its fields replaced by
-    `marker` + its number + ";", and the texts so replaced, by number."""
+def escape_special_tokens(tokenizer: Any, value: Any, marker: str) -> tuple[Any, list[str]]:
+    """`value` (the conversation, tools: dicts, lists and tuples of them) with every special token's
+    text in its strings, keys as well, replaced by `marker` + its number + ";", and the texts so
+    replaced, by number."""
     texts = special_token_texts(tokenizer)
     if not texts:
-        return conversation, []
+        return value, []
     pattern = re.compile("|".join(map(re.escape, texts)))
     escaped: list[str] = []
 
@@ -111,10 +115,16 @@ def escape_special_tokens(tokenizer: Any, conversation: list[dict], marker: str)
         escaped.append(found.group())
         return f"{marker}{len(escaped) - 1};"
 
-    def escape(value: Any) -> Any:
-        return pattern.sub(swap, value) if isinstance(value, str) else value
+    def escape(value: Any) -> Any:  # bodies nest at most 32 levels (server/generation.py): recursion is safe
+        if isinstance(value, str):
+            return pattern.sub(swap, value)
+        if isinstance(value, dict):
+            return {escape(key): escape(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(escape(item) for item in value)
+        return value
 
-    return [{key: escape(value) for key, value in entry.items()} for entry in conversation], escaped
+    return escape(value), escaped
 
 
 def tokenize_rendered(tokenizer: Any, text: str, marker: str, escaped: list[str]) -> list[int]:

@@ -14,6 +14,7 @@ docs/api_parity.md is the resulting table, written by tests/test_api_parity.py.
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -212,8 +213,26 @@ class GenerationRequest(StrictModel):
             raise bad_request("best_of is not supported by this server (only equal to n)", "best_of")
         if self.response_format is not None:
             self.response_format.check()
+            if self.response_format.type != "text":
+                self.check_grammar_can_end(f"response_format {self.response_format.type}")
         self.logit_bias_ids()
         self.stop_list()
+
+    def check_grammar_can_end(self, grammar: str) -> None:
+        """A grammar's answer ends with eos once the grammar is complete (engine/grammar.py): refuse
+        the fields that would hold eos back, leaving nothing the grammar allows."""
+        if self.ignore_eos:
+            raise bad_request(
+                f"ignore_eos cannot be combined with {grammar}: the structured answer ends with eos "
+                "where its grammar ends",
+                "ignore_eos",
+            )
+        if self.min_tokens:
+            raise bad_request(
+                f"min_tokens cannot be combined with {grammar}: the grammar may end before "
+                f"{self.min_tokens} tokens, and then only eos is left to sample",
+                "min_tokens",
+            )
 
     def logit_bias_ids(self) -> dict[int, float]:
         biases = {}
@@ -327,15 +346,48 @@ class TextPart(StrictModel):
     text: str
 
 
+class FunctionCall(StrictModel):
+    name: str
+    arguments: str  # a JSON object, as text (OpenAI's shape)
+
+    WHERE: ClassVar[str] = "messages.*.tool_calls.*.function."
+
+
+class MessageToolCall(StrictModel):
+    """A call an earlier assistant turn made (multi-turn tool use)."""
+
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+    WHERE: ClassVar[str] = "messages.*.tool_calls.*."
+
+
 class ChatMessage(StrictModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[MessageToolCall] | None = None  # the assistant's
+    tool_call_id: str | None = None  # a tool's result answers this call
 
     UNSUPPORTED: ClassVar[frozenset[str]] = frozenset(
-        {"tool_calls", "tool_call_id", "function_call", "refusal", "audio", "annotations", "reasoning_content"}
+        {"function_call", "refusal", "audio", "annotations", "reasoning_content"}
     )
     WHERE: ClassVar[str] = "messages.*."
+
+    def check(self, where: str) -> None:
+        if self.tool_calls is not None and self.role != "assistant":
+            raise bad_request(f"{where}.tool_calls: only assistant messages carry tool calls", f"{where}.tool_calls")
+        if self.tool_call_id is not None and self.role != "tool":
+            raise bad_request(f"{where}.tool_call_id: only tool messages answer a call", f"{where}.tool_call_id")
+        for j, call in enumerate(self.tool_calls or []):
+            try:
+                arguments = json.loads(call.function.arguments)
+            except ValueError:
+                arguments = None
+            if not isinstance(arguments, dict):
+                field = f"{where}.tool_calls.{j}.function.arguments"
+                raise bad_request(f"{field} must be a JSON object, as text", field)
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -348,10 +400,10 @@ class ChatCompletionRequest(GenerationRequest):
     max_completion_tokens: int | None = None
     logprobs: bool | None = False
     top_logprobs: TopLogprobs | None = None
-    # honoured by being neutral: without tools, or without storage, they change nothing here
-    tools: list[dict] | None = None
+    tools: list[dict] | None = None  # checked by server/tools.py, which names the field at fault
     tool_choice: str | dict | None = None
-    parallel_tool_calls: bool | None = None
+    parallel_tool_calls: bool | None = None  # false: at most one call per answer
+    # honoured by being neutral: without storage, they change nothing here
     functions: list[dict] | None = None
     function_call: str | dict | None = None
     metadata: dict[str, str] | None = None
@@ -384,7 +436,6 @@ class ChatCompletionRequest(GenerationRequest):
         }
     )
     INERT: ClassVar[frozenset[str]] = GenerationRequest.INERT | {
-        "parallel_tool_calls",
         "metadata",
         "prompt_cache_key",
         "prompt_cache_retention",
@@ -394,8 +445,6 @@ class ChatCompletionRequest(GenerationRequest):
     }
     NEUTRAL: ClassVar[dict[str, tuple]] = {
         **GenerationRequest.NEUTRAL,
-        "tools": ([],),
-        "tool_choice": ("none", "auto"),
         "functions": ([],),
         "function_call": ("none", "auto"),
         "store": (False,),
@@ -418,6 +467,8 @@ class ChatCompletionRequest(GenerationRequest):
         super().check()
         if self.top_logprobs is not None and not self.logprobs:
             raise bad_request("top_logprobs needs logprobs set to true", "top_logprobs")
+        for i, message in enumerate(self.messages):
+            message.check(f"messages.{i}")
 
     def logprobs_count(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None

@@ -1,7 +1,8 @@
 """POST /tokenize and POST /detokenize, in vLLM's shapes.
 
 /tokenize takes a `prompt` (tokenized as /v1/completions would) or chat `messages` (rendered
-by the chat template as /v1/chat/completions would) and answers {count, max_model_len, tokens,
+by the chat template as /v1/chat/completions would, with `tools` as tool_choice "auto" offers
+them) and answers {count, max_model_len, tokens,
 token_strs}; /detokenize takes {tokens} and answers {prompt}.
 """
 
@@ -13,11 +14,12 @@ from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
-from sliceserve.server.chat import chat_prompt_ids
+from sliceserve.server.chat import conversation_ids
 from sliceserve.server.completions import vocabulary_size
 from sliceserve.server.errors import bad_request
 from sliceserve.server.generation import check_model, parse_body
 from sliceserve.server.protocol import ChatMessage, StrictModel
+from sliceserve.server.tools import ToolUse, check_tools
 
 
 class TokenizeRequest(StrictModel):
@@ -28,13 +30,12 @@ class TokenizeRequest(StrictModel):
     return_token_strs: bool | None = False
     add_generation_prompt: bool | None = None
     continue_final_message: bool | None = None
-    tools: list[dict] | None = None
+    tools: list[dict] | None = None  # rendered by the template as chat completions offers them
 
     UNSUPPORTED: ClassVar[frozenset[str]] = frozenset({"chat_template", "chat_template_kwargs", "mm_processor_kwargs"})
     NEUTRAL: ClassVar[dict[str, tuple]] = {
         "add_generation_prompt": (True,),
         "continue_final_message": (False,),
-        "tools": ([],),
     }
 
     def check(self) -> None:
@@ -43,6 +44,10 @@ class TokenizeRequest(StrictModel):
             raise bad_request("give either prompt or messages", "prompt")
         if self.messages is not None and self.add_special_tokens:
             raise bad_request("add_special_tokens is not supported with messages (only false)", "add_special_tokens")
+        if self.tools and self.messages is None:
+            raise bad_request("tools go with messages, not a prompt", "tools")
+        for i, message in enumerate(self.messages or []):
+            message.check(f"messages.{i}")
 
 
 class DetokenizeRequest(StrictModel):
@@ -55,7 +60,9 @@ class DetokenizeRequest(StrictModel):
 
 def tokenized(body: TokenizeRequest, tokenizer) -> list[int]:
     if body.messages is not None:
-        return chat_prompt_ids(tokenizer, body.messages)
+        parameters = check_tools(body.tools)
+        tools = ToolUse(list(body.tools or []), parameters, "auto" if parameters else "none", None, True)
+        return conversation_ids(tokenizer, body.messages, tools)[0]
     return list(tokenizer(body.prompt, add_special_tokens=body.add_special_tokens is not False)["input_ids"])
 
 
