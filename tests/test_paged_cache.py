@@ -175,6 +175,36 @@ def test_serve_refuses_a_bad_kv_cache_memory(checkpoint, tmp_path, size, words):
     assert_one_line_error(result, words)
 
 
+def test_serve_takes_its_token_budget_from_max_num_batched_tokens(checkpoint):
+    from sliceserve.cli import build_parser
+    from sliceserve.commands.serving import make_engine
+
+    args = build_parser().parse_args(
+        ["serve", str(checkpoint), "--max-batch", "4", "--max-num-batched-tokens", "96", "--no-engine-process"]
+    )
+    engine = make_engine(str(checkpoint), args)
+    try:
+        assert engine.token_budget == 96
+    finally:
+        engine.shutdown()
+    default = make_engine(
+        str(checkpoint),
+        build_parser().parse_args(["serve", str(checkpoint), "--max-batch", "4", "--no-engine-process"]),
+    )
+    try:
+        assert default.token_budget == 2048
+    finally:
+        default.shutdown()
+
+
+def test_serve_refuses_a_token_budget_within_the_batch(checkpoint, tmp_path):
+    result = run_sliceserve(
+        "serve", checkpoint, "--port", "0", "--max-batch", "8", "--max-num-batched-tokens", "8", cwd=tmp_path
+    )
+    assert result.returncode == 2
+    assert_one_line_error(result, "--max-num-batched-tokens (8) must exceed --max-batch (8)")
+
+
 def outputs(engine: Engine, prompts: list[list[int]], params: list[SamplingParams]) -> list[list[int]]:
     """Every request submitted at once; each one's generated ids."""
     results = [[] for _ in prompts]

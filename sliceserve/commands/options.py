@@ -220,6 +220,14 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-batch", type=int, default=8, help="requests decoded together (KV-cache slots)")
     parser.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        metavar="N",
+        help="tokens one engine step may carry: every running request's next token plus prompt chunks of waiting "
+        "ones (default: max(2048, 256 + --max-batch)); larger steps prefill a burst of prompts in fewer, more "
+        "efficient products, smaller ones keep the running streams' inter-token latency down",
+    )
+    parser.add_argument(
         "--kv-cache-memory",
         metavar="SIZE",
         help="memory of the paged KV cache, e.g. 40GiB: requests share its blocks of 16 positions as they grow, "

@@ -33,6 +33,12 @@ def make_engine(path: str, args: argparse.Namespace, max_queue: int = 64):
     for name in ("max_model_len", "max_batch"):
         if getattr(args, name) < 1:
             raise SliceserveError(f"--{name.replace('_', '-')} must be at least 1")
+    token_budget = getattr(args, "max_num_batched_tokens", None)
+    if token_budget is not None and token_budget <= args.max_batch:
+        raise SliceserveError(
+            f"--max-num-batched-tokens ({token_budget}) must exceed --max-batch ({args.max_batch}): a step carries "
+            "every running request's decode row and prompt chunks beside them"
+        )
     if max_queue < 1:
         raise SliceserveError("--max-queue must be at least 1")
     kv_memory = kv_cache_memory(args)
@@ -48,6 +54,7 @@ def make_engine(path: str, args: argparse.Namespace, max_queue: int = 64):
             max_queue=max_queue,
             runtime=getattr(args, "runtime", "auto"),
             kv_cache_memory=kv_memory,
+            token_budget=token_budget,
         )
     # stages: reserved rows unless a size is given (ranks in other processes never page)
     blocks = None
@@ -60,6 +67,7 @@ def make_engine(path: str, args: argparse.Namespace, max_queue: int = 64):
         max_model_len=args.max_model_len,
         max_queue=max_queue,
         kv_blocks=blocks,
+        token_budget=token_budget,
     )
 
 

@@ -23,13 +23,15 @@ def load_engine(
     dtype: torch.dtype | None = None,
     runtime: str = "auto",
     kv_cache_memory: int | None = None,
+    token_budget: int | None = None,
 ) -> Engine:
     """An engine over a checkpoint folder (dense or sliced), not yet started, over a paged KV
     cache (engine/kv_blocks.py: `kv_cache_memory` bytes of it, or what max_batch requests of
     max_model_len tokens need, as far as the GPU has room).
 
     runtime: "fast" (Triton kernels and CUDA graphs; CUDA only), "reference" (plain PyTorch),
-    or "auto" (fast on CUDA, reference elsewhere).
+    or "auto" (fast on CUDA, reference elsewhere). token_budget: tokens a step may carry (the
+    Engine's default where None).
     """
     model = load_model(path, device=device, dtype=dtype)
     if use_fast_path(runtime, device):
@@ -48,4 +50,5 @@ def load_engine(
         max_queue=max_queue,
         prefill_chunk=prefill_chunk,
         kv_blocks=blocks,
+        token_budget=token_budget,
     )
