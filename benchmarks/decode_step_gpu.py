@@ -116,7 +116,7 @@ def model_decode_tok_s(model, cache, batch: int, context: int, steps: int = 64) 
 
 def closed_loop(engine: Engine, concurrency: int, per_client: int, prompt_len: int, new: int, vocab: int) -> dict:
     """Clients each sending `per_client` requests one after another; output tok/s over the wall."""
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator().manual_seed(1000 * concurrency + prompt_len)  # no scenario's prompts cached by another's
     prompts = [torch.randint(0, vocab, (prompt_len,), generator=g).tolist() for _ in range(concurrency * per_client)]
     params = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True)
     counts, gaps = [0] * concurrency, []
@@ -258,17 +258,19 @@ def main() -> None:
         result["attention"] = attention_sweep(spec)
         write_json(args.out_dir / "decode_step.json", result)
     model = FastTransformer(random_transformer(spec, dtype=torch.float16), products="auto")
-    context = 256 + 128
     levels = {}
-    for batch in (1, 64):
+    # (name, concurrency, prompt, new tokens, requests per client): serve_gpu.py's scenarios
+    scenarios = [("c1", 1, 256, 256, 4), ("c64", 64, 256, 256, 2), ("c64-short", 64, 32, 64, 4)]
+    for name, batch, prompt_len, new_tokens, _ in scenarios:
+        context = prompt_len + new_tokens // 2
         reserved = model.new_cache(slots=batch, max_len=context + 80)
         paged = model.new_cache(slots=batch, max_len=context + 80, blocks=batch * -(-(context + 80) // 16) + 1)
-        levels[batch] = {
+        levels[name] = {
             "reserved": model_decode_tok_s(model, reserved, batch, context),
             "paged": model_decode_tok_s(model, paged, batch, context),
         }
         del reserved, paged
-        print(batch, levels[batch], flush=True)
+        print(name, levels[name], flush=True)
     result["model_level_tok_s"] = levels
     cache = model.new_cache(slots=8, max_len=300, blocks=8 * 19 + 1)
     cache.assign_blocks([(s, i, 1 + s * 19 + i) for s in range(8) for i in range(19)])
@@ -283,10 +285,10 @@ def main() -> None:
         vocab = spec.vocab_size
         closed_loop(engine, 8, 1, 256, 16, vocab)  # warm-up
         engine_rows = []
-        for concurrency, per_client in ((1, 4), (64, 2)):
-            row = closed_loop(engine, concurrency, per_client, 256, 256, vocab)
-            row["over_model_reserved"] = row["tok_s"] / levels[concurrency]["reserved"]
-            row["over_model_paged"] = row["tok_s"] / levels[concurrency]["paged"]
+        for name, concurrency, prompt_len, new_tokens, per_client in scenarios:
+            row = {"scenario": name, **closed_loop(engine, concurrency, per_client, prompt_len, new_tokens, vocab)}
+            row["over_model_reserved"] = row["tok_s"] / levels[name]["reserved"]
+            row["over_model_paged"] = row["tok_s"] / levels[name]["paged"]
             print(row, flush=True)
             engine_rows.append(row)
         result["engine_alone"] = engine_rows

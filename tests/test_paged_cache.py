@@ -23,7 +23,7 @@ from cli_support import assert_one_line_error, run_sliceserve
 from test_server_support import build_checkpoint
 from tiny_models import NoTokenizerSource, save_tiny_model
 
-from sliceserve.engine.engine import Engine, RequestRejected
+from sliceserve.engine.engine import DEFAULT_TOKEN_BUDGET, Engine, RequestRejected
 from sliceserve.engine.requests import SamplingParams
 from sliceserve.model.kv_cache import KVCache, PrefillChunk
 from sliceserve.model.loader import load_model, load_tokenizer
@@ -192,7 +192,7 @@ def test_serve_takes_its_token_budget_from_max_num_batched_tokens(checkpoint):
         build_parser().parse_args(["serve", str(checkpoint), "--max-batch", "4", "--no-engine-process"]),
     )
     try:
-        assert default.token_budget == 2048
+        assert default.token_budget == DEFAULT_TOKEN_BUDGET
     finally:
         default.shutdown()
 

@@ -224,7 +224,7 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
         type=int,
         metavar="N",
         help="tokens one engine step may carry: every running request's next token plus prompt chunks of waiting "
-        "ones (default: max(2048, 256 + --max-batch)); larger steps prefill a burst of prompts in fewer, more "
+        "ones (default: max(4096, 256 + --max-batch)); larger steps prefill a burst of prompts in fewer, more "
         "efficient products, smaller ones keep the running streams' inter-token latency down",
     )
     parser.add_argument(
