@@ -13,7 +13,9 @@ throughput suite (throughput_llama-2-7b_auto.md against throughput_llama-2-7b.md
 25% model decodes 32-256 rows at 1.04-1.07x the dense one's speed with "auto", 0.90-0.98x
 with our kernels at every size. Both backends take the same
 arguments and produce the same partial sums of squares (any number of columns), so the
-layers do not care which one wrote their input.
+layers do not care which one wrote their input. Both take quantized weights too: our kernels
+dequantize them inside the product, the library path into a float weight per product first
+(so "auto" runs a quantized checkpoint's decode from its codes, its prefill at library speed).
 """
 
 from __future__ import annotations

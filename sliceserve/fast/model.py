@@ -9,7 +9,9 @@ Per sequential layer, whatever the batch:
     x_out    = x_mid @ S_mlp + act @ Wd + b      fused_linear
 Every producer of the residual stream also leaves per-tile sums of squares, from which the
 next consumer gets the norm's row scale: normalised activations are never written. A
-dense checkpoint has no shortcuts, and the residual is added in the epilogue instead.
+dense checkpoint has no shortcuts, and the residual is added in the epilogue instead. A
+quantized checkpoint's matrices stay codes (fast/quantized_weights.py), dequantized inside
+the same kernels' products.
 
 Decode steps are captured in CUDA graphs per batch-size bucket (fast/graphs.py).
 On a CPU the same kernels run in Triton's interpreter, which is how CI checks this file.
@@ -24,6 +26,7 @@ import torch
 from sliceserve.errors import SliceserveError
 from sliceserve.fast.graphs import DecodeGraphs, graph_bucket
 from sliceserve.fast.matmul_backends import AUTO_TRITON_ROWS, PRODUCTS
+from sliceserve.fast.quantized_weights import Weight, block_weight, float_dtype, paired, stacked
 from sliceserve.fast.semi_structured import SparseLayer, sparse_layer_forward
 from sliceserve.kernels.decode_attention import choose_splits, decode_attention
 from sliceserve.kernels.prefill_attention import attention_tiles, prefill_attention
@@ -44,28 +47,37 @@ def concatenated_bias(parts: list[torch.nn.Linear], widths: list[int]) -> torch.
 
 @dataclass
 class FastLayer:
-    """One block's tensors, arranged for the kernels."""
+    """One block's tensors, arranged for the kernels. A weight is a float tensor or, from a
+    quantized checkpoint, its codes (fast/quantized_weights.py), which the products take alike."""
 
-    qkv_weight: torch.Tensor
+    qkv_weight: Weight
     qkv_bias: torch.Tensor | None
-    o_weight: torch.Tensor
+    o_weight: Weight
     o_bias: torch.Tensor | None
-    up_weight: torch.Tensor
+    up_weight: Weight
     up_bias: torch.Tensor | None
-    gate_weight: torch.Tensor | None
+    gate_weight: Weight | None
     gate_bias: torch.Tensor | None
-    down_weight: torch.Tensor
+    down_weight: Weight
     down_bias: torch.Tensor | None
-    attn_shortcut: torch.Tensor | None  # sequential blocks
-    mlp_shortcut: torch.Tensor | None
-    shortcut: torch.Tensor | None  # parallel blocks
+    attn_shortcut: Weight | None  # sequential blocks
+    mlp_shortcut: Weight | None
+    shortcut: Weight | None  # parallel blocks
     parallel_bias: torch.Tensor | None  # parallel blocks: o and down biases added once
 
     @classmethod
     def from_block(cls, block: Block) -> FastLayer:
         attn, mlp = block.attn, block.mlp
+        dtype = float_dtype(block)
+
+        def weight(name: str, linear: torch.nn.Linear | None) -> Weight | None:
+            return None if linear is None else block_weight(block, name, linear.weight)
+
         parts = [attn.q, attn.k, attn.v]
-        qkv_weight = torch.cat([p.weight for p in parts])
+        qkv_weight = stacked([weight(f"attn.{p}", getattr(attn, p)) for p in "qkv"], dtype)
+        up_weight, gate_weight = weight("mlp.up", mlp.up), weight("mlp.gate", mlp.gate)
+        if gate_weight is not None:
+            gate_weight, up_weight = paired(gate_weight, up_weight, dtype)
         qkv_bias = concatenated_bias(parts, [p.weight.shape[0] for p in parts])
         gate_bias = up_bias = None
         if mlp.gate is not None and (mlp.gate.bias is not None or mlp.up.bias is not None):
@@ -81,17 +93,17 @@ class FastLayer:
         return cls(
             qkv_weight=qkv_weight,
             qkv_bias=qkv_bias,
-            o_weight=attn.o.weight,
+            o_weight=weight("attn.o", attn.o),
             o_bias=attn.o.bias,
-            up_weight=mlp.up.weight,
+            up_weight=up_weight,
             up_bias=up_bias,
-            gate_weight=mlp.gate.weight if mlp.gate is not None else None,
+            gate_weight=gate_weight,
             gate_bias=gate_bias,
-            down_weight=mlp.down.weight,
+            down_weight=weight("mlp.down", mlp.down),
             down_bias=mlp.down.bias,
-            attn_shortcut=getattr(block, "attn_shortcut", None),
-            mlp_shortcut=getattr(block, "mlp_shortcut", None),
-            shortcut=getattr(block, "shortcut", None),
+            attn_shortcut=block_weight(block, "attn_shortcut", getattr(block, "attn_shortcut", None)),
+            mlp_shortcut=block_weight(block, "mlp_shortcut", getattr(block, "mlp_shortcut", None)),
+            shortcut=block_weight(block, "shortcut", getattr(block, "shortcut", None)),
             parallel_bias=parallel_bias,
         )
 
@@ -116,6 +128,8 @@ class FastTransformer:
         self.device, self.weights_dtype = weight.device, weight.dtype
         self.layers = [FastLayer.from_block(block) for block in model.layers]
         self.sparse_layers = None
+        if semi_structured and any(getattr(block, "quantized_weights", None) for block in model.layers):
+            raise SliceserveError("2:4 sparse tensor cores take float weights, not a quantized checkpoint's codes")
         if semi_structured:
             self.sparse_layers = semi_structured_layers(self.spec, self.layers)
             self.layers = [None] * len(self.layers)  # the compressed copies replace the dense ones

@@ -12,7 +12,10 @@
 - With `sumsq_out`, every program also writes the sum of squares of its output tile per
   row, so the next kernel can apply the norm of `out` without another pass over it.
 
-Weights keep PyTorch's (out, in) layout. Rows never interact and, for one tile
+Weights keep PyTorch's (out, in) layout. Either weight may also be quantized (int8, or 4-bit
+codes two a byte, with scales per group of inputs: kernels/quantized_linear.py), and is then
+dequantized inside the product; the weight's format is a compile-time constant of the kernel,
+so a float weight's product compiles as it always did. Rows never interact and, for one tile
 configuration, the reduction order over the inner dimension does not depend on how many
 rows there are: within the decode tiles' range (up to 16 rows) a request's numbers do not
 depend on its neighbours in a batch.
@@ -36,6 +39,13 @@ from sliceserve.kernels.launch import (
     prefetch_lines,
     prefetch_then_wait,
 )
+from sliceserve.kernels.quantized_linear import (
+    FLOAT_WEIGHT,
+    WeightOperand,
+    accumulate_quantized,
+    dequantize_reference,
+    weight_operand,
+)
 
 
 @dataclass(frozen=True)
@@ -56,11 +66,20 @@ DECODE_TILES = TileConfig(block_m=16, block_n=32, block_k=256, num_warps=4, num_
 # (benchmarks/results/middle_tiles_sweep.md, H100).
 MIDDLE_TILES = TileConfig(block_m=64, block_n=32, block_k=128, num_warps=4, num_stages=4)
 PREFILL_TILES = TileConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
+# Quantized weights at decode sizes, by bits. A step reads block_k * 16 / bits inputs
+# (kernels/quantized_linear.py): 16 KiB of codes per column tile, as the float16 decode tiles
+# read, with fewer stages as the activations' tile grows (512 inputs of 8-bit codes, 1024 of
+# 4-bit ones). Not yet measured: benchmarks/quant_decode_gpu.py sweeps the candidates.
+QUANTIZED_DECODE_TILES = {
+    8: TileConfig(block_m=16, block_n=32, block_k=256, num_warps=4, num_stages=4),
+    4: TileConfig(block_m=16, block_n=32, block_k=256, num_warps=4, num_stages=3),
+}
 
 
-def tiles_for(rows: int) -> TileConfig:
+def tiles_for(rows: int, bits: int = 16) -> TileConfig:
+    """The tiles of a product of `rows` rows whose weights have `bits` bits (16: float)."""
     if rows <= DECODE_TILES.block_m:
-        return DECODE_TILES
+        return QUANTIZED_DECODE_TILES.get(bits, DECODE_TILES)
     return MIDDLE_TILES if rows <= MIDDLE_TILES.block_m else PREFILL_TILES
 
 
@@ -69,14 +88,18 @@ def shared_memory_bytes(device_index: int) -> int:
     return triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
 
 
-def fitting_stages(tiles: TileConfig, weights: int, element_size: int, device: torch.device) -> int:
+def fitting_stages(
+    tiles: TileConfig, weights: int, element_size: int, device: torch.device, stage_bytes: int | None = None
+) -> int:
     """The pipeline depth that fits the GPU's shared memory: five stages of the decode tiles
     fit an H100 (227 KiB) but not a consumer card (100 KiB), where fewer still run well.
     `weights` counts the weight tiles loaded per step (2 for gate and up, or for a second
-    product whose buffers may live at the same time as the first's)."""
+    product whose buffers may live at the same time as the first's); `stage_bytes`, where
+    given, is a stage's size instead (quantized weights: WeightOperand.stage_bytes)."""
     if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         return tiles.num_stages
     per_stage = (tiles.block_m + weights * tiles.block_n) * tiles.block_k * element_size
+    per_stage = stage_bytes if stage_bytes is not None else per_stage
     spare = shared_memory_bytes(device.index if device.index is not None else torch.cuda.current_device()) - 16 * 1024
     return max(2, min(tiles.num_stages, spare // per_stage))
 
@@ -122,11 +145,65 @@ def accumulate_product(
 
 
 @triton.jit
+def accumulate_weight(
+    acc,
+    a_ptr,
+    stride_a,
+    w_ptr,
+    stride_w,
+    s_ptr,
+    z_ptr,
+    stride_s,
+    offs_m,
+    offs_n,
+    M,
+    N,
+    K,
+    BITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    PART: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """acc + a @ w.T for a float weight (BITS 16: exactly accumulate_product) or a quantized one."""
+    if BITS == 16:
+        acc = accumulate_product(acc, a_ptr, stride_a, w_ptr, stride_w, offs_m, offs_n, M, N, K, BLOCK_K, PRECISION)
+    else:
+        acc = accumulate_quantized(
+            acc,
+            a_ptr,
+            stride_a,
+            w_ptr,
+            stride_w,
+            s_ptr,
+            z_ptr,
+            stride_s,
+            offs_m,
+            offs_n,
+            M,
+            N,
+            K,
+            BITS,
+            GROUP,
+            BLOCK_K,
+            PART,
+            BLOCK_M,
+            PRECISION,
+        )
+    return acc
+
+
+@triton.jit
 def fused_linear_kernel(
     a_ptr,
     w_ptr,
     a2_ptr,
     w2_ptr,
+    w_scales_ptr,
+    w_zeros_ptr,
+    w2_scales_ptr,
+    w2_zeros_ptr,
     bias_ptr,
     res_ptr,
     out_ptr,
@@ -143,10 +220,18 @@ def fused_linear_kernel(
     stride_w,
     stride_a2,
     stride_w2,
+    stride_ws,
+    stride_w2s,
     stride_res,
     stride_out,
     stride_norm,
     stride_sumsq,
+    W_BITS: tl.constexpr,
+    W_GROUP: tl.constexpr,
+    W_PART: tl.constexpr,
+    W2_BITS: tl.constexpr,
+    W2_GROUP: tl.constexpr,
+    W2_PART: tl.constexpr,
     HAS_A2: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_RES: tl.constexpr,
@@ -157,6 +242,7 @@ def fused_linear_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    BLOCK_K2: tl.constexpr,
     PRECISION: tl.constexpr,
     OVERLAP: tl.constexpr,
     PREFETCH_LINES: tl.constexpr,
@@ -166,15 +252,56 @@ def fused_linear_kernel(
     pid_m = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    prefetch_then_wait(w_ptr, stride_w, offs_n, N, K, OVERLAP, PREFETCH_LINES, LINE)
+    w_row = K  # a weight row's length as stored
+    if W_BITS == 4:
+        w_row = (K + 1) // 2
+    prefetch_then_wait(w_ptr, stride_w, offs_n, N, w_row, OVERLAP, PREFETCH_LINES, LINE)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc = accumulate_product(acc, a_ptr, stride_a, w_ptr, stride_w, offs_m, offs_n, M, N, K, BLOCK_K, PRECISION)
+    acc = accumulate_weight(
+        acc,
+        a_ptr,
+        stride_a,
+        w_ptr,
+        stride_w,
+        w_scales_ptr,
+        w_zeros_ptr,
+        stride_ws,
+        offs_m,
+        offs_n,
+        M,
+        N,
+        K,
+        W_BITS,
+        W_GROUP,
+        W_PART,
+        BLOCK_M,
+        BLOCK_K,
+        PRECISION,
+    )
     if NORM_IN:
         r = row_scale_from_partials(norm_ptr, stride_norm, offs_m, M, norm_tiles, norm_width, eps, NORM_TILES_P2)
         acc = acc * r[:, None]
     if HAS_A2:
-        acc = accumulate_product(
-            acc, a2_ptr, stride_a2, w2_ptr, stride_w2, offs_m, offs_n, M, N, K2, BLOCK_K, PRECISION
+        acc = accumulate_weight(
+            acc,
+            a2_ptr,
+            stride_a2,
+            w2_ptr,
+            stride_w2,
+            w2_scales_ptr,
+            w2_zeros_ptr,
+            stride_w2s,
+            offs_m,
+            offs_n,
+            M,
+            N,
+            K2,
+            W2_BITS,
+            W2_GROUP,
+            W2_PART,
+            BLOCK_M,
+            BLOCK_K2,
+            PRECISION,
         )
     main_loop_done(OVERLAP)
     n_ok = offs_n < N
@@ -194,10 +321,10 @@ def fused_linear_kernel(
 
 def fused_linear(
     a: torch.Tensor,
-    w: torch.Tensor,
+    w,
     *,
     a2: torch.Tensor | None = None,
-    w2: torch.Tensor | None = None,
+    w2=None,
     bias: torch.Tensor | None = None,
     residual: torch.Tensor | None = None,
     norm: tuple[torch.Tensor, int, float] | None = None,
@@ -209,11 +336,14 @@ def fused_linear(
     """(out, partial sums of squares of out or None); see the module docstring.
 
     a (M, K), w (N, K), a2 (M, K2), w2 (N, K2), bias (N,), residual (M, N);
-    norm = (partial sums of squares of a (M, T), original width, eps).
+    norm = (partial sums of squares of a (M, T), original width, eps). w and w2 are float
+    tensors or quantized weights (QuantizedWeight), independently.
     """
     M, K = a.shape
     N = w.shape[0]
-    tiles = tiles or tiles_for(M)
+    first = weight_operand(w)
+    second = weight_operand(w2) if w2 is not None else None
+    tiles = tiles or tiles_for(M, min(first.bits, second.bits if second is not None else FLOAT_WEIGHT))
     out = torch.empty((M, N), device=a.device, dtype=a.dtype) if out is None else out
     n_tiles = sumsq_tiles(N, tiles)
     partials = torch.empty((M, n_tiles), device=a.device, dtype=torch.float32) if sumsq else None
@@ -221,12 +351,24 @@ def fused_linear(
     dummy = out  # stands in for absent pointers; never read
     grid = (n_tiles, triton.cdiv(M, tiles.block_m))
     overlap = overlap_mode(a.device)
-    lines, line = prefetch_lines(w.element_size())
+    lines, line = prefetch_lines(first.data.element_size())
+    products = [first] if second is None else [first, second]
+    stages = fitting_stages(
+        tiles,
+        len(products),
+        a.element_size(),
+        a.device,
+        stage_bytes=quantized_stage_bytes(products, tiles, a.element_size()),
+    )
     fused_linear_kernel[grid](
         a,
-        w,
+        first.data,
         a2 if a2 is not None else dummy,
-        w2 if w2 is not None else dummy,
+        second.data if second is not None else dummy,
+        first.scales if first.scales is not None else dummy,
+        first.zeros if first.zeros is not None else dummy,
+        second.scales if second is not None and second.scales is not None else dummy,
+        second.zeros if second is not None and second.zeros is not None else dummy,
         bias if bias is not None else dummy,
         residual if residual is not None else dummy,
         out,
@@ -240,13 +382,21 @@ def fused_linear(
         float(norm_width),
         float(eps),
         a.stride(0),
-        w.stride(0),
+        first.row_stride,
         a2.stride(0) if a2 is not None else 0,
-        w2.stride(0) if w2 is not None else 0,
+        second.row_stride if second is not None else 0,
+        first.scale_stride,
+        second.scale_stride if second is not None else 0,
         residual.stride(0) if residual is not None else 0,
         out.stride(0),
         norm_partials.stride(0) if norm_partials is not None else 0,
         partials.stride(0) if partials is not None else 0,
+        W_BITS=first.bits,
+        W_GROUP=first.group,
+        W_PART=first.part(tiles.block_k),
+        W2_BITS=second.bits if second is not None else FLOAT_WEIGHT,
+        W2_GROUP=second.group if second is not None else 1,
+        W2_PART=second.part(tiles.block_k) if second is not None else tiles.block_k,
         HAS_A2=a2 is not None,
         HAS_BIAS=bias is not None,
         HAS_RES=residual is not None,
@@ -256,16 +406,25 @@ def fused_linear(
         NORM_TILES_P2=triton.next_power_of_2(norm_partials.shape[1]) if norm_partials is not None else 1,
         BLOCK_M=tiles.block_m,
         BLOCK_N=tiles.block_n,
-        BLOCK_K=tiles.block_k,
+        BLOCK_K=first.step(tiles.block_k),
+        BLOCK_K2=second.step(tiles.block_k) if second is not None else tiles.block_k,
         PRECISION=dot_precision(a.dtype),
         OVERLAP=overlap,
         PREFETCH_LINES=lines,
         LINE=line,
         **launch_options(overlap),
         num_warps=tiles.num_warps,
-        num_stages=fitting_stages(tiles, 2 if a2 is not None else 1, a.element_size(), a.device),
+        num_stages=stages,
     )
     return out, partials
+
+
+def quantized_stage_bytes(products: list[WeightOperand], tiles: TileConfig, element_size: int) -> int | None:
+    """A pipeline stage's shared memory when a product has quantized weights (None: all float,
+    where fitting_stages counts as it always did)."""
+    if all(p.bits == FLOAT_WEIGHT for p in products):
+        return None
+    return sum(p.stage_bytes(tiles.block_m, tiles.block_n, tiles.block_k, element_size) for p in products)
 
 
 def row_scale_reference(partials: torch.Tensor, width: int, eps: float) -> torch.Tensor:
@@ -274,22 +433,23 @@ def row_scale_reference(partials: torch.Tensor, width: int, eps: float) -> torch
 
 def fused_linear_reference(
     a: torch.Tensor,
-    w: torch.Tensor,
+    w,
     *,
     a2: torch.Tensor | None = None,
-    w2: torch.Tensor | None = None,
+    w2=None,
     bias: torch.Tensor | None = None,
     residual: torch.Tensor | None = None,
     norm: tuple[torch.Tensor, int, float] | None = None,
     activation: str = "none",
     sumsq: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The same function in plain PyTorch, in float32; partial sums collapsed to one column."""
-    acc = a.float() @ w.float().T
+    """The same function in plain PyTorch, in float32 (quantized weights dequantized in float32);
+    partial sums collapsed to one column."""
+    acc = a.float() @ dequantize_reference(w).T
     if norm is not None:
         acc = acc * row_scale_reference(*norm)
     if a2 is not None:
-        acc = acc + a2.float() @ w2.float().T
+        acc = acc + a2.float() @ dequantize_reference(w2).T
     if bias is not None:
         acc = acc + bias.float()
     acc = reference_activation(acc, activation)

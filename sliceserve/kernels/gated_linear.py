@@ -2,7 +2,9 @@
 
 Each program computes the same column tile of the gate and the up projection, so the
 product is formed in registers; neither projection is written to memory. The norm's row
-scale comes from the partial sums of squares of `a` (see fused_linear.py).
+scale comes from the partial sums of squares of `a` (see fused_linear.py). Gate and up may
+be quantized, both in one format (kernels/quantized_linear.py): dequantized inside the
+products, the format a compile-time constant (float weights compile as they always did).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from sliceserve.kernels.fused_linear import (
     TileConfig,
     dot_precision,
     fitting_stages,
+    quantized_stage_bytes,
     row_scale_from_partials,
     row_scale_reference,
     tiles_for,
@@ -27,6 +30,7 @@ from sliceserve.kernels.launch import (
     prefetch_lines,
     prefetch_then_wait,
 )
+from sliceserve.kernels.quantized_linear import accumulate_quantized_pair, dequantize_reference, weight_operand
 
 
 @triton.jit
@@ -34,6 +38,10 @@ def gated_linear_kernel(
     a_ptr,
     gate_ptr,
     up_ptr,
+    gate_scales_ptr,
+    up_scales_ptr,
+    gate_zeros_ptr,
+    up_zeros_ptr,
     gate_bias_ptr,
     up_bias_ptr,
     out_ptr,
@@ -46,8 +54,12 @@ def gated_linear_kernel(
     eps,
     stride_a,
     stride_w,
+    stride_s,
     stride_out,
     stride_norm,
+    W_BITS: tl.constexpr,
+    W_GROUP: tl.constexpr,
+    W_PART: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     NORM_IN: tl.constexpr,
     ACTIVATION: tl.constexpr,
@@ -64,19 +76,51 @@ def gated_linear_kernel(
     pid_m = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    prefetch_then_wait(gate_ptr, stride_w, offs_n, N, K, OVERLAP, PREFETCH_LINES, LINE)
-    offs_k = tl.arange(0, BLOCK_K)
+    w_row = K  # a weight row's length as stored
+    if W_BITS == 4:
+        w_row = (K + 1) // 2
+    prefetch_then_wait(gate_ptr, stride_w, offs_n, N, w_row, OVERLAP, PREFETCH_LINES, LINE)
     gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + offs_k
-        a = tl.load(
-            a_ptr + offs_m[:, None] * stride_a + k[None, :], mask=(offs_m[:, None] < M) & (k[None, :] < K), other=0.0
+    if W_BITS == 16:
+        offs_k = tl.arange(0, BLOCK_K)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + offs_k
+            a = tl.load(
+                a_ptr + offs_m[:, None] * stride_a + k[None, :],
+                mask=(offs_m[:, None] < M) & (k[None, :] < K),
+                other=0.0,
+            )
+            w_mask = (offs_n[None, :] < N) & (k[:, None] < K)
+            w_offsets = offs_n[None, :] * stride_w + k[:, None]
+            gate += tl.dot(a, tl.load(gate_ptr + w_offsets, mask=w_mask, other=0.0), input_precision=PRECISION)
+            up += tl.dot(a, tl.load(up_ptr + w_offsets, mask=w_mask, other=0.0), input_precision=PRECISION)
+    else:
+        gate, up = accumulate_quantized_pair(
+            gate,
+            up,
+            a_ptr,
+            stride_a,
+            gate_ptr,
+            up_ptr,
+            stride_w,
+            gate_scales_ptr,
+            up_scales_ptr,
+            gate_zeros_ptr,
+            up_zeros_ptr,
+            stride_s,
+            offs_m,
+            offs_n,
+            M,
+            N,
+            K,
+            W_BITS,
+            W_GROUP,
+            BLOCK_K,
+            W_PART,
+            BLOCK_M,
+            PRECISION,
         )
-        w_mask = (offs_n[None, :] < N) & (k[:, None] < K)
-        w_offsets = offs_n[None, :] * stride_w + k[:, None]
-        gate += tl.dot(a, tl.load(gate_ptr + w_offsets, mask=w_mask, other=0.0), input_precision=PRECISION)
-        up += tl.dot(a, tl.load(up_ptr + w_offsets, mask=w_mask, other=0.0), input_precision=PRECISION)
     main_loop_done(OVERLAP)
     if NORM_IN:
         r = row_scale_from_partials(norm_ptr, stride_norm, offs_m, M, norm_tiles, norm_width, eps, NORM_TILES_P2)
@@ -93,8 +137,8 @@ def gated_linear_kernel(
 
 def gated_linear(
     a: torch.Tensor,
-    gate: torch.Tensor,
-    up: torch.Tensor,
+    gate,
+    up,
     *,
     activation: str = "silu",
     gate_bias: torch.Tensor | None = None,
@@ -103,21 +147,31 @@ def gated_linear(
     out: torch.Tensor | None = None,
     tiles: TileConfig | None = None,
 ) -> torch.Tensor:
-    """a (M, K); gate, up (N, K), same layout and strides; biases both or neither."""
+    """a (M, K); gate, up (N, K), same layout and strides (float tensors, or quantized weights
+    of one format); biases both or neither."""
     M, K = a.shape
     N = gate.shape[0]
-    if gate.stride() != up.stride() or (gate_bias is None) != (up_bias is None):
+    g, u = weight_operand(gate), weight_operand(up)
+    same_layout = (g.bits, g.group, g.row_stride, g.scale_stride) == (u.bits, u.group, u.row_stride, u.scale_stride)
+    if not same_layout or g.data.stride() != u.data.stride() or (gate_bias is None) != (up_bias is None):
         raise ValueError("gate and up must share a layout, and have biases both or neither")
-    tiles = tiles or tiles_for(M)
+    tiles = tiles or tiles_for(M, g.bits)
     out = torch.empty((M, N), device=a.device, dtype=a.dtype) if out is None else out
     norm_partials, norm_width, eps = norm if norm is not None else (None, 1, 0.0)
     grid = (triton.cdiv(N, tiles.block_n), triton.cdiv(M, tiles.block_m))
     overlap = overlap_mode(a.device)
-    lines, line = prefetch_lines(gate.element_size())
+    lines, line = prefetch_lines(g.data.element_size())
+    stage_bytes = quantized_stage_bytes([g, u], tiles, a.element_size())
+    if stage_bytes is not None:  # the activations' tile is shared by both weights
+        stage_bytes -= tiles.block_m * g.step(tiles.block_k) * a.element_size()
     gated_linear_kernel[grid](
         a,
-        gate,
-        up,
+        g.data,
+        u.data,
+        g.scales if g.scales is not None else out,
+        u.scales if u.scales is not None else out,
+        g.zeros if g.zeros is not None else out,
+        u.zeros if u.zeros is not None else out,
         gate_bias if gate_bias is not None else out,
         up_bias if up_bias is not None else out,
         out,
@@ -129,38 +183,42 @@ def gated_linear(
         float(norm_width),
         float(eps),
         a.stride(0),
-        gate.stride(0),
+        g.row_stride,
+        g.scale_stride,
         out.stride(0),
         norm_partials.stride(0) if norm_partials is not None else 0,
+        W_BITS=g.bits,
+        W_GROUP=g.group,
+        W_PART=g.part(tiles.block_k),
         HAS_BIAS=gate_bias is not None,
         NORM_IN=norm_partials is not None,
         ACTIVATION=ACTIVATION_CODES[activation],
         NORM_TILES_P2=triton.next_power_of_2(norm_partials.shape[1]) if norm_partials is not None else 1,
         BLOCK_M=tiles.block_m,
         BLOCK_N=tiles.block_n,
-        BLOCK_K=tiles.block_k,
+        BLOCK_K=g.step(tiles.block_k),
         PRECISION=dot_precision(a.dtype),
         OVERLAP=overlap,
         PREFETCH_LINES=lines,
         LINE=line,
         **launch_options(overlap),
         num_warps=tiles.num_warps,
-        num_stages=fitting_stages(tiles, 2, a.element_size(), a.device),
+        num_stages=fitting_stages(tiles, 2, a.element_size(), a.device, stage_bytes=stage_bytes),
     )
     return out
 
 
 def gated_linear_reference(
     a: torch.Tensor,
-    gate: torch.Tensor,
-    up: torch.Tensor,
+    gate,
+    up,
     *,
     activation: str = "silu",
     gate_bias: torch.Tensor | None = None,
     up_bias: torch.Tensor | None = None,
     norm: tuple[torch.Tensor, int, float] | None = None,
 ) -> torch.Tensor:
-    g, u = a.float() @ gate.float().T, a.float() @ up.float().T
+    g, u = a.float() @ dequantize_reference(gate).T, a.float() @ dequantize_reference(up).T
     if norm is not None:
         r = row_scale_reference(*norm)
         g, u = g * r, u * r

@@ -9,13 +9,64 @@ matrix `layers.{i}.attn_shortcut`, stored (out, in) as a linear's weight, in pla
   .zeros    uint8 (out, groups), 4 bits only
 config.json's "quantization" entry names the bits, the group size and the quantized linears
 (quantization/ writes it). Everything else (embeddings, head, biases, shortcuts not listed) stays float.
+
+The reference model multiplies the dequantized weights; the fast path keeps the codes
+(`QuantizedWeight`, which the loader also leaves on each block) and dequantizes inside its
+products (kernels/quantized_linear.py).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from sliceserve.model.quant_format import QuantFormat
+
+
+@dataclass
+class QuantizedWeight:
+    """A linear's weight (out, in_features) as stored: codes, scales (and zero points)."""
+
+    codes: torch.Tensor  # int8 (out, in) or uint8 (out, ceil(in / 2)), two 4-bit codes a byte
+    scales: torch.Tensor  # (out, groups), float
+    zeros: torch.Tensor | None  # uint8 (out, groups), 4 bits only
+    bits: int
+    group_size: int
+    in_features: int
+
+    @property
+    def out_features(self) -> int:
+        return self.codes.shape[0]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
+
+    @property
+    def format(self) -> QuantFormat:
+        return QuantFormat(self.bits, self.group_size, ())
+
+    def nbytes(self) -> int:
+        """Bytes a product reads: codes, scales and zeros."""
+        parts = (self.codes, self.scales, self.zeros)
+        return sum(t.numel() * t.element_size() for t in parts if t is not None)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return dequantize(
+            self.codes, self.scales, self.zeros, self.format, self.in_features, dtype or self.scales.dtype
+        )
+
+    @classmethod
+    def concatenated(cls, parts: list[QuantizedWeight]) -> QuantizedWeight:
+        """Several weights of one input and format stacked along their outputs (q|k|v)."""
+        kinds = {(p.bits, p.group_size, p.in_features) for p in parts}
+        first = parts[0]
+        if len(kinds) != 1:
+            raise ValueError("only weights of one format and input width stack")
+        zeros = None if first.zeros is None else torch.cat([p.zeros for p in parts])
+        codes, scales = torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts])
+        return cls(codes, scales, zeros, first.bits, first.group_size, first.in_features)
 
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
