@@ -3,9 +3,10 @@ anchor in the same run (issue 17, point 4).
 
 One run on one GPU, Llama-2-7B shapes (13B with --shape llama-2-13b), random weights, fp16:
 1. copy bandwidth (the roofline's denominator);
-2. the quantized products alone at decode size (one row), over a few tile shapes: which reads
-   fastest per bit width (kernels/fused_linear.py's QUANTIZED_DECODE_TILES are a guess until
-   this has run; the model rows below use the sweep's best, and the results say which);
+2. the quantized products alone at decode size (one row), over a few tile shapes per bit width
+   (block_n, inputs a step, warps, stages): which reads fastest (kernels/fused_linear.py's
+   QUANTIZED_DECODE_TILES are a guess until this has run; the model rows below use the sweep's
+   best, or --quantized-tiles, and the results say which), each checked against its reference;
 3. batch-1 and batch-16 decode tok/s (CUDA graphs, greedy argmax on the GPU, prompt 128,
    200 new tokens) of dense fp16, sliced 25% fp16, dense int8, dense int4, sliced 25% int8 and
    sliced 25% int4 (groups of 128 inputs; round-to-nearest codes of the random weights, on the
@@ -21,6 +22,9 @@ Writes quant_decode_{shape}.json and .md under --out-dir after every row, with t
 targets as ratios in the same run (met, or missed by how much).
 
     PYTHONPATH=$PWD python benchmarks/quant_decode_gpu.py --out-dir $OUT
+    PYTHONPATH=$PWD python benchmarks/quant_decode_gpu.py --sweep-only --out-dir $OUT   # 1. and 2. only
+    PYTHONPATH=$PWD python benchmarks/quant_decode_gpu.py --no-sweep --quantized-tiles 4:32,256,4,4 \
+        --variants "dense int4" "sliced 25% int4" --batches 1 --gptfast-modes --out-dir $OUT   # a short run
     python benchmarks/quant_decode_gpu.py --smoke --out-dir /tmp/quant-smoke   # CPU: tiny shapes, interpreter
 """
 
@@ -55,8 +59,13 @@ from sliceserve.fast.graphs import DecodeGraphs  # noqa: E402
 from sliceserve.fast.model import FastTransformer  # noqa: E402
 from sliceserve.fast.quantized_weights import weight_bytes  # noqa: E402
 from sliceserve.kernels import fused_linear as fused  # noqa: E402
-from sliceserve.kernels.fused_linear import DECODE_TILES, TileConfig, fused_linear  # noqa: E402
-from sliceserve.kernels.gated_linear import gated_linear  # noqa: E402
+from sliceserve.kernels.fused_linear import (  # noqa: E402
+    DECODE_TILES,
+    TileConfig,
+    fused_linear,
+    fused_linear_reference,
+)
+from sliceserve.kernels.gated_linear import gated_linear, gated_linear_reference  # noqa: E402
 from sliceserve.model.quant_format import QuantFormat  # noqa: E402
 from sliceserve.model.quantized import QuantizedWeight  # noqa: E402
 from sliceserve.quantization.checkpoint_writer import stored  # noqa: E402
@@ -74,15 +83,28 @@ VARIANTS = {
 }
 BLOCK_MATRICES = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down")
 SHORTCUTS = ("attn_shortcut", "mlp_shortcut")
-# Decode tiles tried for quantized weights (block_k counts float16-equivalent bytes: a step
-# reads block_k * 16 / bits inputs). The first is QUANTIZED_DECODE_TILES' guess for 4 bits.
-CANDIDATE_TILES = [
-    TileConfig(16, 32, 256, 4, 3),
-    TileConfig(16, 32, 256, 4, 4),
-    TileConfig(16, 32, 128, 4, 4),
-    TileConfig(16, 32, 128, 4, 6),
-    TileConfig(16, 16, 256, 4, 4),
-]
+# Decode tiles tried for quantized weights, by bits: (block_m, block_n, inputs a step, warps,
+# stages); the first of each is QUANTIZED_DECODE_TILES' guess. Each compiles anew on the GPU
+# (three kernels: qkv, o and down, gate+up). Every warp holds the whole (16, step) activation
+# tile as a dot operand: compiled for sm_90 (Triton 3.9), 256 inputs a step take 164-180
+# registers, none spilled; 512 spill in gate+up (4 bits: 392 bytes), and 64 x 512 anywhere.
+# 64 columns with 8 warps keeps each warp's share of 32 columns with 4.
+CANDIDATE_TILES = {
+    8: [
+        TileConfig(16, 32, 256, 4, 4),
+        TileConfig(16, 32, 256, 4, 6),
+        TileConfig(16, 32, 128, 4, 5),
+        TileConfig(16, 64, 128, 4, 5),
+        TileConfig(16, 64, 256, 8, 4),
+    ],
+    4: [
+        TileConfig(16, 32, 256, 4, 4),
+        TileConfig(16, 32, 256, 4, 6),
+        TileConfig(16, 32, 128, 4, 5),
+        TileConfig(16, 32, 512, 4, 4),
+        TileConfig(16, 64, 256, 8, 4),
+    ],
+}
 GPTFAST_ARGS = {"llama-2-7b": "7B", "llama-2-13b": "13B"}
 TARGETS = [  # (what, numerator row, denominator row, target ratio), batch 1
     ("sliced 25% + int4 / dense fp16", "sliced 25% int4", "dense fp16", 3.0),
@@ -194,43 +216,68 @@ def quantized_tiles(chosen: dict[int, TileConfig]):
 # ---- the kernels alone --------------------------------------------------------------------
 
 
-def tile_sweep(shape: dict, group_size: int, copy: float) -> list[dict]:
+def tile_sweep(shape: dict, group_size: int, copy: float | None, device: str, bit_widths: list[int]) -> list[dict]:
     """One decode row through each candidate's tiles, per bit width, on the layer's four
     products (weights rotated past the L2): qkv with the norm, o and down with the residual,
-    gate and up gated. The fp16 decode tiles on the same products as the baseline."""
+    gate and up gated, each checked against its reference once. The fp16 decode tiles on the
+    same products as the baseline. Without a GPU (the smoke test) the checks only, no timing."""
+    on_gpu = device == "cuda"
     width, inter = shape["width"], shape["intermediate"]
     qkv_rows = width + 2 * shape["kv_heads"] * (width // shape["heads"])
-    x = torch.randn(1, width, device="cuda", dtype=DTYPE)
-    act = torch.randn(1, inter, device="cuda", dtype=DTYPE)
+    x = torch.randn(1, width, device=device, dtype=DTYPE)
+    act = torch.randn(1, inter, device=device, dtype=DTYPE)
     norm = (x.float().pow(2).sum(-1, keepdim=True), width, 1e-5)
 
     def weight(n: int, k: int, bits: int | None):
-        w = torch.randn(n, k, device="cuda", dtype=DTYPE) * k**-0.5
+        w = torch.randn(n, k, device=device, dtype=DTYPE) * k**-0.5
         return w if bits is None else quantized(w, bits, group_size)
 
-    cases = {  # name: ((n, k) of each weight, the product)
-        "qkv": ([(qkv_rows, width)], lambda w, t: fused_linear(x, w[0], norm=norm, tiles=t)),
-        "o": ([(width, width)], lambda w, t: fused_linear(x, w[0], residual=x, sumsq=True, tiles=t)),
-        "gate+up": ([(inter, width)] * 2, lambda w, t: gated_linear(x, w[0], w[1], norm=norm, tiles=t)),
-        "down": ([(width, inter)], lambda w, t: fused_linear(act, w[0], residual=x, sumsq=True, tiles=t)),
+    cases = {  # name: ((n, k) of each weight, the product, its reference)
+        "qkv": (
+            [(qkv_rows, width)],
+            lambda w, t: fused_linear(x, w[0], norm=norm, tiles=t)[0],
+            lambda w: fused_linear_reference(x, w[0], norm=norm)[0],
+        ),
+        "o": (
+            [(width, width)],
+            lambda w, t: fused_linear(x, w[0], residual=x, sumsq=True, tiles=t)[0],
+            lambda w: fused_linear_reference(x, w[0], residual=x)[0],
+        ),
+        "gate+up": (
+            [(inter, width)] * 2,
+            lambda w, t: gated_linear(x, w[0], w[1], norm=norm, tiles=t),
+            lambda w: gated_linear_reference(x, w[0], w[1], norm=norm),
+        ),
+        "down": (
+            [(width, inter)],
+            lambda w, t: fused_linear(act, w[0], residual=x, sumsq=True, tiles=t)[0],
+            lambda w: fused_linear_reference(act, w[0], residual=x)[0],
+        ),
     }
     rows = []
-    for bits in (None, 8, 4):
-        for name, (shapes, product) in cases.items():
+    for bits in [None, *bit_widths]:
+        for name, (shapes, product, reference) in cases.items():
             one = [weight(n, k, bits) for n, k in shapes]
             read = sum(weight_bytes(w) for w in one)
-            copies = [one] + [[weight(n, k, bits) for n, k in shapes] for _ in range(int(300e6 // read))]
-            for tiles in [DECODE_TILES] if bits is None else CANDIDATE_TILES:
+            more = int(300e6 // read) if on_gpu else 0
+            copies = [one] + [[weight(n, k, bits) for n, k in shapes] for _ in range(more)]
+            expected = reference(one)
+            for tiles in [DECODE_TILES] if bits is None else CANDIDATE_TILES[bits]:
                 row = {"bits": bits or 16, "product": name, "weights": shapes, "tiles": tiles.__dict__}
                 try:
-                    ms = graph_ms(lambda: [product(w, tiles) for w in copies]) / len(copies)
+                    row["rel_error"] = relative_error(product(one, tiles), expected)
+                    if on_gpu:
+                        ms = graph_ms(lambda: [product(w, tiles) for w in copies]) / len(copies)
                 except Exception as error:  # out of shared memory, say
                     rows.append({**row, "error": str(error)[:200]})
                     continue
-                gbps = read / (ms / 1e3) / 1e9
-                rows.append({**row, "us": ms * 1e3, "GBps": gbps, "fraction_of_copy_bw": gbps / copy})
-            del copies, one
-            torch.cuda.empty_cache()
+                if on_gpu:
+                    gbps = read / (ms / 1e3) / 1e9
+                    row.update(us=ms * 1e3, GBps=gbps, fraction_of_copy_bw=gbps / copy)
+                rows.append(row)
+            del copies, one, expected
+            if on_gpu:
+                torch.cuda.empty_cache()
         log("swept", bits or 16, "bits")
     return rows
 
@@ -524,13 +571,11 @@ def target_lines(result: dict) -> list[dict]:
     return judged
 
 
-def markdown(result: dict) -> str:
-    c = result["conditions"]
-    lines = [f"# Quantized decode on the fast path: {c['shape']} shapes, random weights", ""]
-    lines += [f"- {k}: {v}" for k, v in c.items()] + [""]
-    batches = c["batches"]
+def model_lines(result: dict) -> list[str]:
+    """The model rows' table and the targets."""
+    batches = result["conditions"]["batches"]
     head = " | ".join(f"batch {b} tok/s (of roofline)" for b in batches)
-    lines += [
+    lines = [
         f"| model | weight GB read / step | check vs reference: prefill / decode | {head} |",
         "| --- | ---: | --- | " + " | ".join("---:" for _ in batches) + " |",
     ]
@@ -559,26 +604,50 @@ def markdown(result: dict) -> str:
     for t in result["targets"]:
         ratio = f"{t['ratio']:.2f}x" if "ratio" in t else "-"
         lines.append(f"- {t['target']}: {ratio} (target >= {t['at_least']}x): {t['verdict']}")
+    return lines
+
+
+def markdown(result: dict) -> str:
+    c = result["conditions"]
+    lines = [f"# Quantized decode on the fast path: {c['shape']} shapes, random weights", ""]
+    lines += [f"- {k}: {v}" for k, v in c.items()] + [""]
+    if result["rows"]:  # none: a sweep alone
+        lines += model_lines(result)
     if result.get("tiles_used"):
-        lines += ["", f"Quantized decode tiles used (the sweep's best): {json.dumps(result['tiles_used'])}"]
+        lines += [
+            "",
+            f"Quantized decode tiles used (the sweep's best, or --quantized-tiles): {json.dumps(result['tiles_used'])}",
+        ]
     if result.get("tile_sweep"):
         lines += [
             "",
-            "| bits | product | tiles (block_n, block_k, warps, stages) | us | GB/s | of copy bw |",
-            "| ---: | --- | --- | ---: | ---: | ---: |",
+            "| bits | product | tiles (block_n, inputs a step, warps, stages) | us | GB/s | of copy bw | check vs reference |",
+            "| ---: | --- | --- | ---: | ---: | ---: | ---: |",
         ]
         for r in result["tile_sweep"]:
             t = r["tiles"]
             tiles = f"{t['block_n']}, {t['block_k']}, {t['num_warps']}, {t['num_stages']}"
-            if "us" in r:
+            if "error" in r:
+                lines.append(f"| {r['bits']} | {r['product']} | {tiles} | error: {r['error'][:80]} | | | |")
+            elif "us" in r:
                 lines.append(
-                    f"| {r['bits']} | {r['product']} | {tiles} | {r['us']:.1f} | {r['GBps']:.0f} | {r['fraction_of_copy_bw']:.0%} |"
+                    f"| {r['bits']} | {r['product']} | {tiles} | {r['us']:.1f} | {r['GBps']:.0f} | "
+                    f"{r['fraction_of_copy_bw']:.0%} | {r['rel_error']:.1e} |"
                 )
             else:
-                lines.append(f"| {r['bits']} | {r['product']} | {tiles} | error: {r['error'][:80]} | | |")
+                lines.append(f"| {r['bits']} | {r['product']} | {tiles} | | | | {r['rel_error']:.1e} |")
     if result.get("gptfast"):
         lines += ["", f"gpt-fast: {json.dumps(result['gptfast'])}"]
     return "\n".join(lines) + "\n"
+
+
+def bits_and_tiles(text: str) -> tuple[int, TileConfig]:
+    """ "4:32,512,4,4": decode tiles (block_n, inputs a step, warps, stages) for 4-bit weights."""
+    bits, _, sizes = text.partition(":")
+    block_n, step, warps, stages = (int(v) for v in sizes.split(","))
+    if int(bits) not in CANDIDATE_TILES:
+        raise argparse.ArgumentTypeError(f"bits {bits}: 8 or 4")
+    return int(bits), TileConfig(16, block_n, step, warps, stages)
 
 
 def main() -> None:
@@ -592,6 +661,18 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--check-length", type=int, default=96)
     parser.add_argument("--no-sweep", action="store_true", help="skip the tile sweep; use QUANTIZED_DECODE_TILES")
+    parser.add_argument(
+        "--sweep-only", action="store_true", help="copy bandwidth and the tile sweep only (no models, no gpt-fast)"
+    )
+    parser.add_argument("--sweep-bits", nargs="+", type=int, default=[8, 4], choices=[8, 4], help="bit widths swept")
+    parser.add_argument(
+        "--quantized-tiles",
+        nargs="+",
+        type=bits_and_tiles,
+        default=[],
+        metavar="BITS:BLOCK_N,STEP,WARPS,STAGES",
+        help="decode tiles for the model rows, e.g. 4:32,512,4,4 (over the sweep's best and QUANTIZED_DECODE_TILES)",
+    )
     parser.add_argument("--gptfast-dir", default=".gptfast")
     parser.add_argument("--gptfast-modes", nargs="*", default=["int4", "int8"], choices=["int4", "int8"])
     parser.add_argument("--gptfast-batches", nargs="+", type=int, default=[1], help="each batch compiles anew")
@@ -604,7 +685,7 @@ def main() -> None:
         args.prompt, args.steps, args.check_length = 4, 2, 9
         args.batches = [1, 2]
         args.gptfast_batches = [1]
-        args.no_sweep = args.no_sweep or not on_gpu
+        args.no_sweep = args.no_sweep or (not on_gpu and not args.sweep_only)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"quant_decode_{shape}"
@@ -640,12 +721,20 @@ def main() -> None:
         log("copy GB/s", round(copy))
     tiles: dict[int, TileConfig] = {}
     if not args.no_sweep:
-        result["tile_sweep"] = tile_sweep(SHAPES[shape], args.group_size, copy)
+        device = "cuda" if on_gpu else "cpu"
+        result["tile_sweep"] = tile_sweep(SHAPES[shape], args.group_size, copy, device, args.sweep_bits)
         best = best_tiles(result["tile_sweep"])
         tiles = {bits: TileConfig(**b["tiles"]) for bits, b in best.items()}
         result["tiles_used"] = {str(bits): b for bits, b in best.items()}
         log("best tiles", json.dumps(result["tiles_used"]))
         save()
+    if args.sweep_only:
+        save()
+        print(markdown(result))
+        return
+    for bits, chosen in args.quantized_tiles:
+        tiles[bits] = chosen
+        result.setdefault("tiles_used", {})[str(bits)] = {"tiles": chosen.__dict__, "from": "--quantized-tiles"}
     result["conditions"]["quantized_decode_tiles"] = {
         str(bits): (tiles.get(bits) or fused.QUANTIZED_DECODE_TILES[bits]).__dict__ for bits in (8, 4)
     }

@@ -43,7 +43,7 @@ from sliceserve.kernels.quantized_linear import (
     FLOAT_WEIGHT,
     WeightOperand,
     accumulate_quantized,
-    dequantize_reference,
+    multiplied_weight,
     weight_operand,
 )
 
@@ -66,13 +66,13 @@ DECODE_TILES = TileConfig(block_m=16, block_n=32, block_k=256, num_warps=4, num_
 # (benchmarks/results/middle_tiles_sweep.md, H100).
 MIDDLE_TILES = TileConfig(block_m=64, block_n=32, block_k=128, num_warps=4, num_stages=4)
 PREFILL_TILES = TileConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
-# Quantized weights at decode sizes, by bits. A step reads block_k * 16 / bits inputs
-# (kernels/quantized_linear.py): 16 KiB of codes per column tile, as the float16 decode tiles
-# read, with fewer stages as the activations' tile grows (512 inputs of 8-bit codes, 1024 of
-# 4-bit ones). Not yet measured: benchmarks/quant_decode_gpu.py sweeps the candidates.
+# Quantized weights at decode sizes, by bits; block_k is the inputs a step (quantized_linear.py).
+# Guesses until benchmarks/quant_decode_gpu.py has swept its candidates on the one-dot-a-step
+# K loop: 256 inputs a step, where every warp's (16, 256) activation operand leaves registers
+# enough (compiled for sm_90: 164-180 a thread, no spills; 512 inputs spill in gate+up).
 QUANTIZED_DECODE_TILES = {
     8: TileConfig(block_m=16, block_n=32, block_k=256, num_warps=4, num_stages=4),
-    4: TileConfig(block_m=16, block_n=32, block_k=256, num_warps=4, num_stages=3),
+    4: TileConfig(block_m=16, block_n=32, block_k=256, num_warps=4, num_stages=4),
 }
 
 
@@ -161,8 +161,7 @@ def accumulate_weight(
     K,
     BITS: tl.constexpr,
     GROUP: tl.constexpr,
-    PART: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -187,8 +186,7 @@ def accumulate_weight(
             BITS,
             GROUP,
             BLOCK_K,
-            PART,
-            BLOCK_M,
+            BLOCK_N,
             PRECISION,
         )
     return acc
@@ -228,10 +226,8 @@ def fused_linear_kernel(
     stride_sumsq,
     W_BITS: tl.constexpr,
     W_GROUP: tl.constexpr,
-    W_PART: tl.constexpr,
     W2_BITS: tl.constexpr,
     W2_GROUP: tl.constexpr,
-    W2_PART: tl.constexpr,
     HAS_A2: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_RES: tl.constexpr,
@@ -273,8 +269,7 @@ def fused_linear_kernel(
         K,
         W_BITS,
         W_GROUP,
-        W_PART,
-        BLOCK_M,
+        BLOCK_N,
         BLOCK_K,
         PRECISION,
     )
@@ -298,8 +293,7 @@ def fused_linear_kernel(
             K2,
             W2_BITS,
             W2_GROUP,
-            W2_PART,
-            BLOCK_M,
+            BLOCK_N,
             BLOCK_K2,
             PRECISION,
         )
@@ -393,10 +387,8 @@ def fused_linear(
         partials.stride(0) if partials is not None else 0,
         W_BITS=first.bits,
         W_GROUP=first.group,
-        W_PART=first.part(tiles.block_k),
         W2_BITS=second.bits if second is not None else FLOAT_WEIGHT,
         W2_GROUP=second.group if second is not None else 1,
-        W2_PART=second.part(tiles.block_k) if second is not None else tiles.block_k,
         HAS_A2=a2 is not None,
         HAS_BIAS=bias is not None,
         HAS_RES=residual is not None,
@@ -443,13 +435,14 @@ def fused_linear_reference(
     activation: str = "none",
     sumsq: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The same function in plain PyTorch, in float32 (quantized weights dequantized in float32);
-    partial sums collapsed to one column."""
-    acc = a.float() @ dequantize_reference(w).T
+    """The same function in plain PyTorch, in float32 (quantized weights dequantized to a's dtype,
+    as the kernels multiply them: quantized_linear.multiplied_weight); partial sums collapsed
+    to one column."""
+    acc = a.float() @ multiplied_weight(w, a.dtype).T
     if norm is not None:
         acc = acc * row_scale_reference(*norm)
     if a2 is not None:
-        acc = acc + a2.float() @ dequantize_reference(w2).T
+        acc = acc + a2.float() @ multiplied_weight(w2, a2.dtype).T
     if bias is not None:
         acc = acc + bias.float()
     acc = reference_activation(acc, activation)

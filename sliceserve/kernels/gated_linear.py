@@ -30,7 +30,7 @@ from sliceserve.kernels.launch import (
     prefetch_lines,
     prefetch_then_wait,
 )
-from sliceserve.kernels.quantized_linear import accumulate_quantized_pair, dequantize_reference, weight_operand
+from sliceserve.kernels.quantized_linear import accumulate_quantized_pair, multiplied_weight, weight_operand
 
 
 @triton.jit
@@ -59,7 +59,6 @@ def gated_linear_kernel(
     stride_norm,
     W_BITS: tl.constexpr,
     W_GROUP: tl.constexpr,
-    W_PART: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     NORM_IN: tl.constexpr,
     ACTIVATION: tl.constexpr,
@@ -117,8 +116,7 @@ def gated_linear_kernel(
             W_BITS,
             W_GROUP,
             BLOCK_K,
-            W_PART,
-            BLOCK_M,
+            BLOCK_N,
             PRECISION,
         )
     main_loop_done(OVERLAP)
@@ -189,7 +187,6 @@ def gated_linear(
         norm_partials.stride(0) if norm_partials is not None else 0,
         W_BITS=g.bits,
         W_GROUP=g.group,
-        W_PART=g.part(tiles.block_k),
         HAS_BIAS=gate_bias is not None,
         NORM_IN=norm_partials is not None,
         ACTIVATION=ACTIVATION_CODES[activation],
@@ -218,7 +215,7 @@ def gated_linear_reference(
     up_bias: torch.Tensor | None = None,
     norm: tuple[torch.Tensor, int, float] | None = None,
 ) -> torch.Tensor:
-    g, u = a.float() @ dequantize_reference(gate).T, a.float() @ dequantize_reference(up).T
+    g, u = a.float() @ multiplied_weight(gate, a.dtype).T, a.float() @ multiplied_weight(up, a.dtype).T
     if norm is not None:
         r = row_scale_reference(*norm)
         g, u = g * r, u * r

@@ -5,19 +5,29 @@ A quantized weight (model/quantized.py's QuantizedWeight; read here by its attri
 layer may not import the model's) stores, per output row n and group g of `group_size` inputs:
     8 bits: int8 codes q,                    w[n, k] = q[n, k] * s[n, g]
     4 bits: two codes a byte (even k low),   w[n, k] = (q[n, k] - z[n, g]) * s[n, g]
-Within one group the scale and zero point are constants of the column, so a part of the
-product that stays inside a group is
-    sum_k a[m, k] w[n, k] = s[n, g] * (sum_k a[m, k] q[n, k] - z[n, g] * sum_k a[m, k]):
-the codes go into the matrix units as they are (integers up to 127 are exact in fp16 and
-bf16), and the scale and zero point are applied to the (rows, columns) result of each group,
-never to the weight tile. For 4 bits the activations are split into even and odd columns,
-which meet the low and high nibbles: the packed bytes are never interleaved.
 
-Each step of the main loop reads `step` inputs, `tiles.block_k * 16 / bits` (no more than the
-inputs' next power of two): as many weight bytes per column tile as a 16-bit product of the
-same tiles. A step holds step / group_size groups, unrolled, or lies inside one: group sizes
-are powers of two, at least 16 (8 bits) or 32 (4 bits: each half then spans 16 inputs, the
-matrix units' minimum). Other group sizes are refused (the fast path dequantizes those).
+Each step of the main loop reads `step` inputs (the tiles' block_k, no more than the inputs'
+next power of two) and does what a float product's step does, with the weight tile made in
+registers first:
+- the codes tile in the weights' own layout, (block_n rows, step inputs), each row's bytes
+  contiguous: int8 (block_n, step), or uint8 (block_n, step / 2) unpacked by joining the low
+  and high nibbles, which puts them in input order (even input low);
+- the step's scales (and zero points) as one (block_n,) vector where the step lies inside a
+  group, else a (block_n, step / group_size) tile broadcast over each group's inputs;
+- w = (q - z) * s in the activations' dtype, then one dot of the (block_m, step) activations
+  with w.T into the float32 accumulator.
+The software pipeliner (num_stages) overlaps the activation and code loads, which it copies
+through shared memory; the scales and zero points, too small for its copies, are loaded one
+step ahead by hand. The codes become floats by bit operations (biased_float), not by the
+integer-to-float conversion, which runs at an eighth of the arithmetic rate.
+
+q - z is an integer of at most 8 bits, exact in float16 and bfloat16, and so is its product
+with a scale in float32: w computed in the activations' dtype is that product rounded once,
+exactly the weight model/quantized.py's loader gives the reference model, and what
+`multiplied_weight` gives the kernels' references. Group sizes are powers of two (a step then
+holds whole groups or lies inside one), at least 16: the loop would take smaller ones, but
+then 4-bit codes' scales and zero points weigh three quarters of the codes or more. Other
+sizes are refused (the fast path dequantizes those).
 """
 
 from __future__ import annotations
@@ -29,7 +39,9 @@ import triton
 import triton.language as tl
 
 FLOAT_WEIGHT = 16  # the "bits" of a float weight: multiplied as stored
-MIN_GROUP = {8: 16, 4: 32}
+QUANTIZED_BITS = (8, 4)
+MIN_GROUP = 16
+MIN_STEP = 16  # the matrix units' shortest inner dimension
 
 
 class WeightOperand(NamedTuple):
@@ -45,23 +57,21 @@ class WeightOperand(NamedTuple):
     scale_stride: int
 
     def step(self, block_k: int) -> int:
-        """Inputs per step of the main loop (see the module docstring): for codes, no more than
-        the inputs' next power of two (parts of a step past the inputs are wasted work)."""
+        """Inputs per step of the main loop: block_k, for codes no more than the inputs' next
+        power of two (parts of a step past the inputs are wasted work)."""
         if self.bits == FLOAT_WEIGHT:
             return block_k
-        step = min(block_k * FLOAT_WEIGHT // self.bits, triton.next_power_of_2(self.inputs))
-        return max(step, MIN_GROUP[self.bits])
-
-    def part(self, block_k: int) -> int:
-        """Inputs per group-sized part of a step (the whole step for float weights)."""
-        step = self.step(block_k)
-        return step if self.bits == FLOAT_WEIGHT else min(step, self.group)
+        return max(min(block_k, triton.next_power_of_2(self.inputs)), MIN_STEP)
 
     def stage_bytes(self, block_m: int, block_n: int, block_k: int, element_size: int) -> int:
-        """Shared memory one pipeline stage of this product takes: its activation and weight tiles."""
+        """Shared memory one pipeline stage of this product takes: its activation and weight
+        tiles, and for codes the step's scales and zero points."""
         step = self.step(block_k)
-        weight_bits = element_size * 8 if self.bits == FLOAT_WEIGHT else self.bits
-        return block_m * step * element_size + block_n * step * weight_bits // 8
+        if self.bits == FLOAT_WEIGHT:
+            return (block_m + block_n) * step * element_size
+        groups = max(1, step // self.group)
+        scales = block_n * groups * (self.scales.element_size() + (1 if self.zeros is not None else 0))
+        return block_m * step * element_size + block_n * step * self.bits // 8 + scales
 
 
 def is_quantized(w) -> bool:
@@ -71,7 +81,7 @@ def is_quantized(w) -> bool:
 def supports_quantized(w) -> bool:
     """Whether the kernels multiply this quantized weight (else: dequantize it first)."""
     group = w.group_size
-    return w.bits in MIN_GROUP and group >= MIN_GROUP[w.bits] and group & (group - 1) == 0
+    return w.bits in QUANTIZED_BITS and group >= MIN_GROUP and group & (group - 1) == 0
 
 
 def weight_operand(w) -> WeightOperand:
@@ -79,9 +89,7 @@ def weight_operand(w) -> WeightOperand:
     if not is_quantized(w):
         return WeightOperand(w, None, None, FLOAT_WEIGHT, 1, w.shape[1], w.stride(0), 0)
     if not supports_quantized(w):
-        raise ValueError(
-            f"{w.bits}-bit groups of {w.group_size}: the kernels take powers of two from {MIN_GROUP.get(w.bits)}"
-        )
+        raise ValueError(f"{w.bits}-bit groups of {w.group_size}: the kernels take powers of two from {MIN_GROUP}")
     n, k = w.codes.shape[0], w.in_features
     stored = k if w.bits == 8 else -(-k // 2)
     groups = -(-k // w.group_size)
@@ -95,62 +103,102 @@ def weight_operand(w) -> WeightOperand:
 
 
 @triton.jit
-def load_activation_parts(
-    a_ptr, stride_a, offs_m, M, K, k0, BLOCK_M: tl.constexpr, STEP: tl.constexpr, BITS: tl.constexpr
-):
-    """a[:, k0 : k0 + STEP] (zeros outside a), as the weights' codes meet it: whole for 8 bits;
-    for 4 bits its even and odd columns (loaded whole, split in registers)."""
+def load_activations(a_ptr, stride_a, offs_m, M, K, k0, STEP: tl.constexpr):
+    """a[offs_m, k0 : k0 + STEP], zeros outside a."""
     k = k0 + tl.arange(0, STEP)
-    a = tl.load(
+    return tl.load(
         a_ptr + offs_m[:, None] * stride_a + k[None, :], mask=(offs_m[:, None] < M) & (k[None, :] < K), other=0.0
     )
-    low = a
-    high = a
-    if BITS == 4:
-        low, high = tl.split(tl.reshape(a, (BLOCK_M, STEP // 2, 2)))
-    return low, high
 
 
 @triton.jit
-def dequantized_part(
-    low,
-    high,
-    q_ptr,
-    stride_q,
-    s_ptr,
-    z_ptr,
-    stride_s,
-    offs_n,
-    N,
-    K,
-    k0,
-    GROUP: tl.constexpr,
-    STEP: tl.constexpr,
-    BITS: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    """(BLOCK_M, BLOCK_N) float32: a[:, k0 : k0 + STEP] @ w[offs_n, k0 : k0 + STEP].T for a
-    part inside one group (`low`, `high` from load_activation_parts)."""
+def load_codes(q_ptr, stride_q, offs_n, N, K, k0, BITS: tl.constexpr, STEP: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The codes of w[offs_n, k0 : k0 + STEP] as a (BLOCK_N, STEP) integer tile, in input order."""
     n_ok = offs_n < N
-    # A step's last parts may lie past the inputs (their products are zeros): read the last
-    # group's scales there rather than past the row.
-    g = tl.minimum(k0, K - 1) // GROUP
-    scale = tl.load(s_ptr + offs_n * stride_s + g, mask=n_ok, other=0.0).to(tl.float32)
     if BITS == 8:
         k = k0 + tl.arange(0, STEP)
-        q = tl.load(q_ptr + offs_n[None, :] * stride_q + k[:, None], mask=n_ok[None, :] & (k[:, None] < K), other=0)
-        part = tl.dot(low, q.to(low.dtype), input_precision=PRECISION)
+        q = tl.load(q_ptr + offs_n[:, None] * stride_q + k[None, :], mask=n_ok[:, None] & (k[None, :] < K), other=0)
     else:
-        j = k0 // 2 + tl.arange(0, STEP // 2)  # the bytes holding inputs 2j (low nibble) and 2j + 1
+        # The bytes holding inputs 2j (low nibble) and 2j + 1, of the row's K - K // 2 (written
+        # so that the bound keeps K's divisibility, which (K + 1) // 2 or 2j < K would lose:
+        # the masked loads then stay vectorised, and pipelined).
+        j = k0 // 2 + tl.arange(0, STEP // 2)
         packed = tl.load(
-            q_ptr + offs_n[None, :] * stride_q + j[:, None], mask=n_ok[None, :] & (2 * j[:, None] < K), other=0
+            q_ptr + offs_n[:, None] * stride_q + j[None, :], mask=n_ok[:, None] & (j[None, :] < K - K // 2), other=0
         )
-        part = tl.dot(low, (packed & 15).to(low.dtype), input_precision=PRECISION)
-        part = tl.dot(high, (packed >> 4).to(low.dtype), part, input_precision=PRECISION)
-        zero = tl.load(z_ptr + offs_n * stride_s + g, mask=n_ok, other=0).to(tl.float32)
-        sums = tl.sum(low.to(tl.float32), axis=1) + tl.sum(high.to(tl.float32), axis=1)
-        part = part - sums[:, None] * zero[None, :]
-    return part * scale[None, :]
+        q = tl.reshape(tl.join(packed & 15, packed >> 4), (BLOCK_N, STEP))
+    return q
+
+
+@triton.jit
+def load_group_parameters(
+    s_ptr, z_ptr, stride_s, offs_n, N, K, k0, BITS: tl.constexpr, GROUP: tl.constexpr, STEP: tl.constexpr
+):
+    """(scales, zero points) of the step at k0: (BLOCK_N,) vectors where the step lies inside a
+    group, else (BLOCK_N, STEP // GROUP) tiles; zeros past N or K (a step past K loads nothing).
+    8-bit weights have no zero points: the scales stand in for them, never used."""
+    if STEP <= GROUP:
+        g = k0 // GROUP
+        mask = offs_n < tl.where(k0 < K, N, 0)
+        offsets = offs_n * stride_s + g
+    else:
+        g = k0 // GROUP + tl.arange(0, STEP // GROUP)
+        mask = (offs_n[:, None] < N) & (g[None, :] * GROUP < K)
+        offsets = offs_n[:, None] * stride_s + g[None, :]
+    scale = tl.load(s_ptr + offsets, mask=mask, other=0.0)
+    zero = scale
+    if BITS == 4:
+        zero = tl.load(z_ptr + offsets, mask=mask, other=0)
+    return scale, zero
+
+
+@triton.jit
+def biased_float(u, DTYPE: tl.constexpr):
+    """(2^p + u as DTYPE, 2^p): unsigned codes u (uint8) written into the mantissa of 2^p, which
+    float16 (p = 10) and float32 (p = 23) hold for every byte and bfloat16 (p = 7) for codes
+    under 128. Two bit operations a code, where the integer-to-float conversion runs at 16 a
+    cycle per SM (Hopper; an eighth of float32 arithmetic, the CUDA guide's throughput table)."""
+    if DTYPE == tl.float32:
+        return (u.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True), tl.full([], 8388608.0, DTYPE)
+    elif DTYPE == tl.float16:
+        return (u.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True), tl.full([], 1024.0, DTYPE)
+    else:
+        return (u.to(tl.int16) | 0x4300).to(tl.bfloat16, bitcast=True), tl.full([], 128.0, DTYPE)
+
+
+@triton.jit
+def dequantized(
+    q,
+    scale,
+    zero,
+    DTYPE: tl.constexpr,
+    BITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    STEP: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """(q - z) * s in DTYPE, a (BLOCK_N, STEP) tile, the step's scales broadcast over their
+    groups. The codes are made floats biased (biased_float); the bias joins the zero point
+    (int8 codes: 128 + q, unsigned, against a zero point of 128), all exact in DTYPE. bfloat16
+    holds biased 4-bit codes but not bytes: int8 codes are converted plainly there."""
+    if BITS == 8 and DTYPE == tl.bfloat16:
+        w, offset = q.to(DTYPE), tl.full([], 0.0, DTYPE)
+    elif BITS == 8:
+        w, bias = biased_float(q.to(tl.uint8, bitcast=True) ^ 128, DTYPE)
+        offset = bias + 128.0  # stays DTYPE: a Python number takes the tensor's type
+    else:
+        w, bias = biased_float(q, DTYPE)
+        offset = zero.to(DTYPE) + bias
+    if STEP <= GROUP:
+        if BITS == 4:
+            offset = offset[:, None]
+        w = (w - offset) * scale.to(DTYPE)[:, None]
+    else:
+        w = tl.reshape(w, (BLOCK_N, STEP // GROUP, GROUP))
+        if BITS == 4:
+            offset = offset[:, :, None]
+        w = tl.reshape((w - offset) * scale.to(DTYPE)[:, :, None], (BLOCK_N, STEP))
+    return w
 
 
 @triton.jit
@@ -171,31 +219,23 @@ def accumulate_quantized(
     BITS: tl.constexpr,
     GROUP: tl.constexpr,
     STEP: tl.constexpr,
-    PART: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """acc + a @ w.T over all K inputs, STEP inputs a step, in parts of PART (<= GROUP) inputs."""
+    """acc + a @ w.T over all K inputs, STEP inputs a step: one dot a step. The pipeliner
+    overlaps the activation and code loads; the scales, too small for its copies, are loaded
+    a step ahead by hand."""
+    dtype = a_ptr.dtype.element_ty
+    scale, zero = load_group_parameters(s_ptr, z_ptr, stride_s, offs_n, N, K, 0, BITS, GROUP, STEP)
     for k0 in range(0, K, STEP):
-        for i in tl.static_range(STEP // PART):
-            low, high = load_activation_parts(a_ptr, stride_a, offs_m, M, K, k0 + i * PART, BLOCK_M, PART, BITS)
-            acc += dequantized_part(
-                low,
-                high,
-                q_ptr,
-                stride_q,
-                s_ptr,
-                z_ptr,
-                stride_s,
-                offs_n,
-                N,
-                K,
-                k0 + i * PART,
-                GROUP,
-                PART,
-                BITS,
-                PRECISION,
-            )
+        next_scale, next_zero = load_group_parameters(
+            s_ptr, z_ptr, stride_s, offs_n, N, K, k0 + STEP, BITS, GROUP, STEP
+        )
+        a = load_activations(a_ptr, stride_a, offs_m, M, K, k0, STEP)
+        q = load_codes(q_ptr, stride_q, offs_n, N, K, k0, BITS, STEP, BLOCK_N)
+        w = dequantized(q, scale, zero, dtype, BITS, GROUP, STEP, BLOCK_N)
+        acc = tl.dot(a, tl.trans(w), acc, input_precision=PRECISION)
+        scale, zero = next_scale, next_zero
     return acc
 
 
@@ -221,21 +261,29 @@ def accumulate_quantized_pair(
     BITS: tl.constexpr,
     GROUP: tl.constexpr,
     STEP: tl.constexpr,
-    PART: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     """Two products of the same activations x with two weights of one format (gate and up)."""
+    dtype = x_ptr.dtype.element_ty
+    scale_a, zero_a = load_group_parameters(sa_ptr, za_ptr, stride_s, offs_n, N, K, 0, BITS, GROUP, STEP)
+    scale_b, zero_b = load_group_parameters(sb_ptr, zb_ptr, stride_s, offs_n, N, K, 0, BITS, GROUP, STEP)
     for k0 in range(0, K, STEP):
-        for i in tl.static_range(STEP // PART):
-            k = k0 + i * PART
-            low, high = load_activation_parts(x_ptr, stride_x, offs_m, M, K, k, BLOCK_M, PART, BITS)
-            acc_a += dequantized_part(
-                low, high, qa_ptr, stride_q, sa_ptr, za_ptr, stride_s, offs_n, N, K, k, GROUP, PART, BITS, PRECISION
-            )
-            acc_b += dequantized_part(
-                low, high, qb_ptr, stride_q, sb_ptr, zb_ptr, stride_s, offs_n, N, K, k, GROUP, PART, BITS, PRECISION
-            )
+        k_next = k0 + STEP
+        next_scale_a, next_zero_a = load_group_parameters(
+            sa_ptr, za_ptr, stride_s, offs_n, N, K, k_next, BITS, GROUP, STEP
+        )
+        next_scale_b, next_zero_b = load_group_parameters(
+            sb_ptr, zb_ptr, stride_s, offs_n, N, K, k_next, BITS, GROUP, STEP
+        )
+        x = load_activations(x_ptr, stride_x, offs_m, M, K, k0, STEP)
+        qa = load_codes(qa_ptr, stride_q, offs_n, N, K, k0, BITS, STEP, BLOCK_N)
+        qb = load_codes(qb_ptr, stride_q, offs_n, N, K, k0, BITS, STEP, BLOCK_N)
+        wa = dequantized(qa, scale_a, zero_a, dtype, BITS, GROUP, STEP, BLOCK_N)
+        wb = dequantized(qb, scale_b, zero_b, dtype, BITS, GROUP, STEP, BLOCK_N)
+        acc_a = tl.dot(x, tl.trans(wa), acc_a, input_precision=PRECISION)
+        acc_b = tl.dot(x, tl.trans(wb), acc_b, input_precision=PRECISION)
+        scale_a, zero_a, scale_b, zero_b = next_scale_a, next_zero_a, next_scale_b, next_zero_b
     return acc_a, acc_b
 
 
@@ -313,3 +361,10 @@ def dequantize_reference(w, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     if w.zeros is not None:
         codes = codes - w.zeros.to(wide).repeat_interleave(w.group_size, dim=1)[:, :k]
     return (codes * w.scales.to(wide).repeat_interleave(w.group_size, dim=1)[:, :k]).to(dtype)
+
+
+def multiplied_weight(w, dtype: torch.dtype) -> torch.Tensor:
+    """The weight a kernel's product with activations of `dtype` multiplies, in float32: a float
+    weight as it is; a quantized one dequantized and rounded once to `dtype`, as the K loop
+    makes its tiles (and as the reference model's loader makes its weights)."""
+    return dequantize_reference(w, dtype).float() if is_quantized(w) else w.float()
