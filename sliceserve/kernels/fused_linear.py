@@ -67,12 +67,12 @@ DECODE_TILES = TileConfig(block_m=16, block_n=32, block_k=256, num_warps=4, num_
 MIDDLE_TILES = TileConfig(block_m=64, block_n=32, block_k=128, num_warps=4, num_stages=4)
 PREFILL_TILES = TileConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
 # Quantized weights at decode sizes, by bits; block_k is the inputs a step (quantized_linear.py).
-# Guesses until benchmarks/quant_decode_gpu.py has swept its candidates on the one-dot-a-step
-# K loop: 256 inputs a step, where every warp's (16, 256) activation operand leaves registers
-# enough (compiled for sm_90: 164-180 a thread, no spills; 512 inputs spill in gate+up).
+# 4 bits: the H200 sweep's best on all four 7B products (quant_decode_h200_2-registers-sweep-int4.md:
+# 512 inputs a step, 16-22% of copy bandwidth against 12-18% with 256), although gate+up spills
+# there; 8 bits not yet swept on this loop: 256 inputs a step (no spills, compiled for sm_90).
 QUANTIZED_DECODE_TILES = {
     8: TileConfig(block_m=16, block_n=32, block_k=256, num_warps=4, num_stages=4),
-    4: TileConfig(block_m=16, block_n=32, block_k=256, num_warps=4, num_stages=4),
+    4: TileConfig(block_m=16, block_n=32, block_k=512, num_warps=4, num_stages=4),
 }
 
 
