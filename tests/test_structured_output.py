@@ -224,6 +224,35 @@ def test_a_state_sent_to_an_engine_process_replays_the_output(server):
     assert not torch.equal(here, grammar_bitmask(grammar_states(compiled, engine, 1), [[]], vocab))
 
 
+@pytest.mark.slow
+def test_special_tokens_never_fill_a_string(tmp_path_factory):
+    """Inside a JSON string any text goes, but a special token's text is not text: its id stays masked.
+    SmolLM2's tokenizer is the case: xgrammar reads `<|im_start|>` in its vocabulary as plain characters
+    and detects none of its 17 special tokens unless told."""
+    import xgrammar
+
+    from sliceserve.engine.grammar import GrammarState, allowed_from_bitmask, grammar_bitmask
+    from sliceserve.model.loader import load_tokenizer
+    from sliceserve.server.structured_output import tokenizer_info
+
+    tokenizer = load_tokenizer(demo_checkpoint_path(tmp_path_factory))
+    vocab, stops = 49152, (tokenizer.eos_token_id,)
+    special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special} - set(stops)
+    output = tokenizer('{"name": "ab', add_special_tokens=False)["input_ids"]
+    plain = tokenizer("c", add_special_tokens=False)["input_ids"][0]
+
+    def allowed_after_output(info):
+        compiled = xgrammar.GrammarCompiler(info).compile_json_schema(json.dumps(SCHEMA), any_whitespace=False)
+        bitmask = grammar_bitmask([GrammarState(compiled, stops)], [output], vocab)
+        return allowed_from_bitmask(bitmask, vocab)[0]
+
+    unmarked = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab, stop_token_ids=list(stops))
+    assert allowed_after_output(unmarked)[sorted(special)].any(), "xgrammar alone lets some into strings"
+    allowed = allowed_after_output(tokenizer_info(tokenizer, vocab, stops))
+    assert allowed[plain], "ordinary text may continue the string"
+    assert not allowed[sorted(special)].any(), [i for i in special if allowed[i]]
+
+
 COUNTRY = {
     "type": "object",
     "properties": {"name": {"type": "string", "maxLength": 40}, "capital": {"type": "string", "maxLength": 40}},

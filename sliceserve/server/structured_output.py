@@ -24,8 +24,35 @@ def grammar_compiler(tokenizer: Any, vocab_size: int, stop_ids: tuple[int, ...])
     """One compiler per (tokenizer, model vocabulary): the token table is the slow part to build."""
     import xgrammar
 
+    return xgrammar.GrammarCompiler(
+        tokenizer_info(tokenizer, vocab_size, stop_ids), max_threads=2, cache_limit_bytes=GRAMMAR_CACHE_BYTES
+    )
+
+
+def tokenizer_info(tokenizer: Any, vocab_size: int, stop_ids: tuple[int, ...]):
+    """xgrammar's table of every token's bytes, with the tokenizer's special tokens (other than
+    the stop tokens) made empty: xgrammar never allows an empty token. Read from the vocabulary
+    as text, `<|im_start|>` would otherwise be plain characters a JSON string may hold (for
+    SmolLM2's tokenizer xgrammar detects no special token at all)."""
+    import xgrammar
+
     info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=list(stop_ids))
-    return xgrammar.GrammarCompiler(info, max_threads=2, cache_limit_bytes=GRAMMAR_CACHE_BYTES)
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    special = {i for i, token in added.items() if getattr(token, "special", False)} - set(stop_ids)
+    special |= set(getattr(tokenizer, "all_special_ids", ())) - set(stop_ids)
+    special = {i for i in special if 0 <= i < vocab_size}
+    if not special:
+        return info
+    vocab = list(info.decoded_vocab)
+    for i in special:
+        vocab[i] = b""
+    return xgrammar.TokenizerInfo(
+        vocab,
+        xgrammar.VocabType.RAW,  # the bytes are decoded already
+        vocab_size=vocab_size,
+        stop_token_ids=list(stop_ids),
+        add_prefix_space=info.add_prefix_space,
+    )
 
 
 def compile_response_format(response_format: ResponseFormat | None, engine: Any):
