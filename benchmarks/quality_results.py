@@ -45,29 +45,27 @@ def write_results(out_dir: str | Path, conditions: dict, rows: list[dict], windo
     lines = [f"# SmolLM2-135M: WikiText-2 perplexity, {title}", ""]
     lines += [f"- {k}: {v}" for k, v in conditions.items()] + [""]
     fmt = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
-    if pruned:
-        lines += [
-            f"| model | parameters | non-zero parameters | checkpoint bytes | slicing / pruning s "
-            f"| ppl (first {windows} windows) | ppl (whole test split) |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
-        ]
-        for r in rows:
-            lines.append(
-                f"| {r['model']} | {r['parameters']:,} | {fmt(r.get('nonzero_parameters'), ',')} | "
-                f"{fmt(r['checkpoint_bytes'], ',')} | {fmt(r['slicing_seconds'], '')} | {r['ppl_16']:.3f} | "
-                f"{fmt(r['ppl_full'], '.3f')} |"
-            )
-    else:
-        lines += [
-            f"| model | parameters | checkpoint bytes | slicing s | ppl (first {windows} windows) "
-            f"| ppl (whole test split) |",
-            "| --- | ---: | ---: | ---: | ---: | ---: |",
-        ]
-        for r in rows:
-            lines.append(
-                f"| {r['model']} | {r['parameters']:,} | {fmt(r['checkpoint_bytes'], ',')} | "
-                f"{fmt(r['slicing_seconds'], '')} | {r['ppl_16']:.3f} | {fmt(r['ppl_full'], '.3f')} |"
-            )
+    # (header, cell); the optional columns appear only once some row has a figure for them
+    columns = [
+        ("model", lambda r: r["model"]),
+        ("parameters", lambda r: f"{r['parameters']:,}"),
+        *([("non-zero parameters", lambda r: fmt(r.get("nonzero_parameters"), ","))] if pruned else []),
+        ("checkpoint bytes", lambda r: fmt(r["checkpoint_bytes"], ",")),
+        ("slicing / pruning s" if pruned else "slicing s", lambda r: fmt(r["slicing_seconds"], "")),
+    ]
+    if any(row.get("finetuning_seconds") is not None for row in rows):
+        columns.append(("fine-tuning s", lambda r: fmt(r.get("finetuning_seconds"), "")))
+    if any(row.get("ppl_2") is not None for row in rows):
+        columns.append(("ppl (first 2 windows)", lambda r: fmt(r.get("ppl_2"), ".3f")))
+    columns += [
+        (f"ppl (first {windows} windows)", lambda r: fmt(r["ppl_16"], ".3f")),
+        ("ppl (whole test split)", lambda r: fmt(r["ppl_full"], ".3f")),
+    ]
+    lines += [
+        "| " + " | ".join(header for header, _ in columns) + " |",
+        "| --- |" + " ---: |" * (len(columns) - 1),
+    ]
+    lines += ["| " + " | ".join(cell(r) for _, cell in columns) + " |" for r in rows]
     markdown = "\n".join(lines) + "\n"
     (out_dir / MARKDOWN_FILE).write_text(markdown)
     return markdown

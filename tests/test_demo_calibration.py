@@ -95,11 +95,11 @@ def test_the_demo_options_hold_every_option_the_command_line_gives_the_demo():
     import argparse
 
     from sliceserve.cli import build_parser
-    from sliceserve.commands.options import DEMO_RECOVER_STEPS, add_demo_options
+    from sliceserve.commands.options import DEMO_RECOVER_STEPS, DEMO_SPARSITY, add_demo_options
 
     demo = build_parser()._subparsers._group_actions[0].choices["demo"]
     ours = argparse.ArgumentParser()
     add_demo_options(ours)
     defaults = {action.dest: action.default for action in ours._actions}
     assert {action.dest: action.default for action in demo._actions}.items() <= defaults.items()
-    assert defaults["recover_steps"] == DEMO_RECOVER_STEPS
+    assert (defaults["sparsity"], defaults["recover_steps"]) == (DEMO_SPARSITY, DEMO_RECOVER_STEPS)
