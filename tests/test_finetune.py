@@ -173,3 +173,34 @@ def test_bad_options_are_one_line_and_write_nothing(with_tokenizer, tmp_path, ca
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("sliceserve: error:")
     assert all(word in lines[0] for word in words) and not out.exists()
+
+
+@pytest.mark.slow
+def test_finetune_lowers_the_demo_models_training_and_held_out_loss(tmp_path_factory):
+    """The demo model (SmolLM2-135M, exported dense), a tiny fine-tune: 12 LoRA steps of 2 x 64 tokens
+    of WikiText-2 train text; the loss on other train text, never trained on, falls too."""
+    from test_server_support import demo_checkpoint_path
+
+    from sliceserve.model.loader import load_tokenizer
+    from sliceserve.slicing.calibration import find_wikitext2
+
+    demo = demo_checkpoint_path(tmp_path_factory)
+    tokenizer = load_tokenizer(demo)
+    text = (find_wikitext2() / "wiki.train.head.raw").read_text(encoding="utf-8")[:60000]
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
+    rows = ids[: (len(ids) // 64) * 64].reshape(-1, 64)
+    train, held_out = rows[:24], rows[-4:]
+    steps = [(train[i : i + 2], torch.ones_like(train[i : i + 2], dtype=torch.bool)) for i in range(0, 24, 2)]
+    settings = LoraSettings(rank=8, alpha=16.0, steps=12, learning_rate=1e-3)
+    tuned = finetune_checkpoint(demo, tmp_path_factory.mktemp("demo_tuned") / "tuned", steps, settings, progress=False)
+    record = json.loads((tuned / "config.json").read_text())["finetuning"]
+    assert record["loss"]["last_tenth_mean"] < record["loss"]["first_step"], record["loss"]
+
+    def loss(path: Path) -> float:
+        with torch.no_grad():
+            logits = load_model(path, dtype=torch.float32)(held_out).float()
+        return float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), held_out[:, 1:].reshape(-1)))
+
+    before, after = loss(demo), loss(tuned)
+    print(f"held-out loss {before:.3f} -> {after:.3f}, training {record['loss']}")
+    assert after < before, (before, after)  # measured: 4.042 -> 3.508 (training 4.255 -> 4.162)
