@@ -33,3 +33,32 @@ def versions() -> dict[str, str | None]:
 
 def write_json(path: Path, data: dict, indent: int = 2) -> None:
     path.write_text(json.dumps(data, indent=indent) + "\n")
+
+
+def gpu_ms(fn, repeats: int = 20, warmup: int = 3) -> float:
+    """Median milliseconds of fn() by CUDA events."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def graph_ms(fn, inner: int = 50, repeats: int = 10) -> float:
+    """Median milliseconds of one fn() call, replayed `inner` times from a CUDA graph (no launch gaps)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(inner):
+            fn()
+    return gpu_ms(graph.replay, repeats=repeats) / inner

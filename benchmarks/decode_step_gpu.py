@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import sync, versions, write_json  # noqa: E402
+from common import graph_ms, sync, versions, write_json  # noqa: E402
 from random_models import llama_spec, random_transformer  # noqa: E402
 
 from sliceserve.engine.engine import Engine  # noqa: E402
@@ -33,26 +33,6 @@ from sliceserve.fast.model import FastTransformer  # noqa: E402
 from sliceserve.kernels.decode_attention import decode_attention  # noqa: E402
 from sliceserve.model.kv_cache import PrefillChunk  # noqa: E402
 from sliceserve.model.loader import load_tokenizer  # noqa: E402
-
-
-def graph_ms(fn, calls: int = 20, replays: int = 10) -> float:
-    """GPU milliseconds of one call of `fn`, from a CUDA graph of `calls` calls."""
-    for _ in range(2):
-        fn()
-    sync()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    sync()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    sync()
-    return start.elapsed_time(end) / (calls * replays)
 
 
 def paged_layout(cache: torch.Tensor, block_size: int, order: torch.Tensor) -> torch.Tensor:
@@ -78,14 +58,14 @@ def attention_sweep(spec) -> list[dict]:
         slots = torch.arange(batch, device="cuda")
         row = {"batch": batch, "context": context}
         want = decode_attention(q, keys, values, positions, slots)
-        row["reserved_us"] = 1e3 * graph_ms(lambda: decode_attention(q, keys, values, positions, slots))
+        row["reserved_us"] = 1e3 * graph_ms(lambda: decode_attention(q, keys, values, positions, slots), inner=20)
         for block_size in (16, 32, 64):
             order = torch.randperm(batch * max_len // block_size, generator=g).to("cuda")
             pk, pv = paged_layout(keys, block_size, order), paged_layout(values, block_size, order)
             table = order.reshape(batch, -1).to(torch.int32)
             run = lambda: decode_attention(q, pk, pv, positions, slots, block_table=table)  # noqa: E731
             row[f"paged{block_size}_equal"] = bool(torch.equal(run(), want))
-            row[f"paged{block_size}_us"] = 1e3 * graph_ms(run)
+            row[f"paged{block_size}_us"] = 1e3 * graph_ms(run, inner=20)
         print(row, flush=True)
         rows.append(row)
     return rows

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from common import versions, write_json
+from common import gpu_ms, graph_ms, versions, write_json
 from random_models import SHAPES, llama_spec, random_transformer, weight_bytes
 
 from sliceserve.fast.graphs import DecodeGraphs
@@ -55,35 +55,6 @@ def kernel_overlap(mode: str):
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     actual, expected = actual.double(), expected.double()
     return float((actual - expected).norm() / expected.norm())
-
-
-def gpu_ms(fn, repeats: int = 20, warmup: int = 3) -> float:
-    """Median milliseconds of fn() by CUDA events."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
-
-
-def graph_ms(fn, inner: int = 50, repeats: int = 10) -> float:
-    """Median milliseconds of one fn() call, replayed `inner` times from a CUDA graph (no launch gaps)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(inner):
-            fn()
-    return gpu_ms(graph.replay, repeats=repeats) / inner
 
 
 def ceilings() -> dict:

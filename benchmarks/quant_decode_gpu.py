@@ -52,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
-from common import sync, versions, write_json  # noqa: E402
+from common import gpu_ms, graph_ms, sync, versions, write_json  # noqa: E402
 from random_models import SHAPES, llama_spec, random_transformer  # noqa: E402
 
 from sliceserve.fast.graphs import DecodeGraphs  # noqa: E402
@@ -119,35 +119,6 @@ def log(*parts) -> None:
 
 
 # ---- timing -------------------------------------------------------------------------------
-
-
-def gpu_ms(fn, repeats: int = 20, warmup: int = 3) -> float:
-    """Median milliseconds of fn() by CUDA events."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
-
-
-def graph_ms(fn, inner: int = 5, repeats: int = 10) -> float:
-    """Median milliseconds of one fn() call, replayed `inner` times from a CUDA graph."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(inner):
-            fn()
-    return gpu_ms(graph.replay, repeats=repeats) / inner
 
 
 def copy_gbps() -> float:
@@ -267,7 +238,7 @@ def tile_sweep(shape: dict, group_size: int, copy: float | None, device: str, bi
                 try:
                     row["rel_error"] = relative_error(product(one, tiles), expected)
                     if on_gpu:
-                        ms = graph_ms(lambda: [product(w, tiles) for w in copies]) / len(copies)
+                        ms = graph_ms(lambda: [product(w, tiles) for w in copies], inner=5) / len(copies)
                 except Exception as error:  # out of shared memory, say
                     rows.append({**row, "error": str(error)[:200]})
                     continue
