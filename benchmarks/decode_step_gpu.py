@@ -6,9 +6,10 @@ On the GPU, Llama shapes with random weights:
      paged caches of 16/32/64 positions a block (random block order); batch x context as the
      serving scenarios;
   2. the engine alone (no HTTP, no second process): closed-loop clients at concurrency 1 and 64
-     (prompt 256, 256 new tokens, greedy, ignore_eos) against the model's decode graph at the
-     same batch, over the reserved and the paged cache; and at concurrency 1 the GPU's busy
-     share of a window of decode steps (torch.profiler's kernel intervals).
+     (prompt 256, 256 new tokens; and 64 of 32 + 64), greedy, ignore_eos, against the model's
+     decode graph at the same batch, over the paged cache the server runs and the reserved one,
+     each with a timeline of its forwards on the GPU's clock (StepTimeline: time in prefill,
+     in decode, and between forwards); with --profile also torch.profiler's GPU busy shares.
 
     python benchmarks/decode_step_gpu.py --tokenizer DIR --out-dir $OUT [--sparsity 0.25]
 """
@@ -172,33 +173,69 @@ def decoding_window(engine: Engine, vocab: int):
     return run, events
 
 
-class StepLog:
-    """When the engine queued each prefill and decode forward (host clock), and how big."""
+class StepTimeline:
+    """Each prefill and decode forward the engine queues: its kind and rows, the host's clock,
+    and CUDA events around what it queued. On the GPU's clock, a call's span (first to last
+    event) is its forward; the gap to the next call's first event is what ran between them
+    (sampling, uploads) plus the time the GPU sat idle waiting for the host."""
 
     def __init__(self, engine: Engine):
-        self.rows: list[tuple[float, str, int]] = []
+        self.rows: list[tuple[str, int, float, torch.cuda.Event, torch.cuda.Event]] = []
+        self.host_ms: list[float] = []  # each call's time on the host, to queue its forward
         prefill, decode = engine.prefill, engine.decode
 
+        def timed(kind: str, size: int, call):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            host = time.perf_counter()
+            start.record()
+            result = call()
+            end.record()
+            self.rows.append((kind, size, host, start, end))
+            self.host_ms.append(1e3 * (time.perf_counter() - host))
+            return result
+
         def logged_prefill(plan):
-            self.rows.append(
-                (time.perf_counter(), "prefill", sum(e - s for _, s, e in plan.prefill) + len(plan.folded))
-            )
-            return prefill(plan)
+            size = sum(e - s for _, s, e in plan.prefill) + len(plan.folded)
+            return timed("prefill", size, lambda: prefill(plan))
 
         def logged_decode(requests, sampled=None):
-            self.rows.append((time.perf_counter(), "decode_ahead" if sampled is not None else "decode", len(requests)))
-            return decode(requests, sampled)
+            kind = "decode_ahead" if sampled is not None else "decode"
+            return timed(kind, len(requests), lambda: decode(requests, sampled))
 
         engine.prefill, engine.decode = logged_prefill, logged_decode
+        self.restore = lambda: setattr(engine, "prefill", prefill) or setattr(engine, "decode", decode)
 
     def summary(self) -> dict:
+        """Per kind: calls, rows, GPU ms of the forwards, GPU ms of the gaps after them; and the
+        whole window on the GPU's clock."""
+        sync()
         kinds: dict[str, dict] = {}
-        for (t, kind, size), (t_next, _, _) in zip(self.rows, self.rows[1:]):
-            entry = kinds.setdefault(kind, {"steps": 0, "rows": 0, "seconds_to_next": 0.0})
-            entry["steps"] += 1
+        prefills = []
+        for (kind, size, _, start, end), after, host in zip(self.rows, self.rows[1:] + [None], self.host_ms):
+            entry = kinds.setdefault(
+                kind, {"calls": 0, "rows": 0, "forward_ms": 0.0, "host_ms": 0.0, "gap_after_ms": 0.0}
+            )
+            entry["calls"] += 1
             entry["rows"] += size
-            entry["seconds_to_next"] += t_next - t
-        return kinds
+            entry["forward_ms"] += start.elapsed_time(end)
+            entry["host_ms"] += host
+            if kind == "prefill" and len(prefills) < 64:
+                prefills.append([size, round(start.elapsed_time(end), 2), round(host, 2)])
+            if after is not None:
+                entry["gap_after_ms"] += end.elapsed_time(after[3])
+        for entry in kinds.values():
+            entry["forward_ms_per_call"] = entry["forward_ms"] / entry["calls"]
+        window = self.rows[0][3].elapsed_time(self.rows[-1][4]) if self.rows else 0.0
+        big_gaps = sorted(
+            (end.elapsed_time(after[3]), kind, after[0])
+            for (kind, _, _, _, end), after in zip(self.rows, self.rows[1:])
+        )[-8:]
+        return {
+            "window_ms": window,
+            "kinds": kinds,
+            "largest_gaps_ms": [[round(g, 2), a, b] for g, a, b in big_gaps],
+            "prefills_rows_gpu_ms_host_ms": prefills,
+        }
 
 
 def prefill_host_ms(model, cache, vocab: int) -> dict:
@@ -217,6 +254,20 @@ def prefill_host_ms(model, cache, vocab: int) -> dict:
     return {"host_ms": 1e3 * sorted(host)[2], "wall_ms": 1e3 * sorted(wall)[2]}
 
 
+def profile_windows(engine: Engine, vocab: int, out_dir: Path, result: dict) -> None:
+    """torch.profiler's GPU busy share of 100 decode steps at concurrency 1 and of one wave at 64
+    (the profiler slows the host: a diagnosis of where kernels run, not a speed)."""
+    run, rest = decoding_window(engine, vocab)
+    share = gpu_busy(run)
+    for _ in rest:
+        pass
+    (out_dir / "decode_step_c1_profile.txt").write_text(share.pop("gpu_table") + "\n\n" + share.pop("host_table"))
+    result["c1_gpu_busy"] = share
+    share = gpu_busy(lambda: closed_loop(engine, 64, 1, 256, 256, vocab))
+    (out_dir / "decode_step_c64_profile.txt").write_text(share.pop("gpu_table") + "\n\n" + share.pop("host_table"))
+    result["c64_one_wave_gpu_busy"] = share
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shape", default="llama-2-7b")
@@ -224,6 +275,8 @@ def main() -> None:
     parser.add_argument("--tokenizer", required=True)
     parser.add_argument("--out-dir", type=Path, required=True)
     parser.add_argument("--skip-attention", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="also torch.profiler's GPU busy shares")
+    parser.add_argument("--token-budget", type=int, help="the engine's tokens a step (default: its own)")
     args = parser.parse_args()
     args.out_dir.mkdir(parents=True, exist_ok=True)
     spec = llama_spec(args.shape, args.sparsity)
@@ -259,38 +312,38 @@ def main() -> None:
     del cache
     torch.cuda.empty_cache()
     tokenizer = load_tokenizer(args.tokenizer)
-    engine = Engine(model, tokenizer, max_batch=64, max_model_len=520, kv_blocks=64 * 33 + 64)
-    engine.start()
-    try:
-        vocab = spec.vocab_size
-        closed_loop(engine, 8, 1, 256, 16, vocab)  # warm-up
-        engine_rows = []
-        for name, concurrency, prompt_len, new_tokens, per_client in scenarios:
-            row = {"scenario": name, **closed_loop(engine, concurrency, per_client, prompt_len, new_tokens, vocab)}
-            row["over_model_reserved"] = row["tok_s"] / levels[name]["reserved"]
-            row["over_model_paged"] = row["tok_s"] / levels[name]["paged"]
-            print(row, flush=True)
-            engine_rows.append(row)
-        result["engine_alone"] = engine_rows
-        run, rest = decoding_window(engine, vocab)
-        share = gpu_busy(run)
-        for _ in rest:
-            pass
-        (args.out_dir / "decode_step_c1_profile.txt").write_text(
-            share.pop("gpu_table") + "\n\n" + share.pop("host_table")
+    vocab = spec.vocab_size
+    result["engine_alone"] = []
+    # the paged cache the server runs, and the reserved one (what the paging costs the loop)
+    for cache_kind, blocks in (("paged", 64 * 33 + 64), ("reserved", None)):
+        engine = Engine(
+            model, tokenizer, max_batch=64, max_model_len=520, kv_blocks=blocks, token_budget=args.token_budget
         )
-        result["c1_gpu_busy"] = share
-        print("c1", share, flush=True)
-        log = StepLog(engine)
-        share = gpu_busy(lambda: closed_loop(engine, 64, 1, 256, 256, vocab))
-        (args.out_dir / "decode_step_c64_profile.txt").write_text(
-            share.pop("gpu_table") + "\n\n" + share.pop("host_table")
-        )
-        share["steps"] = log.summary()
-        result["c64_one_wave_gpu_busy"] = share
-        print("c64", share, flush=True)
-    finally:
-        engine.shutdown()
+        engine.start()
+        try:
+            closed_loop(engine, 8, 1, 256, 16, vocab)  # warm-up
+            for name, concurrency, prompt_len, new_tokens, per_client in scenarios:
+                if cache_kind == "reserved" and concurrency == 1:
+                    continue
+                timeline = StepTimeline(engine)
+                row = {
+                    "cache": cache_kind,
+                    "scenario": name,
+                    **closed_loop(engine, concurrency, per_client, prompt_len, new_tokens, vocab),
+                }
+                row["timeline"] = timeline.summary()
+                timeline.restore()
+                row["over_model_reserved"] = row["tok_s"] / levels[name]["reserved"]
+                row["over_model_paged"] = row["tok_s"] / levels[name]["paged"]
+                print(row, flush=True)
+                result["engine_alone"].append(row)
+                write_json(args.out_dir / "decode_step.json", result)
+            if args.profile and cache_kind == "paged":
+                profile_windows(engine, vocab, args.out_dir, result)
+        finally:
+            engine.shutdown()
+        del engine
+        torch.cuda.empty_cache()
     write_json(args.out_dir / "decode_step.json", result)
 
 
