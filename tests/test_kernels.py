@@ -18,6 +18,8 @@ from sliceserve.kernels.fused_linear import (
     fused_linear,
     fused_linear_reference,
 )
+from sliceserve.fast.library_matmul import library_gated, stacked_rows
+from sliceserve.kernels.gated_activation import gated_activation, gated_activation_reference
 from sliceserve.kernels.gated_linear import gated_linear, gated_linear_reference
 from sliceserve.kernels.rms_norm import rms_norm, rms_norm_reference
 from sliceserve.kernels.rope_store import rope_half_tables, rope_store, rope_store_reference
@@ -133,6 +135,38 @@ def test_gated_linear(dtype, rows, activation, generator):
         out = gated_linear(a, gate, up, activation=activation, out=poisoned((rows, n), dtype), **options)
         expected = gated_linear_reference(a, gate, up, activation=activation, **options)
         assert relative_error(out, expected) < tolerance(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ["silu", "gelu", "relu"])
+def test_gated_activation_reads_two_halves_of_one_product(dtype, activation, generator):
+    n = 1100  # more than one program's columns, and ragged
+    products = randn(5, 2 * n, dtype=dtype, generator=generator)
+    gate, up = products[:, :n], products[:, n:]
+    out = gated_activation(gate, up, activation)
+    assert relative_error(out, gated_activation_reference(gate, up, activation)) < tolerance(dtype)
+    gate_bias, up_bias = randn(n, dtype=dtype, generator=generator), randn(n, dtype=dtype, generator=generator)
+    out = gated_activation(gate, up, activation, gate_bias, up_bias)
+    expected = gated_activation_reference(gate, up, activation, gate_bias, up_bias)
+    assert relative_error(out, expected) < tolerance(dtype)
+    with pytest.raises(ValueError, match="both biases"):
+        gated_activation(gate, up, activation, gate_bias)
+
+
+def test_the_library_multiplies_stacked_gate_and_up_as_one_product(generator):
+    """Views of one (2N, K) tensor are found stacked; separate tensors are not; both ways give
+    the reference's gated product."""
+    k, n = 40, 24
+    both = randn(2 * n, k, dtype=torch.float32, scale=k**-0.5, generator=generator)
+    gate, up = both[:n], both[n:]
+    assert stacked_rows(gate, up).data_ptr() == both.data_ptr()
+    assert stacked_rows(up, gate) is None and stacked_rows(gate.clone(), up.clone()) is None
+    a = randn(33, k, dtype=torch.float32, generator=generator)
+    partials = a.pow(2).sum(-1, keepdim=True)
+    expected = gated_linear_reference(a, gate, up, activation="silu", norm=(partials, 48, 1e-5))
+    for g, u in ((gate, up), (gate.clone(), up.clone())):
+        out = library_gated(a, g, u, activation="silu", norm=(partials, 48, 1e-5))
+        assert relative_error(out, expected) < 1e-5
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

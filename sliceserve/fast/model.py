@@ -237,6 +237,7 @@ class FastTransformer:
             return sparse_layer_forward(self, i, x, positions, slots, cache, splits, tiles), None
         spec, layer = self.spec, self.layers[i]
         norm = (px, self.width, self.eps)
+        sums = self.keeps_sums(x.shape[0])
         qkv, _ = self.linear(x, layer.qkv_weight, bias=layer.qkv_bias, norm=norm)
         attn = self.attend(
             self.rotate_and_store(qkv, positions, slots, cache, i), positions, slots, cache, i, splits, tiles
@@ -245,13 +246,19 @@ class FastTransformer:
             act = self.mlp_up(layer, x, norm)
             if layer.shortcut is None:
                 return self.linear(
-                    attn, layer.o_weight, a2=act, w2=layer.down_weight, bias=layer.parallel_bias, residual=x, sumsq=True
+                    attn, layer.o_weight, a2=act, w2=layer.down_weight, bias=layer.parallel_bias, residual=x, sumsq=sums
                 )
             update, _ = self.linear(attn, layer.o_weight, a2=act, w2=layer.down_weight, bias=layer.parallel_bias)
-            return self.linear(x, layer.shortcut, residual=update, sumsq=True)
-        x_mid, p_mid = self.residual_update(x, layer.attn_shortcut, attn, layer.o_weight, layer.o_bias)
+            return self.linear(x, layer.shortcut, residual=update, sumsq=sums)
+        x_mid, p_mid = self.residual_update(x, layer.attn_shortcut, attn, layer.o_weight, layer.o_bias, sums)
         act = self.mlp_up(layer, x_mid, (p_mid, self.width, self.eps))
-        return self.residual_update(x_mid, layer.mlp_shortcut, act, layer.down_weight, layer.down_bias)
+        return self.residual_update(x_mid, layer.mlp_shortcut, act, layer.down_weight, layer.down_bias, sums)
+
+    def keeps_sums(self, rows: int) -> bool:
+        """Whether a layer's products of `rows` rows leave partial sums of squares: our kernels
+        take the next norm from them; the library's products normalise their input themselves
+        (fast/library_matmul.py), so between those no sums are made (None flows instead)."""
+        return self.products == "triton" or (self.products == "auto" and rows <= AUTO_TRITON_ROWS)
 
     def residual_update(
         self,
@@ -260,11 +267,13 @@ class FastTransformer:
         y: torch.Tensor,
         weight: torch.Tensor,
         bias: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x @ S + y @ W.T + b (sliced) or x + y @ W.T + b (dense), with its partial sums of squares."""
+        sums: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x @ S + y @ W.T + b (sliced) or x + y @ W.T + b (dense), with its partial sums of
+        squares where `sums` asks."""
         if shortcut is None:
-            return self.linear(y, weight, bias=bias, residual=x, sumsq=True)
-        return self.linear(x, shortcut, a2=y, w2=weight, bias=bias, sumsq=True)
+            return self.linear(y, weight, bias=bias, residual=x, sumsq=sums)
+        return self.linear(x, shortcut, a2=y, w2=weight, bias=bias, sumsq=sums)
 
     def mlp_up(self, layer: FastLayer, x: torch.Tensor, norm) -> torch.Tensor:
         if layer.gate_weight is not None:
@@ -310,7 +319,7 @@ class FastTransformer:
         or a pipeline stage's range (`cache` then holds that range's layers only)."""
         for i in range(len(self.layers)):
             x, px = self.layer(i, x, px, positions, slots, cache, splits, tiles)
-        if px is None:  # the semi-structured layers leave no partial sums
+        if px is None:  # the semi-structured layers and the library's products leave no partial sums
             px = rms_norm(x, self.width, self.eps, sumsq_only=True)
         return x, px
 

@@ -47,10 +47,16 @@ def stacked(weights: list[Weight], dtype: torch.dtype) -> Weight:
 
 
 def paired(gate: Weight, up: Weight, dtype: torch.dtype) -> tuple[Weight, Weight]:
-    """Gate and up as one kernel reads them: both codes of one format, or both float."""
+    """Gate and up as one kernel reads them: both codes of one format, or both float, then
+    stored one after the other in one tensor (views of it), which the library multiplies as
+    one product (fast/library_matmul.py) and our kernels read as two weights alike."""
     if is_quantized(gate) and is_quantized(up) and (gate.bits, gate.group_size) == (up.bits, up.group_size):
         return gate, up
-    return as_float(gate, dtype), as_float(up, dtype)
+    gate, up = as_float(gate, dtype), as_float(up, dtype)
+    if gate.shape[1:] != up.shape[1:] or gate.dtype != up.dtype:
+        return gate, up
+    both = torch.cat([gate, up])
+    return both[: gate.shape[0]], both[gate.shape[0] :]
 
 
 def float_dtype(block: Block) -> torch.dtype:
