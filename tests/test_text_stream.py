@@ -250,10 +250,14 @@ def test_special_tokens_skipped_when_asked(smollm2, sentencepiece):
 
 
 class CountingTokenizer:
-    """A tokenizer that records how many ids each decode is given."""
+    """A tokenizer that records how many ids each decode is given (its own, and its backend's:
+    TextStream decodes through the `tokenizers` backend directly where that gives the same text)."""
 
     def __init__(self, tokenizer):
         self.tokenizer, self.sizes = tokenizer, []
+        self._tokenizer = CountingTokenizer(tokenizer._tokenizer) if hasattr(tokenizer, "_tokenizer") else None
+        if self._tokenizer is not None:
+            self._tokenizer.sizes = self.sizes
 
     def decode(self, ids, **kwargs):
         self.sizes.append(len(ids))

@@ -70,7 +70,7 @@ class GenerationEvent:
 _ids = itertools.count()
 
 
-@dataclass
+@dataclass(eq=False)  # compared (list membership, removal) by identity: field by field cost O(fields) each
 class Request:
     """A request's state inside the engine (owned by the engine thread once submitted).
 

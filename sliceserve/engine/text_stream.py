@@ -35,6 +35,7 @@ class TextStream:
     ):
         """include_stop: the text ends after the stop string found, not before it."""
         self.tokenizer = tokenizer
+        self.backend = plain_backend(tokenizer)
         self.stop = [s for s in stop if s]
         self.skip_special_tokens = skip_special_tokens
         self.include_stop = include_stop
@@ -106,7 +107,21 @@ class TextStream:
         return TextStep(text[: len(text) - keep], False)
 
     def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens) if ids else ""
+        if not ids:
+            return ""
+        if self.backend is not None:
+            return self.backend.decode(ids, skip_special_tokens=self.skip_special_tokens)
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+
+def plain_backend(tokenizer: Any):
+    """The `tokenizers.Tokenizer` under a Transformers fast tokenizer whose `decode` adds nothing
+    to the backend's (no clean-up of spaces): decoding through it directly skips the wrapper's
+    argument conversions, most of the cost of a window of a few tokens. None otherwise."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is None or not hasattr(backend, "decode") or getattr(tokenizer, "clean_up_tokenization_spaces", True):
+        return None
+    return backend
 
 
 def special_token_ids(tokenizer: Any) -> set[int]:
