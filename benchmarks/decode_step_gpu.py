@@ -30,7 +30,8 @@ from random_models import llama_spec, random_transformer  # noqa: E402
 
 from sliceserve.engine.engine import Engine  # noqa: E402
 from sliceserve.engine.requests import SamplingParams  # noqa: E402
-from sliceserve.fast.model import FastTransformer  # noqa: E402
+from sliceserve.fast.model import PREFILL_ROWS, FastTransformer  # noqa: E402
+from sliceserve.fast.prefill_graphs import PrefillGraphs  # noqa: E402
 from sliceserve.kernels.decode_attention import decode_attention  # noqa: E402
 from sliceserve.model.kv_cache import PrefillChunk  # noqa: E402
 from sliceserve.model.loader import load_tokenizer  # noqa: E402
@@ -268,6 +269,48 @@ def profile_windows(engine: Engine, vocab: int, out_dir: Path, result: dict) -> 
     result["c64_one_wave_gpu_busy"] = share
 
 
+def prefill_graph_check(model, cache, vocab: int) -> list[dict]:
+    """Small prefills eager against their CUDA graphs (fast/prefill_graphs.py): host and wall ms
+    of each, and the logits' agreement (relative error, same argmax); raises where they differ."""
+    graphs = PrefillGraphs(model, cache, PREFILL_ROWS)
+    g = torch.Generator().manual_seed(4)
+
+    def ids(n: int) -> list[int]:
+        return torch.randint(0, vocab, (n,), generator=g).tolist()
+
+    cases = {
+        "1 x 32": [PrefillChunk(ids(32), 0, 0)],
+        "1 x 256": [PrefillChunk(ids(256), 0, 0)],
+        "32 + 7 decode rows": [PrefillChunk(ids(32), 0, 0)] + [PrefillChunk(ids(1), 100, s) for s in range(1, 8)],
+        "4 x 100": [PrefillChunk(ids(100), 0, s) for s in range(4)],
+    }
+    rows = []
+    for name, chunks in cases.items():
+        row = {"case": name, "tokens": sum(len(c.tokens) for c in chunks)}
+        for kind, using in (("eager", None), ("graph", graphs)):
+            model.prefill_graphs = using
+            logits = model.prefill(chunks, cache)
+            sync()
+            host, wall = [], []
+            for _ in range(5):
+                start = time.perf_counter()
+                model.prefill(chunks, cache)
+                host.append(time.perf_counter() - start)
+                sync()
+                wall.append(time.perf_counter() - start)
+            row[f"{kind}_host_ms"], row[f"{kind}_wall_ms"] = 1e3 * sorted(host)[2], 1e3 * sorted(wall)[2]
+            row[kind] = logits.float()
+        eager, graph = row.pop("eager"), row.pop("graph")
+        row["relative_error"] = ((graph - eager).norm() / eager.norm()).item()
+        row["same_argmax"] = bool((graph.argmax(-1) == eager.argmax(-1)).all())
+        print(row, flush=True)
+        if row["relative_error"] > 1e-2 or not row["same_argmax"]:
+            raise RuntimeError(f"prefill graph differs from the eager prefill: {row}")
+        rows.append(row)
+    model.prefill_graphs = None
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shape", default="llama-2-7b")
@@ -309,6 +352,8 @@ def main() -> None:
     cache.assign_blocks([(s, i, 1 + s * 19 + i) for s in range(8) for i in range(19)])
     result["prefill_8x256"] = prefill_host_ms(model, cache, spec.vocab_size)
     print("prefill", result["prefill_8x256"], flush=True)
+    result["prefill_graphs"] = prefill_graph_check(model, cache, spec.vocab_size)
+    write_json(args.out_dir / "decode_step.json", result)
     del cache
     torch.cuda.empty_cache()
     tokenizer = load_tokenizer(args.tokenizer)

@@ -26,10 +26,11 @@ import torch
 from sliceserve.errors import SliceserveError
 from sliceserve.fast.graphs import DecodeGraphs, graph_bucket
 from sliceserve.fast.matmul_backends import AUTO_TRITON_ROWS, PRODUCTS
+from sliceserve.fast.prefill_graphs import PrefillGraphs
 from sliceserve.fast.quantized_weights import Weight, block_weight, float_dtype, paired, stacked
 from sliceserve.fast.semi_structured import SparseLayer, sparse_layer_forward
 from sliceserve.kernels.decode_attention import choose_splits, decode_attention
-from sliceserve.kernels.prefill_attention import attention_tiles, prefill_attention
+from sliceserve.kernels.prefill_attention import attention_tiles, prefill_attention, tile_rows
 from sliceserve.kernels.rms_norm import rms_norm
 from sliceserve.kernels.rope_store import rope_half_tables, rope_store
 from sliceserve.model.decoder import Block, Transformer
@@ -111,9 +112,12 @@ class FastLayer:
 class FastTransformer:
     """Drop-in for Transformer in the Engine (same forward_cached/forward/new_cache)."""
 
-    def __init__(self, model: Transformer, *, semi_structured: bool = False, products: str = "auto"):
+    def __init__(
+        self, model: Transformer, *, semi_structured: bool = False, products: str = "auto", prefill_graphs: bool = True
+    ):
         """semi_structured: the decoder linears are 2:4 sparse; multiply them with sparse tensor
         cores (fast/semi_structured.py) instead of the dense kernels.
+        prefill_graphs: prepare() captures CUDA graphs for small prefills (fast/prefill_graphs.py).
         products: "triton" (our fused kernels), "library" (cuBLAS products, separate epilogues)
         or "auto" (ours up to 16 rows, the library above: sliceserve/fast/matmul_backends.py)."""
         if products not in PRODUCTS:
@@ -140,6 +144,8 @@ class FastTransformer:
         if spec.rope is not None:
             self.cos, self.sin = rope_half_tables(model.inv_freq, spec.max_positions, self.device)
         self.graphs = None  # DecodeGraphs, made on the first CUDA decode step
+        self.prefill_graphs: PrefillGraphs | None = None  # small prefills' graphs, made by prepare()
+        self.prefill_graphs_wanted = prefill_graphs
 
     @property
     def input_device(self) -> torch.device:
@@ -341,6 +347,8 @@ class FastTransformer:
         if self.input_device.type == "cuda":
             self.decode_graphs(cache).capture_all()
             self.warm_up_prefill(cache)
+            if self.sparse_layers is None and self.prefill_graphs_wanted:
+                self.prefill_graphs = PrefillGraphs(self, cache, PREFILL_ROWS)
 
     def warm_up_prefill(self, cache: KVCache) -> None:
         """Run prefills whose sizes cover how Triton specialises a kernel's sizes (1, a multiple
@@ -389,20 +397,32 @@ class FastTransformer:
         """Logits of each chunk's last position (of all its positions where it asks), every chunk
         in one forward: the products see all their tokens together, and one attention launch a
         layer serves every chunk over its own slot's prefix. Only the rows returned go through
-        the head."""
+        the head, but in a small step's CUDA graph (fast/prefill_graphs.py), which runs it
+        over all its rows."""
         device = self.input_device
-        tokens = upload([t for c in chunks for t in c.tokens], device)
-        positions = upload([p for c in chunks for p in range(c.start, c.start + len(c.tokens))], device)
-        slots = upload([c.slot for c in chunks for _ in c.tokens], device)
+        tokens = [t for c in chunks for t in c.tokens]
+        positions = [p for c in chunks for p in range(c.start, c.start + len(c.tokens))]
+        slots = [c.slot for c in chunks for _ in c.tokens]
         segments, rows, start = [], [], 0
         for c in chunks:
             end = start + len(c.tokens)
             segments.append((start, end, c.slot, c.start))
             rows += range(start, end) if c.all_positions else [end - 1]
             start = end
-        last_rows = upload(rows, device)
-        tiles = attention_tiles(segments, PREFILL_ROWS, device)
-        return self.step(tokens, positions, slots, cache, last_rows=last_rows, tiles=tiles)
+        tiles = tile_rows(segments, PREFILL_ROWS)
+        graphs = self.prefill_graphs
+        if graphs is not None and graphs.serves(cache) and not any(c.all_positions for c in chunks):
+            graph = graphs.graph(len(tokens), len(tiles))
+            if graph is not None:
+                return graph.run(tokens, positions, slots, tiles, rows)
+        return self.step(
+            upload(tokens, device),
+            upload(positions, device),
+            upload(slots, device),
+            cache,
+            last_rows=upload(rows, device),
+            tiles=upload(tiles, device, torch.int32).reshape(-1, 4),
+        )
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:

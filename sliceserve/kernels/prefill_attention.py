@@ -113,16 +113,20 @@ def prefill_attention_kernel(
     tl.store(out_rows + d[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
-def attention_tiles(segments: list[tuple[int, int, int, int]], block_m: int, device) -> torch.Tensor:
-    """(T, 4) int32 tensor: per query tile (row_start, rows, slot, first_position) — each segment
-    (start, end, slot, first) cut into tiles of at most block_m rows. Built once per step on the host
-    and shared by every layer."""
-    tiles = [
+def tile_rows(segments: list[tuple[int, int, int, int]], block_m: int) -> list[tuple[int, int, int, int]]:
+    """Per query tile (row_start, rows, slot, first_position): each segment (start, end, slot,
+    first) cut into tiles of at most block_m rows."""
+    return [
         (row, min(block_m, end - row), slot, first + row - start)
         for start, end, slot, first in segments
         for row in range(start, end, block_m)
     ]
-    return upload(tiles, device, torch.int32).reshape(-1, 4)
+
+
+def attention_tiles(segments: list[tuple[int, int, int, int]], block_m: int, device) -> torch.Tensor:
+    """tile_rows as a (T, 4) int32 tensor on `device`: built once per step on the host and
+    shared by every layer."""
+    return upload(tile_rows(segments, block_m), device, torch.int32).reshape(-1, 4)
 
 
 def prefill_attention(
