@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "sliceserve"
 
 # Lowest first. A module may import its own folder and any folder of a lower layer.
 LAYERS = [
-    ["sliceserve", "errors", "uploads"],
+    ["sliceserve", "errors", "uploads", "serving_process"],
     ["model.spec"],
     ["model.quant_format"],
     ["model.spec_checks"],

@@ -16,7 +16,6 @@ import copy
 import dataclasses
 import logging
 import signal
-import sys
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -29,6 +28,7 @@ from sliceserve.engine.requests import GenerationEvent
 from sliceserve.engine.stats import EngineStats
 from sliceserve.errors import SliceserveError
 from sliceserve.model.spec import DecoderSpec
+from sliceserve.serving_process import settle_for_serving
 
 log = logging.getLogger("sliceserve")
 
@@ -185,9 +185,8 @@ def run_engine_child(
         send(failure_message(error))
         return
     # This process's main thread takes the server's messages while the engine thread launches
-    # kernels; at Python's default 5 ms switch interval each submit of a burst would wait that
-    # long for the interpreter lock, one after another. Hand it over as the server does.
-    sys.setswitchinterval(float(os.environ.get("SLICESERVE_SWITCH_INTERVAL", "0.0005")))
+    # kernels: each submit of a burst would otherwise wait up to 5 ms for the interpreter lock.
+    settle_for_serving()
     engine.start()
     send(("ready", EngineFacts(engine.model.spec, engine.max_model_len, os.getpid())))
     serve_pipe(EngineSession(engine, send, extra_metrics), connection)

@@ -7,9 +7,7 @@ POST /v1/completions, POST /v1/chat/completions, POST /tokenize, POST /detokeniz
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
-import sys
 import threading
 import time
 from typing import Any
@@ -28,6 +26,7 @@ from sliceserve.server.metrics import GPUProbe, ResponseCounter, render_metrics
 from sliceserve.server.middleware import Gate
 from sliceserve.server.settings import ServerSettings
 from sliceserve.server.tokens import create_detokenize, create_tokenize
+from sliceserve.serving_process import settle_for_serving
 
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -168,10 +167,7 @@ def serve(engine: Any, settings: ServerSettings) -> None:
     and return normally; print the URL once listening."""
     from sliceserve.server.shutdown import DrainingServer
 
-    # The engine thread and the event loop share one interpreter lock; at Python's default 5 ms
-    # switch interval a thread that wants it back waits up to a whole decode step. Hand it over
-    # more often (SLICESERVE_SWITCH_INTERVAL seconds).
-    sys.setswitchinterval(float(os.environ.get("SLICESERVE_SWITCH_INTERVAL", "0.0005")))
+    settle_for_serving()  # the lock handed over every 0.5 ms, the heap loaded so far frozen
     app = create_app(engine, settings)
     server = DrainingServer(uvicorn_config(app, settings), engine, app.state.stopping, settings.shutdown_grace)
 
