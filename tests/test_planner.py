@@ -140,7 +140,10 @@ def test_fewest_cards_is_the_fewest():
 
 def test_more_context_and_batch_need_more_cards():
     assert cards(LLAMA_2_70B, 24 * GiB, 0.25, context=128) == 5
-    assert cards(LLAMA_2_70B, 24 * GiB, 0.25, batch=16) == 6
+    # 16 requests' prompt chunks prefilled in one step of 4096 tokens need a seventh card; one
+    # chunk a step (steps of 256 tokens) leaves six enough
+    assert cards(LLAMA_2_70B, 24 * GiB, 0.25, batch=16) == 7
+    assert cards(LLAMA_2_70B, 24 * GiB, 0.25, batch=16, step_tokens=256) == 6
     # float32 doubles the weights (107.61 GiB sliced): more than 2 x 107.61 / 24 cards
     assert cards(LLAMA_2_70B, 24 * GiB, 0.25, dtype="float32") > 2 * 107.61 / 24
 
@@ -173,6 +176,7 @@ def test_plan_command(capsys):
         "batch": 1,
         "context": 4096,
         "prefill_chunk": 256,
+        "step_tokens": 4096,
         "reserve": GiB,
         "bits": None,
         "group_size": None,
@@ -197,6 +201,7 @@ def test_plan_command(capsys):
         (["--gpu-memory", "24GiB", "--sparsity", "1.0"], "sparsity"),
         (["--gpu-memory", "24GiB", "--context", "8192"], "exceeds the model's 4096 positions"),
         (["--gpu-memory", "24GiB", "--batch", "0"], "--batch must be at least 1"),
+        (["--gpu-memory", "24GiB", "--max-num-batched-tokens", "0"], "at least 1"),
     ],
 )
 def test_plan_command_errors(capsys, args, words):
@@ -287,3 +292,20 @@ def test_llama_2_70b_sliced_and_4_bit_fits_two_24_gib_cards():
     int4_shortcuts = stage_costs(sliced, shape.biases, Workload(context=2048, bits=4, quantized_shortcuts=True))
     # float16 shortcuts (2 x 6144^2 a layer) outweigh what slicing saves at 4 bits; 4-bit ones do not
     assert sum(float16_shortcuts.layer_weights) > sum(dense_int4.layer_weights) > sum(int4_shortcuts.layer_weights)
+
+
+def test_a_step_of_many_prompts_counts_all_their_activations():
+    """The engine's step carries one chunk of each of several requests in one forward: with 64
+    slots, steps of 4096 tokens hold 16 chunks of 256, and the activations grow with them; one
+    request alone never brings more than its chunk. The default is the engine's own budget."""
+    from sliceserve.engine.engine import DEFAULT_TOKEN_BUDGET
+    from sliceserve.planning.memory import DEFAULT_STEP_TOKENS, activation_bytes
+
+    assert DEFAULT_STEP_TOKENS == DEFAULT_TOKEN_BUDGET
+    spec = dense_spec(read_model_shape(LLAMA_2_70B).spec)
+    alone = activation_bytes(spec, Workload(batch=1, context=4096))
+    assert alone == activation_bytes(spec, Workload(batch=1, context=4096, step_tokens=256))
+    many = activation_bytes(spec, Workload(batch=64, context=4096))
+    fewer = activation_bytes(spec, Workload(batch=64, context=4096, step_tokens=1024))
+    mlp_of_a_step = 4096 * spec.intermediate_size * 2 * 3  # gate, up and their product, float16
+    assert many > fewer > alone and many > mlp_of_a_step

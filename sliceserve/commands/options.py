@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from sliceserve.planning.memory import DTYPE_BYTES
+from sliceserve.planning.memory import DEFAULT_STEP_TOKENS, DTYPE_BYTES
 
 
 def add_calibration_options(parser: argparse.ArgumentParser) -> None:
@@ -123,6 +123,14 @@ def add_plan_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=1, help="requests decoded together: KV-cache slots (default 1)")
     parser.add_argument(
         "--context", type=int, help="positions each request may use (default: the model's full context)"
+    )
+    parser.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=DEFAULT_STEP_TOKENS,
+        metavar="N",
+        help=f"tokens one engine step carries, as `serve` takes it: the prefill's activations (default "
+        f"{DEFAULT_STEP_TOKENS})",
     )
     parser.add_argument(
         "--dtype", choices=sorted(DTYPE_BYTES), help="weights and KV dtype (default float16, or the checkpoint's)"

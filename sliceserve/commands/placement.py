@@ -65,7 +65,12 @@ def placed_model(path: str, args: argparse.Namespace):
     ranges = None
     if len(devices) > 1 or budget is not None:  # with a budget, a single device is checked too
         ranges = checkpoint_stage_ranges(
-            path, len(devices), max_batch=args.max_batch, max_model_len=args.max_model_len, budget=budget
+            path,
+            len(devices),
+            max_batch=args.max_batch,
+            max_model_len=args.max_model_len,
+            budget=budget,
+            step_tokens=step_tokens(args),
         )
     if budget is not None:
         apply_memory_budget([torch.device(d) for d in devices], budget)
@@ -77,6 +82,11 @@ def placed_model(path: str, args: argparse.Namespace):
     for i, (device, layers) in enumerate(zip(devices, ranges)):
         log.info("stage %d: layers %s on %s", i, describe_layers(layers), device)
     return load_pipeline(path, devices, ranges, runtime=runtime_option(args))
+
+
+def step_tokens(args: argparse.Namespace) -> int | None:
+    """The server's token budget a step (None: the engine's default)."""
+    return getattr(args, "max_num_batched_tokens", None)
 
 
 def runtime_option(args: argparse.Namespace) -> str:
@@ -100,7 +110,12 @@ def own_stage(path: str, args: argparse.Namespace, process, budget: int | None):
     from sliceserve.planning.memory_budget import apply_memory_budget
 
     ranges = checkpoint_stage_ranges(
-        path, process.world_size, max_batch=args.max_batch, max_model_len=args.max_model_len, budget=budget
+        path,
+        process.world_size,
+        max_batch=args.max_batch,
+        max_model_len=args.max_model_len,
+        budget=budget,
+        step_tokens=step_tokens(args),
     )
     if budget is not None:
         apply_memory_budget([process.device], budget)

@@ -21,6 +21,7 @@ def plan_command(args: argparse.Namespace) -> int:
         dtype=args.dtype or shape.dtype or "float16",
         batch=args.batch,
         context=args.context or spec.max_positions,
+        step_tokens=args.max_num_batched_tokens,
         reserve=parse_size(args.reserve, allow_zero=True),
         bits=args.bits,
         group_size=args.group_size,
@@ -44,6 +45,7 @@ def plan_command(args: argparse.Namespace) -> int:
             "batch": work.batch,
             "context": work.context,
             "prefill_chunk": work.prefill_chunk,
+            "step_tokens": work.step_tokens,
             "reserve": work.reserve,
             "bits": work.bits,
             "group_size": work.group_size if work.bits else None,
@@ -107,7 +109,8 @@ def print_plan(report: dict) -> None:
     print(f"{report['model']}: {report['family']}, {report['layers']} layers, width {report['original_width']}")
     print(
         f"cards of {format_size(report['gpu_memory'])}; {work['dtype']}, batch {work['batch']} "
-        f"(+1 scratch KV slot), context {work['context']}, prefill chunks of {work['prefill_chunk']}, "
+        f"(+1 scratch KV slot), context {work['context']}, prefill chunks of {work['prefill_chunk']} "
+        f"in steps of {work['step_tokens']} tokens, "
         f"reserve {format_size(work['reserve'])} a card"
         + (
             f"; block linears{' and shortcuts' if work['quantized_shortcuts'] else ''} in {work['bits']} bits, "

@@ -26,6 +26,9 @@ from sliceserve.model.spec_checks import expected_tensors
 
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
 DEFAULT_RESERVE = 2**30  # 1 GiB a card: see the README's planner section for why
+# Tokens one engine step carries by default: engine/engine.py's DEFAULT_TOKEN_BUDGET (restated so
+# that planning imports no torch; tests/test_planner.py checks that the two agree).
+DEFAULT_STEP_TOKENS = 4096
 
 
 @dataclass(frozen=True)
@@ -35,7 +38,8 @@ class Workload:
     dtype: str = "float16"
     batch: int = 1  # requests decoded together (KV-cache slots)
     context: int = 2048  # positions each slot reserves (prompt + completion)
-    prefill_chunk: int = 256  # prompt tokens one forward reads (the engine's default)
+    prefill_chunk: int = 256  # prompt tokens of one request a step takes at most (the engine's default)
+    step_tokens: int = DEFAULT_STEP_TOKENS  # tokens one step carries: several requests' chunks in one forward
     reserve: int = DEFAULT_RESERVE  # bytes a card keeps for the CUDA context, workspaces, slack
     bits: int | None = None  # block linears stored in 8 or 4 bits (model/quantized.py); None: dtype
     group_size: int = 128  # inputs per quantization scale
@@ -48,7 +52,7 @@ class Workload:
     def check(self) -> None:
         if self.dtype not in DTYPE_BYTES:
             raise SliceserveError(f"unknown dtype {self.dtype!r} (known: {', '.join(DTYPE_BYTES)})")
-        for name in ("batch", "context", "prefill_chunk"):
+        for name in ("batch", "context", "prefill_chunk", "step_tokens"):
             if getattr(self, name) < 1:
                 raise SliceserveError(f"--{name.replace('_', '-')} must be at least 1")
         if self.reserve < 0:
@@ -123,11 +127,13 @@ def kv_cache_bytes_per_layer(spec: DecoderSpec, work: Workload) -> int:
 
 
 def activation_bytes(spec: DecoderSpec, work: Workload) -> int:
-    """Upper estimate of one forward step's transient peak: the larger of a prefill chunk
-    (one request, `prefill_chunk` tokens, attending over `context` positions) and a decode
-    step (`batch` rows of one token each)."""
+    """Upper estimate of one forward step's transient peak: the larger of a prefill step (as
+    many chunks of `prefill_chunk` tokens as `step_tokens` holds, one a request, each attending
+    over `context` positions, in one forward) and a decode step (`batch` rows of one token each)."""
     chunk = min(work.prefill_chunk, work.context)
-    prefill = forward_bytes(spec, tokens=chunk, rows=1, keys=work.context, dtype_bytes=work.dtype_bytes)
+    step = min(max(work.step_tokens, chunk), work.batch * chunk)
+    rows = -(-step // chunk)
+    prefill = forward_bytes(spec, tokens=chunk, rows=rows, keys=work.context, dtype_bytes=work.dtype_bytes)
     decode = forward_bytes(spec, tokens=1, rows=work.batch, keys=work.context, dtype_bytes=work.dtype_bytes)
     return max(prefill, decode)
 
