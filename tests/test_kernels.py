@@ -9,6 +9,7 @@ import pytest
 import torch
 from kernel_support import DEVICE, DTYPES, randn, relative_error, tolerance  # sets TRITON_INTERPRET first
 
+from sliceserve.fast.library_matmul import library_gated, stacked_rows
 from sliceserve.kernels import launch
 from sliceserve.kernels.decode_attention import decode_attention, decode_attention_reference
 from sliceserve.kernels.fused_linear import (
@@ -18,7 +19,6 @@ from sliceserve.kernels.fused_linear import (
     fused_linear,
     fused_linear_reference,
 )
-from sliceserve.fast.library_matmul import library_gated, stacked_rows
 from sliceserve.kernels.gated_activation import gated_activation, gated_activation_reference
 from sliceserve.kernels.gated_linear import gated_linear, gated_linear_reference
 from sliceserve.kernels.rms_norm import rms_norm, rms_norm_reference
