@@ -37,6 +37,7 @@ from sliceserve.hf_modeling import AUTO_MAP, CODE_FILES
 from sliceserve.model.loader import load_model, load_tokenizer
 from sliceserve.pruning.checkpoint_writer import prune_checkpoint
 from sliceserve.pruning.pattern import NMPattern
+from sliceserve.quantization.checkpoint_writer import quantize_checkpoint
 from sliceserve.slicing.checkpoint_writer import export_checkpoint, slice_checkpoint
 from sliceserve.slicing.random_checkpoint import export_random_checkpoint
 from sliceserve.slicing.sources import FolderSource
@@ -296,3 +297,33 @@ def test_a_random_weight_checkpoint_loads_with_its_tokenizer(tmp_path, sparsity,
     with pytest.raises(SliceserveError, match="is a sliceserve checkpoint"):
         FolderSource(out)
     assert not questions
+
+
+@pytest.mark.parametrize(
+    "variant, kind, bits, shortcuts",
+    [("llama", "sliced", 4, True), ("llama", "sliced", 8, False), ("phi", "dense", 4, False)],
+    ids=["llama-sliced-int4-shortcuts", "llama-sliced-int8", "phi-dense-int4"],
+)
+def test_a_quantized_checkpoint_loads_with_its_codes(variant, kind, bits, shortcuts, tmp_path, tokens):
+    """`sliceserve quantize`'s output: its codes, scales and zero points are the model's buffers
+    (nothing missing, nothing left over, nothing converted to float in the file's place), and
+    the logits are our reference runtime's, which loads the same codes dequantized."""
+    original = write_checkpoint(variant, kind, tmp_path)
+    quantized = quantize_checkpoint(
+        original, tmp_path / "quantized", bits=bits, group_size=16, shortcuts=shortcuts, progress=False
+    )
+    model, info = AutoModelForCausalLM.from_pretrained(
+        quantized, trust_remote_code=True, output_loading_info=True, dtype=torch.float32
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    stored = set(open_checkpoint(quantized).names)
+    assert set(model.state_dict()) == stored
+    layer = model.layers[0]
+    assert layer.attn.q.qweight.dtype == (torch.int8 if bits == 8 else torch.uint8)
+    assert torch.equal(layer.attn.q.qweight, open_checkpoint(quantized).tensor("layers.0.attn.q.qweight"))
+    assert isinstance(getattr(layer, "attn_shortcut", None), torch.nn.Module) == shortcuts
+    with torch.no_grad():
+        expected = load_model(quantized)(tokens)
+        assert relative_error(model.eval()(tokens).logits, expected) < FLOAT32_TOLERANCE
+        # and the codes are what the model computes with: the unquantized checkpoint differs
+        assert relative_error(load_model(original)(tokens), expected) > 10 * FLOAT32_TOLERANCE

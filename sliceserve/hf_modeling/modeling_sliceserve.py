@@ -4,7 +4,10 @@
 and reads the checkpoint's safetensors as they are: the parameter names are the stored names
 (embed.weight, positions.weight, layers.{i}.attn.{q,k,v,o}, layers.{i}.mlp.{gate,up,down},
 layers.{i}.attn_shortcut / mlp_shortcut / shortcut, head.weight), so nothing is renamed and
-``save_pretrained`` writes the same names back.
+``save_pretrained`` writes the same names back. A quantized checkpoint's matrices
+(``sliceserve quantize``) keep their codes, scales and zero points under the same names
+(``layers.{i}.attn.q.qweight``, ``.scales``, ``.zeros``): DequantizingLinear makes the float
+weight from them at each forward.
 
 It computes what sliceserve's reference decoder computes: blocks whose norms are weightless
 RMSNorms over the *original* width D (``x / sqrt(sum(x^2) / D + eps)``, also when x is sliced),
@@ -170,8 +173,59 @@ def _new_cache(config: SliceserveConfig) -> DynamicCache:
 # ---- the modules ---------------------------------------------------------------------------
 
 
-def _linear(config: SliceserveConfig, name: str, inputs: int, outputs: int) -> nn.Linear:
+class DequantizingLinear(nn.Module):
+    """A block matrix the checkpoint stores quantized (config.json's "quantization": `bits`,
+    `group_size`, which `linears`): the codes stay as stored, and each forward makes the float
+    weight from them, in float32, then the activations' dtype (what sliceserve's loader gives its
+    reference model):
+        8 bits: qweight int8 (out, in),                               w = q * scales
+        4 bits: qweight uint8 (out, ceil(in / 2)), even input low,    w = (q - zeros) * scales
+    with scales (and uint8 zero points) per output row and group of `group_size` inputs."""
+
+    def __init__(self, inputs: int, outputs: int, bits: int, group_size: int, bias: bool):
+        super().__init__()
+        self.in_features, self.out_features, self.bits, self.group_size = inputs, outputs, bits, group_size
+        groups = -(-inputs // group_size)
+        if bits == 8:
+            self.register_buffer("qweight", torch.zeros(outputs, inputs, dtype=torch.int8))
+        else:
+            self.register_buffer("qweight", torch.zeros(outputs, -(-inputs // 2), dtype=torch.uint8))
+            self.register_buffer("zeros", torch.zeros(outputs, groups, dtype=torch.uint8))
+        self.register_buffer("scales", torch.ones(outputs, groups))
+        self.bias = nn.Parameter(torch.zeros(outputs)) if bias else None
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        wide = torch.promote_types(self.scales.dtype, torch.float32)
+        codes = self.qweight
+        if self.bits == 4:
+            codes = torch.stack([codes & 0x0F, codes >> 4], dim=-1).reshape(codes.shape[0], -1)
+        codes = codes[:, : self.in_features].to(wide)
+        if self.bits == 4:
+            codes = codes - self.zeros.to(wide).repeat_interleave(self.group_size, dim=1)[:, : self.in_features]
+        scales = self.scales.to(wide).repeat_interleave(self.group_size, dim=1)[:, : self.in_features]
+        return (codes * scales).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantized(x.dtype), self.bias)
+
+
+def _quantized(config: SliceserveConfig, name: str) -> dict | None:
+    scheme = getattr(config, "quantization", None)
+    return scheme if scheme and name in scheme["linears"] else None
+
+
+def _linear(config: SliceserveConfig, name: str, inputs: int, outputs: int) -> nn.Module:
+    scheme = _quantized(config, name)
+    if scheme is not None:
+        return DequantizingLinear(inputs, outputs, scheme["bits"], scheme["group_size"], name in config.linear_biases)
     return nn.Linear(inputs, outputs, bias=name in config.linear_biases)
+
+
+def _shortcut(config: SliceserveConfig, name: str, inputs: int, outputs: int) -> nn.Parameter | nn.Module:
+    """A sliced block's shortcut matrix, (out, in) as F.linear takes it: a parameter, or its codes."""
+    if _quantized(config, name) is not None:
+        return _linear(config, name, inputs, outputs)
+    return nn.Parameter(torch.empty(outputs, inputs))
 
 
 class SliceserveAttention(nn.Module):
@@ -240,9 +294,11 @@ class SliceserveMLP(nn.Module):
         return self.down(activation(self.up(h), self.activation))
 
 
-def _skip(x: torch.Tensor, shortcut: torch.Tensor | None) -> torch.Tensor:
+def _skip(x: torch.Tensor, shortcut: torch.Tensor | nn.Module | None) -> torch.Tensor:
     """The residual path: x itself in a dense model, x rotated onto the next basis in a sliced one."""
-    return x if shortcut is None else F.linear(x, shortcut)
+    if shortcut is None:
+        return x
+    return shortcut(x) if isinstance(shortcut, nn.Module) else F.linear(x, shortcut)
 
 
 class SliceserveBlock(GradientCheckpointingLayer):
@@ -258,10 +314,10 @@ class SliceserveBlock(GradientCheckpointingLayer):
         sliced = spec.get("has_shortcuts", False)
         # F.linear layout (out, in): the skip path computes x @ shortcut^T.
         if self.parallel:
-            self.shortcut = nn.Parameter(torch.empty(d_out, d_in)) if sliced else None
+            self.shortcut = _shortcut(config, "shortcut", d_in, d_out) if sliced else None
         else:
-            self.attn_shortcut = nn.Parameter(torch.empty(d_mid, d_in)) if sliced else None
-            self.mlp_shortcut = nn.Parameter(torch.empty(d_out, d_mid)) if sliced else None
+            self.attn_shortcut = _shortcut(config, "attn_shortcut", d_in, d_mid) if sliced else None
+            self.mlp_shortcut = _shortcut(config, "mlp_shortcut", d_mid, d_out) if sliced else None
 
     def norm(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.original_width, self.eps)
@@ -317,7 +373,7 @@ class SliceservePreTrainedModel(PreTrainedModel):
             init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, SliceserveBlock):
             for name in ("shortcut", "attn_shortcut", "mlp_shortcut"):
-                if getattr(module, name, None) is not None:
+                if isinstance(getattr(module, name, None), nn.Parameter):
                     init.eye_(getattr(module, name))
         elif isinstance(module, SliceserveRotary):  # a buffer that no checkpoint stores
             module.inv_freq.copy_(inverse_frequencies(module.rope))

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from sliceserve.checkpoint import CheckpointWriter, checkpoint_spec, open_checkpoint
 from sliceserve.errors import SliceserveError
+from sliceserve.hf_modeling import loadable_by_transformers
 from sliceserve.model.loader import load_model, load_tokenizer
 from sliceserve.model.quant_format import SHORTCUTS, QuantFormat, quant_format
 from sliceserve.model.quantized import dequantize, pack_nibbles
@@ -35,7 +36,7 @@ from sliceserve.slicing.slicer import Batches
 log = logging.getLogger(__name__)
 
 METHODS = ("rtn", "gptq")
-TRANSFORMERS_KEYS = ("model_type", "architectures", "auto_map", "linear_biases")  # its modelling code reads no codes
+TRANSFORMERS_KEYS = ("model_type", "architectures", "auto_map", "linear_biases")  # written anew with the code
 
 
 def stored_name(layer: int, name: str) -> str:
@@ -183,4 +184,4 @@ def write_quantized(
             tokenizer = load_tokenizer(path)
         except SliceserveError:
             tokenizer = None
-        return writer.finish(config, tokenizer)
+        return writer.finish(loadable_by_transformers(writer, config), tokenizer)
