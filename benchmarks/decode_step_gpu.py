@@ -239,11 +239,10 @@ class StepTimeline:
         }
 
 
-def prefill_host_ms(model, cache, vocab: int) -> dict:
-    """A step of 8 fresh prompts of 256 tokens: the host's time to queue it, and its wall time."""
-    g = torch.Generator().manual_seed(3)
-    chunks = [PrefillChunk(torch.randint(0, vocab, (256,), generator=g).tolist(), 0, s) for s in range(8)]
-    model.prefill(chunks, cache)
+def timed_prefill(model, chunks: list[PrefillChunk], cache) -> tuple[torch.Tensor, dict]:
+    """The logits of a prefill of `chunks`, and the median over 5 of the host's time to queue
+    it and of its wall time."""
+    logits = model.prefill(chunks, cache)
     sync()
     host, wall = [], []
     for _ in range(5):
@@ -252,7 +251,14 @@ def prefill_host_ms(model, cache, vocab: int) -> dict:
         host.append(time.perf_counter() - start)
         sync()
         wall.append(time.perf_counter() - start)
-    return {"host_ms": 1e3 * sorted(host)[2], "wall_ms": 1e3 * sorted(wall)[2]}
+    return logits, {"host_ms": 1e3 * sorted(host)[2], "wall_ms": 1e3 * sorted(wall)[2]}
+
+
+def prefill_host_ms(model, cache, vocab: int) -> dict:
+    """A step of 8 fresh prompts of 256 tokens: the host's time to queue it, and its wall time."""
+    g = torch.Generator().manual_seed(3)
+    chunks = [PrefillChunk(torch.randint(0, vocab, (256,), generator=g).tolist(), 0, s) for s in range(8)]
+    return timed_prefill(model, chunks, cache)[1]
 
 
 def profile_windows(engine: Engine, vocab: int, out_dir: Path, result: dict) -> None:
@@ -289,16 +295,8 @@ def prefill_graph_check(model, cache, vocab: int) -> list[dict]:
         row = {"case": name, "tokens": sum(len(c.tokens) for c in chunks)}
         for kind, using in (("eager", None), ("graph", graphs)):
             model.prefill_graphs = using
-            logits = model.prefill(chunks, cache)
-            sync()
-            host, wall = [], []
-            for _ in range(5):
-                start = time.perf_counter()
-                model.prefill(chunks, cache)
-                host.append(time.perf_counter() - start)
-                sync()
-                wall.append(time.perf_counter() - start)
-            row[f"{kind}_host_ms"], row[f"{kind}_wall_ms"] = 1e3 * sorted(host)[2], 1e3 * sorted(wall)[2]
+            logits, times = timed_prefill(model, chunks, cache)
+            row[f"{kind}_host_ms"], row[f"{kind}_wall_ms"] = times["host_ms"], times["wall_ms"]
             row[kind] = logits.float()
         eager, graph = row.pop("eager"), row.pop("graph")
         row["relative_error"] = ((graph - eager).norm() / eager.norm()).item()
