@@ -1,12 +1,14 @@
 """Small prefills replayed from CUDA graphs, one graph per bucket of tokens.
 
 A prefill forward launches about nine operations a layer, and from Python those cost ~20 ms
-of host time on a 7B model (H200: 15-28 ms whatever the step's 32-4,096 tokens,
-benchmarks/results/decode_step_h200_3-*.json), while the GPU needs 3-12 ms for up to 512
-tokens: a lone new request, one short prompt with the decode rows folded beside it, a chat's
-next turn were all bound by the host, and the decode rows waited for them. Up to the largest
-bucket, a step's chunks are padded to a bucket of tokens (powers of two from 16) and replayed
-from its graph instead: one launch.
+of host time on a 7B model (H200: 15-40 ms whatever the step's 32-4,096 tokens,
+benchmarks/results/decode_step_h200_12-timeline-warm.json), more than the GPU needs for a few
+hundred tokens: a lone new request, one short prompt with the decode rows folded beside it, a
+chat's next turn were all bound by the host, and the decode rows waited for them. Up to the
+largest bucket, a step's chunks are padded to a bucket of tokens (powers of two from 16) and
+replayed from its graph instead: one launch. Measured on the H200 (7B shapes, fp16,
+decode_step_h200_14-identity-prefill-graphs.json): host 0.6 ms against 17-22 ms eager; wall
+5.4 ms against 22.5 for 32 tokens, 8.4 against 21.9 for 256, 13.0 against 16.6 for 4 x 100.
 
 What a graph reads from static buffers, filled before each replay: the tokens, their positions
 and slots (padding rows: token 0 at position 0 of the scratch slot, as a decode graph's padding
