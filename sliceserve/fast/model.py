@@ -3,7 +3,7 @@
 Per sequential layer, whatever the batch:
     qkv      = r(x) * (x @ Wqkv) + b            fused_linear, the norm applied in its epilogue
     q        = rope(q); cache <- rope(k), v      rope_store
-    attn     = attention(q, cache)               decode_attention (one token per row) or SDPA (prefill)
+    attn     = attention(q, cache)               decode_attention (one token per row) or prefill_attention
     x_mid    = x @ S_attn + attn @ Wo + b        fused_linear: shortcut, projection and residual in one pass
     act      = act(r * x_mid @ Wg) * (r * x_mid @ Wu)   gated_linear
     x_out    = x_mid @ S_mlp + act @ Wd + b      fused_linear
@@ -13,7 +13,10 @@ dense checkpoint has no shortcuts, and the residual is added in the epilogue ins
 quantized checkpoint's matrices stay codes (fast/quantized_weights.py), dequantized inside
 the same kernels' products.
 
-Decode steps are captured in CUDA graphs per batch-size bucket (fast/graphs.py).
+Above 16 rows the products are the library's (fast/matmul_backends.py "auto"), which normalise
+their input themselves: no partial sums are made between them. Decode steps are captured in
+CUDA graphs per batch-size bucket (fast/graphs.py), prefills of up to 512 tokens per bucket of
+tokens (fast/prefill_graphs.py).
 On a CPU the same kernels run in Triton's interpreter, which is how CI checks this file.
 """
 
