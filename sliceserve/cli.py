@@ -22,7 +22,7 @@ from sliceserve.commands.options import (
     add_quantize_options,
     add_server_options,
 )
-from sliceserve.errors import SliceserveError
+from sliceserve.errors import INTERRUPTED, SliceserveError
 
 log = logging.getLogger("sliceserve")
 
@@ -153,6 +153,7 @@ def sigterm_interrupts() -> Iterator[None]:
         return
 
     def interrupt(signum, frame):
+        INTERRUPTED.set()  # for the readers that would report the interrupted read as an error
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, interrupt)
@@ -160,6 +161,7 @@ def sigterm_interrupts() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+        INTERRUPTED.clear()
 
 
 def run_slice(args: argparse.Namespace) -> int:

