@@ -35,6 +35,21 @@ def graph_bucket(rows: int, max_rows: int) -> int:
     return min(bucket, max_rows)
 
 
+def captured(step, device: torch.device, pool, stream: torch.cuda.Stream):
+    """(graph, outputs) of `step()` captured on `stream` into `pool`, after two runs on a side
+    stream that compile its kernels and settle the allocator."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool, stream=stream):
+        outputs = step()
+    return graph, outputs
+
+
 class StageGraph:
     """One stage's part of a decode step of `rows` rows. `inputs`: the previous stage's
     outputs (None on the first stage, which embeds the tokens)."""
@@ -66,16 +81,7 @@ class StageGraph:
             return (fast.head_logits(x, px),) if last else (x, px)
 
         with torch.cuda.device(device):
-            # Warm up on a side stream (compiles the kernels, settles the allocator), then capture.
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    step()
-            torch.cuda.current_stream(device).wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, pool=pool, stream=capture_stream):
-                self.outputs = step()
+            self.graph, self.outputs = captured(step, device, pool, capture_stream)
 
     def take(self, previous: StageGraph) -> None:
         """Copy the previous stage's outputs and the rows' positions and slots onto this device."""

@@ -109,10 +109,6 @@ def library_gated(
 ) -> torch.Tensor:
     gate, up = float_weight(gate, a.dtype), float_weight(up, a.dtype)
     a = normalised(a, norm)  # the input, not the products, so that the biases stay unscaled
-    if gate_bias is None and up_bias is not None:
-        gate_bias = torch.zeros_like(up_bias)
-    if up_bias is None and gate_bias is not None:
-        up_bias = torch.zeros_like(gate_bias)
     both = stacked_rows(gate, up)
     if both is None:
         return gated_activation(F.linear(a, gate), F.linear(a, up), activation, gate_bias, up_bias)

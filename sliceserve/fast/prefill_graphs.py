@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from sliceserve.fast.graphs import captured
 from sliceserve.model.kv_cache import KVCache
 from sliceserve.uploads import upload
 
@@ -53,15 +54,7 @@ class PrefillGraph:
             x, px = fast.run_layers(x, px, self.positions, self.slots, cache, tiles=self.tiles)
             return fast.head_logits(x, px)
 
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # compile the kernels, settle the allocator
-            for _ in range(2):
-                step()
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool, stream=stream):
-            self.logits = step()
+        self.graph, self.logits = captured(step, device, pool, stream)
 
     def run(
         self,
