@@ -91,7 +91,9 @@ def start_streams(url: str, count: int, max_tokens: int) -> list[Stream]:
 
 
 def post_whole(url: str, max_tokens: int) -> httpx.Response:
-    return httpx.post(url + "/v1/completions", json={"prompt": "ka", "max_tokens": max_tokens}, timeout=60)
+    # greedy and ignore_eos: it must run its max_tokens (a sampled draw reached eos after 78 in CI)
+    body = {"prompt": "ka", "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+    return httpx.post(url + "/v1/completions", json=body, timeout=60)
 
 
 def wait_until_running(url: str, count: int) -> None:
