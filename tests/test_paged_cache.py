@@ -184,7 +184,15 @@ def test_serve_takes_its_token_budget_from_max_num_batched_tokens(checkpoint):
     )
     engine = make_engine(str(checkpoint), args)
     try:
-        assert engine.token_budget == 96
+        assert engine.token_budget == 96 and engine.decoding_budget == 96
+    finally:
+        engine.shutdown()
+    args = build_parser().parse_args(
+        ["serve", str(checkpoint), "--max-batch", "4", "--max-tokens-while-decoding", "40", "--no-engine-process"]
+    )
+    engine = make_engine(str(checkpoint), args)
+    try:
+        assert engine.token_budget == DEFAULT_TOKEN_BUDGET and engine.decoding_budget == 40
     finally:
         engine.shutdown()
     default = make_engine(
@@ -203,6 +211,11 @@ def test_serve_refuses_a_token_budget_within_the_batch(checkpoint, tmp_path):
     )
     assert result.returncode == 2
     assert_one_line_error(result, "--max-num-batched-tokens (8) must exceed --max-batch (8)")
+    result = run_sliceserve(
+        "serve", checkpoint, "--port", "0", "--max-batch", "8", "--max-tokens-while-decoding", "6", cwd=tmp_path
+    )
+    assert result.returncode == 2
+    assert_one_line_error(result, "--max-tokens-while-decoding (6) must exceed --max-batch (8)")
 
 
 def outputs(engine: Engine, prompts: list[list[int]], params: list[SamplingParams]) -> list[list[int]]:
@@ -255,6 +268,35 @@ def test_tight_cache_preempts_and_recomputes_to_the_same_outputs(served):
     finally:
         reserved.shutdown()
         tight.shutdown()
+
+
+def test_a_small_decoding_budget_serves_the_same_outputs_in_more_steps(served):
+    """Prompts admitted a few tokens a step beside the decode rows: the same greedy and seeded
+    outputs as with the whole budget, and no step carries more than the decoding budget while
+    requests decode."""
+    model, tokenizer = served
+    prompts, params = workload(model.spec.vocab_size)
+    whole = Engine(model, tokenizer, max_batch=8, max_model_len=128, prefill_chunk=64, kv_blocks=60)
+    # the first step admits 64 prompt tokens (a few requests), the others come 12 - rows a step
+    budgets = dict(token_budget=64, decoding_budget=12)
+    small = Engine(model, tokenizer, max_batch=8, max_model_len=128, prefill_chunk=64, kv_blocks=60, **budgets)
+    carried = []
+    original = small.plan
+
+    def watch():
+        step = original()
+        carried.append((len(step.decode) + len(step.folded), sum(end - start for _, start, end in step.prefill)))
+        return step
+
+    small.plan = watch
+    try:
+        expected = outputs(whole, prompts, params)
+        assert outputs(small, prompts, params) == expected
+        assert all(decode + prompt <= 12 for decode, prompt in carried if decode)
+        assert any(decode and prompt for decode, prompt in carried)  # prompts did ride along decode rows
+    finally:
+        whole.shutdown()
+        small.shutdown()
 
 
 def test_paged_cache_serves_more_requests_than_reserved_rows_would(served):

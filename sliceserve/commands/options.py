@@ -245,6 +245,14 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
         "efficient products, smaller ones keep the running streams' inter-token latency down",
     )
     parser.add_argument(
+        "--max-tokens-while-decoding",
+        type=int,
+        metavar="N",
+        help="tokens one step may carry while any request decodes (default: --max-num-batched-tokens); a few "
+        "hundred spread a burst's prompts over the running streams' steps, where they cost little more than "
+        "the decode rows alone",
+    )
+    parser.add_argument(
         "--kv-cache-memory",
         metavar="SIZE",
         help="memory of the paged KV cache, e.g. 40GiB: requests share its blocks of 16 positions as they grow, "

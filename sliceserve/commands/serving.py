@@ -39,6 +39,12 @@ def make_engine(path: str, args: argparse.Namespace, max_queue: int = 64):
             f"--max-num-batched-tokens ({token_budget}) must exceed --max-batch ({args.max_batch}): a step carries "
             "every running request's decode row and prompt chunks beside them"
         )
+    decoding_budget = getattr(args, "max_tokens_while_decoding", None)
+    if decoding_budget is not None and decoding_budget <= args.max_batch:
+        raise SliceserveError(
+            f"--max-tokens-while-decoding ({decoding_budget}) must exceed --max-batch ({args.max_batch}): prompts "
+            "must fit beside the running streams' decode rows"
+        )
     if max_queue < 1:
         raise SliceserveError("--max-queue must be at least 1")
     kv_memory = kv_cache_memory(args)
@@ -55,6 +61,7 @@ def make_engine(path: str, args: argparse.Namespace, max_queue: int = 64):
             runtime=getattr(args, "runtime", "auto"),
             kv_cache_memory=kv_memory,
             token_budget=token_budget,
+            decoding_budget=decoding_budget,
         )
     # stages: reserved rows unless a size is given (ranks in other processes never page)
     blocks = None
@@ -68,6 +75,7 @@ def make_engine(path: str, args: argparse.Namespace, max_queue: int = 64):
         max_queue=max_queue,
         kv_blocks=blocks,
         token_budget=token_budget,
+        decoding_budget=decoding_budget,
     )
 
 

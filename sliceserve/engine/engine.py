@@ -81,11 +81,14 @@ class Engine:
         max_queue: int = 64,
         prefill_chunk: int = 256,
         token_budget: int | None = None,
+        decoding_budget: int | None = None,
         kv_blocks: int | None = None,
         prefix_caching: bool = True,
     ):
         """token_budget: tokens one step may carry (decode rows plus prompt chunks); by default
         max(DEFAULT_TOKEN_BUDGET, prefill_chunk + max_batch).
+        decoding_budget: tokens a step may carry while any request decodes (engine/scheduler.py);
+        by default token_budget.
         kv_blocks: a paged KV cache of this many blocks (model/kv_cache.py: BLOCK_SIZE positions
         each), shared by the running requests as they grow; None reserves max_model_len
         positions for each of the max_batch slots.
@@ -101,6 +104,9 @@ class Engine:
         self.token_budget = token_budget or max(DEFAULT_TOKEN_BUDGET, prefill_chunk + max_batch)
         if self.token_budget <= max_batch:
             raise ValueError("token_budget must exceed max_batch, or prompts could never be prefilled")
+        self.decoding_budget = min(decoding_budget or self.token_budget, self.token_budget)
+        if self.decoding_budget <= max_batch:
+            raise ValueError("decoding_budget must exceed max_batch, or prompts could wait for every stream to end")
         self.device = model.input_device
         self.cache = model.new_cache(slots=max_batch, max_len=self.max_model_len, blocks=kv_blocks)
         self.blocks = BlockPool(self.cache, prefix_caching)
@@ -369,6 +375,7 @@ class Engine:
                 len(self.free_slots),
                 token_budget=self.token_budget,
                 prefill_chunk=self.prefill_chunk,
+                decoding_budget=self.decoding_budget,
                 admit=self.admit,
             )
             self.hold_prefill_blocks(plan)

@@ -24,14 +24,15 @@ def load_engine(
     runtime: str = "auto",
     kv_cache_memory: int | None = None,
     token_budget: int | None = None,
+    decoding_budget: int | None = None,
 ) -> Engine:
     """An engine over a checkpoint folder (dense or sliced), not yet started, over a paged KV
     cache (engine/kv_blocks.py: `kv_cache_memory` bytes of it, or what max_batch requests of
     max_model_len tokens need, as far as the GPU has room).
 
     runtime: "fast" (Triton kernels and CUDA graphs; CUDA only), "reference" (plain PyTorch),
-    or "auto" (fast on CUDA, reference elsewhere). token_budget: tokens a step may carry (the
-    Engine's default where None).
+    or "auto" (fast on CUDA, reference elsewhere). token_budget: tokens a step may carry, and
+    decoding_budget: while requests decode (the Engine's defaults where None).
     """
     model = load_model(path, device=device, dtype=dtype)
     if use_fast_path(runtime, device):
@@ -51,4 +52,5 @@ def load_engine(
         prefill_chunk=prefill_chunk,
         kv_blocks=blocks,
         token_budget=token_budget,
+        decoding_budget=decoding_budget,
     )

@@ -6,6 +6,12 @@ through their prompts (oldest first), then of waiting requests admitted into fre
 come, first served). A chunk is at most `prefill_chunk` tokens, so a long prompt never stalls
 the running streams for its whole prefill, and a burst of short prompts is prefilled together
 in a few steps. One decode row per running request is always scheduled, whatever the budget.
+
+While some requests decode, a step may carry fewer tokens (`decoding_budget`): a prompt chunk
+beside the decode rows then costs little more than the rows alone, since a step of a few hundred
+rows still reads every weight once, and a burst admitted over several such steps ends spread
+out, so the next burst's prompts ride along other requests' decode steps (as Sarathi-Serve's
+token budget does). With nothing decoding, the whole `token_budget` goes to prompts.
 """
 
 from __future__ import annotations
@@ -36,13 +42,16 @@ def plan_step(
     *,
     token_budget: int,
     prefill_chunk: int,
+    decoding_budget: int | None = None,
     admit: Callable[[Request], None],
 ) -> StepPlan:
     """The next step's work. Admitted requests are popped from `waiting` (at most `free_slots`)
     and handed to `admit` before their first chunk is planned (it gives them a slot, and may
-    find part of their prompt already cached: their chunk starts after it)."""
+    find part of their prompt already cached: their chunk starts after it). `decoding_budget`
+    (default `token_budget`) bounds the step instead while any request decodes."""
     plan = StepPlan(decode=[r for r in running if r.decoding])
-    budget = token_budget - len(plan.decode)
+    step_tokens = min(token_budget, decoding_budget or token_budget) if plan.decode else token_budget
+    budget = step_tokens - len(plan.decode)
 
     def add_chunk(request: Request) -> None:
         nonlocal budget
