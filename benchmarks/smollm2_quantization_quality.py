@@ -3,8 +3,9 @@ conditions of benchmarks/smollm2_quality.py, added to its results (smollm2_quali
 
 The dense export and the 25% slice are made as there (calibration wiki.valid.raw, 32 x 2048
 tokens, seed 42); each is then quantized (`sliceserve quantize`): int8 round-to-nearest, int4
-round-to-nearest and int4 GPTQ, groups of 128 inputs, every block linear (embeddings, head and
-shortcut matrices stay float32). GPTQ's calibration: wiki.valid.raw, NSAMPLES x SEQLEN tokens,
+round-to-nearest and int4 GPTQ, groups of 128 inputs, every block linear (embeddings and head stay
+float32, shortcut matrices too unless the row says), some after a rotation of the stream
+(random orthogonal: 'rotated'; randomized Hadamard: 'Hadamard'). GPTQ's calibration: wiki.valid.raw, NSAMPLES x SEQLEN tokens,
 seed 7. Evaluation: the first 16 windows of wiki.test.raw at 2048. CPU; each row is written as
 soon as it is measured.
 
@@ -29,16 +30,18 @@ from sliceserve.slicing.calibration import load_calibration, wikitext2_text
 from sliceserve.slicing.checkpoint_writer import export_checkpoint, slice_checkpoint
 from sliceserve.slicing.sources import open_source
 
-# (bits, method, shortcuts quantized too, stream rotated first), the comparisons the issue asks for first
+# (bits, method, shortcuts quantized too, the stream's rotation first), the issue's comparisons first
 SCHEMES = [
-    (8, "rtn", False, False),
-    (4, "gptq", False, False),
-    (4, "gptq", False, True),
-    (4, "rtn", False, False),
-    (4, "rtn", False, True),
-    (8, "rtn", True, False),
-    (4, "gptq", True, True),
+    (8, "rtn", False, None),
+    (4, "gptq", False, None),
+    (4, "gptq", False, "orthogonal"),
+    (4, "rtn", False, None),
+    (4, "rtn", False, "orthogonal"),
+    (8, "rtn", True, None),
+    (4, "gptq", True, "orthogonal"),
+    (4, "gptq", False, "hadamard"),
 ]
+ROW_WORDS = {None: "", "orthogonal": " rotated", "hadamard": " Hadamard"}  # the rows' names and folders
 
 
 def main() -> None:
@@ -64,8 +67,8 @@ def main() -> None:
         f"int4 asymmetric with zero points; embeddings and head float32, shortcut matrices too unless the row says "
         f"(then round-to-nearest in the row's bits); GPTQ with H in float64 "
         f"from wiki.valid.raw, {args.gptq_nsamples} x {args.gptq_seqlen} tokens (seed 7), 1% dampening, blocks of "
-        f"128 columns; 'rotated': the stream first turned by random orthogonal matrices (seed 0; in the place of QuaRot's "
-        f"Hadamard rotation); measured on {time.strftime('%Y-%m-%d')} with torch "
+        f"128 columns; 'rotated': the stream first turned by random orthogonal matrices, 'Hadamard': by randomized "
+        f"Hadamard ones as QuaRot's (seed 0 for both); measured on {time.strftime('%Y-%m-%d')} with torch "
         f"{torch.__version__}, CPU {torch.get_num_threads()} threads"
     )
 
@@ -99,13 +102,13 @@ def main() -> None:
             parameters, _ = checkpoint_size(base)
             if shortcuts and label == "dense":
                 continue  # a dense model has no shortcut matrices
-            name = f"{label} + int{bits} {method.upper()} g{args.group_size}" + (" rotated" if rotate else "")
+            name = f"{label} + int{bits} {method.upper()} g{args.group_size}" + ROW_WORDS[rotate]
             name += " (shortcuts too)" if shortcuts else ""
             if name in done:
                 continue
             out = (
                 work
-                / f"{base.name}-int{bits}-{method}{'-rotated' if rotate else ''}{'-shortcuts' if shortcuts else ''}"
+                / f"{base.name}-int{bits}-{method}{ROW_WORDS[rotate].replace(' ', '-')}{'-shortcuts' if shortcuts else ''}"
             )
             started, reused = time.perf_counter(), (out / "config.json").exists()
             if not reused:

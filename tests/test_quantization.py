@@ -160,10 +160,11 @@ def test_gptq_without_calibration_and_bad_options_are_refused(checkpoints, tmp_p
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
-@pytest.mark.parametrize("variant", ["llama", "opt", "phi"])
-def test_a_rotated_checkpoint_is_the_same_model(variant, tmp_path):
-    """Random orthogonal bases folded into every weight (float64): the logits do not move, dense
-    or sliced, sequential or parallel blocks, rope or learned positions."""
+@pytest.mark.parametrize("variant,rotation", [("llama", "orthogonal"), ("opt", "orthogonal"), ("phi", "orthogonal"),
+                                              ("llama", "hadamard"), ("phi", "hadamard")])  # fmt: skip
+def test_a_rotated_checkpoint_is_the_same_model(variant, rotation, tmp_path):
+    """Random orthogonal or randomized Hadamard bases folded into every weight (float64): the
+    logits do not move, dense or sliced, sequential or parallel blocks, rope or learned positions."""
     from sliceserve.quantization.rotation import rotate_checkpoint
 
     save_tiny_model(variant, tmp_path / "hf")
@@ -175,7 +176,7 @@ def test_a_rotated_checkpoint_is_the_same_model(variant, tmp_path):
             source, tmp_path / "sliced", calibration_batches(), sparsity=0.25, dtype=torch.float64, progress=False
         ),
     }.items():
-        rotated = rotate_checkpoint(path, tmp_path / f"{kind}-rotated", seed=1)
+        rotated = rotate_checkpoint(path, tmp_path / f"{kind}-rotated", seed=1, kind=rotation)
         before, after = load_model(path)(tokens), load_model(rotated)(tokens)
         assert float((after - before).abs().max() / before.abs().max()) < 1e-10, kind
         original = open_checkpoint(path).tensor("layers.0.attn.q.weight")
@@ -184,12 +185,14 @@ def test_a_rotated_checkpoint_is_the_same_model(variant, tmp_path):
 
 def test_rotated_quantization_records_its_rotation(checkpoints, tmp_path):
     work, paths = checkpoints
-    out = quantize_checkpoint(
-        paths["sliced"], tmp_path / "q", bits=4, group_size=16, rotate=True, seed=3, progress=False
-    )
-    entry = open_checkpoint(out).config["quantization"]
-    assert entry["rotation"]["seed"] == 3 and "rotation" not in open_checkpoint(out).config
-    assert logits_error(paths["sliced"], out) < 0.7
+    for rotation, words in (("orthogonal", "random orthogonal"), ("hadamard", "randomized Hadamard")):
+        out = quantize_checkpoint(
+            paths["sliced"], tmp_path / rotation, bits=4, group_size=16, rotate=rotation, seed=3, progress=False
+        )
+        entry = open_checkpoint(out).config["quantization"]
+        assert entry["rotation"]["seed"] == 3 and "rotation" not in open_checkpoint(out).config
+        assert entry["rotation"]["kind"].startswith(words)
+        assert logits_error(paths["sliced"], out) < 0.7
 
 
 def test_the_quantize_command(tmp_path):
@@ -212,6 +215,11 @@ def test_the_quantize_command(tmp_path):
         "quantize", checkpoint, "--bits", "4", "--group-size", "1", "--out", tmp_path / "x", cwd=tmp_path
     )
     assert_one_line_error(refused, "--group-size must be at least 2")
+    assert not (tmp_path / "x").exists()
+    both = run_sliceserve(
+        "quantize", checkpoint, "--bits", "4", "--rotate", "--hadamard", "--out", tmp_path / "x", cwd=tmp_path
+    )
+    assert both.returncode == 2 and "not allowed with argument" in both.stderr
     assert not (tmp_path / "x").exists()
     taken = run_sliceserve("quantize", checkpoint, "--bits", "8", "--out", out, cwd=tmp_path)
     assert_one_line_error(taken, "exists")

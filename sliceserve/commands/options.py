@@ -159,9 +159,14 @@ def add_quantize_options(parser: argparse.ArgumentParser) -> None:
         "gptq: error feedback from calibration text (the calibration options)",
     )  # fmt: skip
     parser.add_argument("--shortcuts", action="store_true", help="quantize a sliced model's shortcut matrices too")
-    parser.add_argument(
+    rotation = parser.add_mutually_exclusive_group()
+    rotation.add_argument(
         "--rotate", action="store_true", help="first rotate the residual stream by random orthogonal matrices "
         "(the same model; its weights quantize with less error)",
+    )  # fmt: skip
+    rotation.add_argument(
+        "--hadamard", action="store_true", help="first rotate the residual stream by randomized Hadamard "
+        "matrices, as QuaRot does (widths such as 4096, 5120, 576 and their 25%% slices have one)",
     )  # fmt: skip
     parser.add_argument("--rotation-seed", type=int, default=0)
     parser.add_argument("--out", required=True, help="checkpoint folder to write")

@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from sliceserve.checkpoint import check_destination, open_checkpoint
+from sliceserve.checkpoint import check_destination, checkpoint_spec, open_checkpoint
 from sliceserve.errors import SliceserveError
 
 log = logging.getLogger("sliceserve")
@@ -16,10 +16,14 @@ def quantize_command(args: argparse.Namespace) -> int:
     from sliceserve.commands.slicing import calibration_text
     from sliceserve.model.loader import load_model, load_tokenizer
     from sliceserve.quantization.checkpoint_writer import quantize_checkpoint
+    from sliceserve.quantization.rotation import check_rotation
 
     if args.group_size < 2:
         raise SliceserveError(f"--group-size must be at least 2, got {args.group_size}")
-    open_checkpoint(args.checkpoint, verify=False)  # a readable checkpoint, before anything else
+    config = open_checkpoint(args.checkpoint, verify=False).config  # a readable checkpoint, before anything else
+    rotate = "orthogonal" if args.rotate else "hadamard" if args.hadamard else None
+    if rotate is not None:
+        check_rotation(checkpoint_spec(config), rotate)  # before the calibration text is read
     check_destination(Path(args.out).absolute(), args.overwrite)
     batches, calibration = None, None
     if args.method == "gptq":
@@ -35,7 +39,7 @@ def quantize_command(args: argparse.Namespace) -> int:
         batches=batches,
         calibration=calibration,
         shortcuts=args.shortcuts,
-        rotate=args.rotate,
+        rotate=rotate,
         seed=args.rotation_seed,
         overwrite=args.overwrite,
     )

@@ -29,7 +29,7 @@ from sliceserve.model.quantized import dequantize, pack_nibbles
 from sliceserve.model.spec import BLOCK_LINEARS
 from sliceserve.quantization.gptq import DAMPING, gptq_quantize
 from sliceserve.quantization.grids import round_to_nearest
-from sliceserve.quantization.rotation import rotate_checkpoint
+from sliceserve.quantization.rotation import ROTATIONS, check_rotation, rotate_checkpoint
 from sliceserve.quantization.stream import QuantizationStream, block_linears
 from sliceserve.slicing.slicer import Batches
 
@@ -68,25 +68,28 @@ def quantize_checkpoint(
     batches: Batches | None = None,
     calibration: dict | None = None,
     shortcuts: bool = False,
-    rotate: bool = False,
+    rotate: str | None = None,
     seed: int = 0,
     overwrite: bool = False,
     progress: bool = True,
 ) -> Path:
-    """Quantize checkpoint `path` into `out`. With `rotate`, its stream is first rotated by
-    random orthogonal matrices (rotation.py, from `seed`) into a temporary checkpoint: the same
-    model, whose weights quantize with less error."""
-    if quant_format(open_checkpoint(path, verify=False).config) is not None:
+    """Quantize checkpoint `path` into `out`. With `rotate` ("orthogonal" or "hadamard"), its
+    stream is first rotated by such matrices (rotation.py, from `seed`) into a temporary
+    checkpoint: the same model, whose weights quantize with less error."""
+    config = open_checkpoint(path, verify=False).config
+    if quant_format(config) is not None:
         raise SliceserveError(f"{path} is quantized already")
+    if rotate is not None:
+        check_rotation(checkpoint_spec(config), rotate)
     with contextlib.ExitStack() as stack:
         reading = path
         if rotate:
             folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="sliceserve-rotated-"))
-            reading = rotate_checkpoint(path, Path(folder) / "rotated", seed)
+            reading = rotate_checkpoint(path, Path(folder) / "rotated", seed, kind=rotate)
         return write_quantized(
             path, reading, out, bits=bits, group_size=group_size, method=method, batches=batches,
             calibration=calibration, shortcuts=shortcuts, overwrite=overwrite, progress=progress,
-            rotation={"kind": "random orthogonal, one per basis of the stream", "seed": seed} if rotate else None,
+            rotation={"kind": ROTATIONS[rotate][1], "seed": seed} if rotate else None,
         )  # fmt: skip
 
 

@@ -1,5 +1,5 @@
-"""A random orthogonal rotation of a checkpoint's residual stream: the same model, weights that
-quantize better.
+"""A rotation of a checkpoint's residual stream (random orthogonal, or QuaRot's randomized
+Hadamard): the same model, weights that quantize better.
 
 Every point of the stream may be expressed in any orthonormal basis of its kept components:
 with x' = x Q, a reader W (out, d) becomes W Q, a writer W (d, in) and its bias become Q^T W
@@ -8,8 +8,9 @@ the head H Q; the weightless RMSNorm sees the same sum of squares. A dense model
 throughout (its residual adds need it); a sliced one a basis at each kept width (layer inputs,
 and the middles of sequential blocks). Rotated, a weight's large entries spread over all its
 inputs, which is what QuaRot (arXiv 2404.00456) does with Hadamard matrices before quantizing;
-here every rotation folds into the weights offline, so any orthogonal matrix serves and the
-widths need not be powers of two. Computed in float64.
+here every rotation folds into the weights offline, so any orthogonal matrix serves: a Haar-random
+one of any width, or a randomized Hadamard one (hadamard.py) where the width has a construction.
+Computed in float64.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from sliceserve.errors import SliceserveError
 from sliceserve.hf_modeling import loadable_by_transformers
 from sliceserve.model.loader import load_tokenizer
 from sliceserve.model.spec import ATTENTION_READERS, ATTENTION_WRITER, MLP_READERS, MLP_WRITER, DecoderSpec
+from sliceserve.quantization.hadamard import random_hadamard, widths_without_hadamard
 
 TRANSFORMERS_KEYS = ("model_type", "architectures", "auto_map", "linear_biases")  # written anew with the code
 
@@ -34,22 +36,47 @@ def random_orthogonal(width: int, generator: torch.Generator) -> torch.Tensor:
     return q * torch.sign(torch.diagonal(r))
 
 
+# --rotate's and --hadamard's kinds: how each basis's matrix is drawn, and what config.json says of it
+ROTATIONS = {
+    "orthogonal": (random_orthogonal, "random orthogonal, one per basis of the stream"),
+    "hadamard": (random_hadamard, "randomized Hadamard (QuaRot), one per basis of the stream"),
+}
+
+
+def stream_widths(spec: DecoderSpec) -> set[int]:
+    """The widths of the stream's bases: layer inputs, the head's, and sequential blocks' middles."""
+    widths = {w.input_width for w in spec.layers} | {spec.head_width}
+    return widths if spec.parallel_block else widths | {w.middle_width for w in spec.layers}
+
+
+def check_rotation(spec: DecoderSpec, kind: str) -> None:
+    """Refuse, before any work, a kind that is unknown or cannot rotate one of the stream's widths."""
+    if kind not in ROTATIONS:
+        raise SliceserveError(f"unknown rotation {kind!r}: {' or '.join(ROTATIONS)}")
+    if kind == "hadamard":
+        widths_without_hadamard(stream_widths(spec))
+
+
 class Bases:
     """The rotation of each basis of the stream, made on first use."""
 
-    def __init__(self, spec: DecoderSpec, seed: int):
+    def __init__(self, spec: DecoderSpec, seed: int, kind: str = "orthogonal"):
         self.dense, self.generator, self.made = not spec.has_shortcuts, torch.Generator().manual_seed(seed), {}
+        self.draw = ROTATIONS[kind][0]
 
     def get(self, key: str, width: int) -> torch.Tensor:
         key = "stream" if self.dense else key
         if key not in self.made:
-            self.made[key] = random_orthogonal(width, self.generator)
+            self.made[key] = self.draw(width, self.generator)
         return self.made[key]
 
 
-def rotated_tensors(spec: DecoderSpec, get: Callable[[str], torch.Tensor | None], seed: int) -> dict[str, torch.Tensor]:
+def rotated_tensors(
+    spec: DecoderSpec, get: Callable[[str], torch.Tensor | None], seed: int, kind: str = "orthogonal"
+) -> dict[str, torch.Tensor]:
     """Every tensor of the checkpoint `get` reads, rotated (float64)."""
-    bases, out = Bases(spec, seed), {}
+    check_rotation(spec, kind)
+    bases, out = Bases(spec, seed, kind), {}
 
     def put(name: str, tensor: torch.Tensor | None) -> None:
         if tensor is not None:
@@ -88,13 +115,15 @@ def rotated_tensors(spec: DecoderSpec, get: Callable[[str], torch.Tensor | None]
     return out
 
 
-def rotate_checkpoint(path: str | Path, out: str | Path, seed: int = 0, overwrite: bool = False) -> Path:
-    """`path` with its stream rotated, written to `out` in the same dtype."""
+def rotate_checkpoint(
+    path: str | Path, out: str | Path, seed: int = 0, overwrite: bool = False, kind: str = "orthogonal"
+) -> Path:
+    """`path` with its stream rotated (`kind`: a key of ROTATIONS), written to `out` in the same dtype."""
     source = open_checkpoint(path)
     spec = checkpoint_spec(source.config)
     dtype = source.tensor("embed.weight").dtype
     get = lambda name: source.tensor(name) if source.has(name) else None  # noqa: E731
-    tensors = rotated_tensors(spec, get, seed)
+    tensors = rotated_tensors(spec, get, seed, kind)
     missing = set(source.names) - set(tensors)
     if missing:
         raise AssertionError(f"the rotation does not cover {sorted(missing)}")
@@ -102,7 +131,7 @@ def rotate_checkpoint(path: str | Path, out: str | Path, seed: int = 0, overwrit
         for name in source.names:
             writer.add(name, tensors[name])
         config = {k: v for k, v in source.config.items() if k not in TRANSFORMERS_KEYS}
-        config = {**config, "rotation": {"kind": "random orthogonal, one per basis of the stream", "seed": seed}}
+        config = {**config, "rotation": {"kind": ROTATIONS[kind][1], "seed": seed}}
         try:
             tokenizer = load_tokenizer(path)
         except SliceserveError:
