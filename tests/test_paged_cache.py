@@ -21,7 +21,7 @@ import pytest
 import torch
 from cli_support import assert_one_line_error, run_sliceserve
 from test_server_support import build_checkpoint
-from tiny_models import NoTokenizerSource, save_tiny_model
+from tiny_models import NoTokenizerSource, save_tiny_model, tiny_config, tiny_model
 
 from sliceserve.engine.engine import DEFAULT_TOKEN_BUDGET, Engine, RequestRejected
 from sliceserve.engine.requests import SamplingParams
@@ -103,7 +103,9 @@ def test_prefill_warm_up_writes_only_the_scratch_slot(tmp_path):
 
     from sliceserve.fast.model import FastTransformer
 
-    save_tiny_model("llama", tmp_path / "hf")
+    config = tiny_config("llama")
+    config.num_hidden_layers = 1  # what holds for one layer's cache holds for each (the interpreter is slow)
+    tiny_model(config).save_pretrained(tmp_path / "hf")
     fast = FastTransformer(
         load_model(export_checkpoint(NoTokenizerSource(tmp_path / "hf"), tmp_path / "d", progress=False))
     )

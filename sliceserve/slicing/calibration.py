@@ -8,8 +8,10 @@ padding out of the slicing statistics.
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 
@@ -45,12 +47,27 @@ def find_wikitext2(data_dir: str | Path | None = None) -> Path:
     )
 
 
+def _hub_unresolvable() -> str | None:
+    """Why the Hub cannot be reached, when its host name does not resolve (no proxy set): the
+    `datasets` library would retry for about 25 s before saying so."""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None  # a proxy resolves the name, not this machine
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except (socket.gaierror, UnicodeError) as exc:
+        return f"{host} cannot be resolved ({exc}): this machine seems to be offline"
+    return None
+
+
 def _rows_from_datasets(split: str) -> list[str]:
     """The Hugging Face copy of a split, or SliceserveError (no network: fails fast)."""
     try:
         import datasets
     except ImportError as exc:
         raise SliceserveError("the `datasets` package is not installed") from exc
+    if not datasets.config.HF_HUB_OFFLINE and (offline := _hub_unresolvable()):
+        raise SliceserveError(f"could not load wikitext-2-raw-v1 from Hugging Face: {offline}")
     hf_split = "validation" if split == "valid" else split
     try:
         return list(datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=hf_split)["text"])
