@@ -24,6 +24,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from sliceserve.engine.engine import Engine, QueueFull, RequestRejected
+from sliceserve.engine.event_wire import packed
 from sliceserve.engine.requests import GenerationEvent
 from sliceserve.engine.stats import EngineStats
 from sliceserve.errors import SliceserveError
@@ -60,7 +61,7 @@ class PipeLoop:
     `call_soon_threadsafe(deliver, events)`, from its own thread. Here that call runs `deliver` at
     once; `deliver` calls each request's `on_event`, which is `collector(request_id)`: it notes
     (request_id, event). The step's events then leave as one ("events", [(request_id, event), ...])
-    message. A pipe that is gone raises RuntimeError, as a closed asyncio loop does: the engine then
+    message, each event packed (engine/event_wire.py). A pipe that is gone raises RuntimeError, as a closed asyncio loop does: the engine then
     cancels those requests.
     """
 
@@ -80,7 +81,7 @@ class PipeLoop:
             batch, self.batch = self.batch, []
         self.finished.extend(request_id for request_id, event in batch if event.finished)
         try:
-            self.send(("events", batch))
+            self.send(("events", [(request_id, packed(event)) for request_id, event in batch]))
         except OSError as error:
             raise RuntimeError(f"the server's end of the pipe is gone: {error}") from None
 

@@ -13,7 +13,8 @@ Messages over one `multiprocessing` Pipe, as tuples:
   to the child    ("submit", id, prompt_ids, params)   ("cancel", id)   ("cancel_all",)
                   ("stats", serial)                     ("shutdown", drain_seconds)
   to the server   ("ready", EngineFacts) or ("failed", kind, message), once, after loading
-                  ("events", [(id, GenerationEvent), ...]): every event of one engine step
+                  ("events", [(id, event), ...]): every event of one engine step, packed
+                      (engine/event_wire.py: a plain tuple unless it has logprobs or an error)
                   ("rejected", id, kind, message): submit raised RequestRejected, ShuttingDown,
                       QueueFull (the same message the in-process engine gives) or another error
                   ("stats", serial, fields of EngineStats, extra /metrics lines)
@@ -42,6 +43,7 @@ from typing import Any
 
 from sliceserve.engine.engine import Engine, QueueFull, RequestRejected, ShuttingDown
 from sliceserve.engine.engine_child import EngineFacts, run_engine_child
+from sliceserve.engine.event_wire import unpacked
 from sliceserve.engine.requests import GenerationEvent, SamplingParams
 from sliceserve.engine.stats import EngineStats
 from sliceserve.engine.token_pieces import TokenPieces
@@ -247,7 +249,7 @@ class EngineProcess:
                 break
             kind = message[0]
             if kind == "events":
-                self.dispatch(message[1])
+                self.dispatch([(request_id, unpacked(item)) for request_id, item in message[1]])
             elif kind == "rejected":
                 _, request_id, rejection, text = message
                 self.dispatch([(request_id, REJECTIONS.get(rejection, RuntimeError)(text))])
