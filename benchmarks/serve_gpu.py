@@ -206,24 +206,41 @@ def start_server(
     raise RuntimeError("the server did not come up in 10 minutes")
 
 
-def run_variant(name: str, checkpoint: Path, args, scenarios: list[Scenario], out_dir: Path) -> dict:
+def run_variant(name: str, checkpoint: Path, args, scenarios: list[Scenario], out_dir: Path) -> list[dict]:
+    """One result per server flag set (--sweep-flags, else --server-flags), all divided by the
+    same model level, measured once."""
     from sliceserve.fast.model import FastTransformer
     from sliceserve.model.loader import load_model
 
-    result = {"variant": name, "checkpoint": str(checkpoint), "scenarios": []}
     model = FastTransformer(load_model(checkpoint, device=args.device))
-    for s in scenarios:
-        row = {"name": s.name}
-        if s.name != FIT:  # measured once the server has said how many fit
-            row["model_tok_s"] = model_level(model, args, s)
-        result["scenarios"].append(row)
+    levels = {s.name: model_level(model, args, s) for s in scenarios if s.name != FIT}  # FIT: once it is sized
     del model
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()
+    swept = args.sweep_flags.split(";") if args.sweep_flags is not None else [""]
+    flag_sets = [f"{args.server_flags} {flags}".strip() for flags in swept]  # --server-flags go to each
+    results = []
+    for flags in flag_sets:
+        label = name if args.sweep_flags is None else f"{name} [{flags or 'defaults'}]"
+        result = {"variant": label, "checkpoint": str(checkpoint), "server_flags": flags, "scenarios": []}
+        for s in scenarios:
+            result["scenarios"].append(
+                {"name": s.name, **({"model_tok_s": levels[s.name]} if s.name in levels else {})}
+            )
+        serve_scenarios(result, checkpoint, args, scenarios, out_dir / f"server_{name}_{len(results)}.log")
+        results.append(result)
+    return results
+
+
+def serve_scenarios(result: dict, checkpoint: Path, args, scenarios: list[Scenario], log: Path) -> None:
+    """Each scenario through `sliceserve serve` with the result's flags, into its rows."""
+    from sliceserve.fast.model import FastTransformer
+    from sliceserve.model.loader import load_model
+
+    name = result["variant"]
     vocab = json.loads((checkpoint / "config.json").read_text())["model"]["vocab_size"]
     max_len = max(s.input_len + s.output_len for s in scenarios) + 8
-    log = out_dir / f"server_{name}.log"
-    server = start_server(checkpoint, args.device, args.port, args.max_batch, max_len, log, args.server_flags)
+    server = start_server(checkpoint, args.device, args.port, args.max_batch, max_len, log, result["server_flags"])
     try:
         for s, row in zip(scenarios, result["scenarios"]):
             if s.name == FIT:
@@ -269,7 +286,6 @@ def run_variant(name: str, checkpoint: Path, args, scenarios: list[Scenario], ou
             del model
         if "served_tok_s" in row:
             row["served_over_model"] = row["served_tok_s"] / row["model_tok_s"]
-    return result
 
 
 def model_level(model, args, s: Scenario) -> float:
@@ -310,14 +326,15 @@ def markdown(result: dict) -> str:
                 f"{m['ttft_ms']['p50']:.0f} / {m['ttft_ms']['p99']:.0f} | {m['tpot_ms']['p50']:.1f} | "
                 f"{util.get('mean', '-')} | {m['errors'] or 'none'} |"
             )
-    if len(result["variants"]) == 2:
-        dense, sliced = result["variants"]
+    dense = [v for v in result["variants"] if v["variant"].startswith("dense")]
+    sliced = [v for v in result["variants"] if v["variant"].startswith("sliced")]
+    for d, sl in zip(dense, sliced) if len(dense) == len(sliced) else ():  # flag set by flag set
         lines += [
             "",
-            f"{sliced['variant']} / {dense['variant']}, served tok/s: "
+            f"{sl['variant']} / {d['variant']}, served tok/s: "
             + ", ".join(
                 f"{a['name']} {b['served_tok_s'] / a['served_tok_s']:.3f}x"
-                for a, b in zip(dense["scenarios"], sliced["scenarios"])
+                for a, b in zip(d["scenarios"], sl["scenarios"])
             ),
         ]
     return "\n".join(lines) + "\n"
@@ -356,6 +373,11 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=256, help="the server's; bounds the fit scenario")
     parser.add_argument("--only", choices=["dense", "sliced"], help="one variant only")
     parser.add_argument("--server-flags", default="", help="more `sliceserve serve` options, e.g. --no-engine-process")
+    parser.add_argument(
+        "--sweep-flags",
+        help="several servers per variant, one per ';'-separated flag set ('' for the defaults), against the same "
+        'model level, e.g. ";--max-tokens-while-decoding 512"',
+    )
     parser.add_argument("--quick", action="store_true", help="a CPU smoke run on the tiny shape")
     parser.add_argument("--scenarios", help="comma-separated names of the scenarios to run (default: all)")
     args = parser.parse_args()
@@ -382,7 +404,7 @@ def main() -> None:
             "shape": args.shape,
             "dtype": "float16",
             "max_batch": args.max_batch,
-            "server_flags": args.server_flags,
+            "server_flags": args.server_flags if args.sweep_flags is None else f"swept: {args.sweep_flags}",
             "date": time.strftime("%Y-%m-%d"),
             "device": torch.cuda.get_device_name(0) if args.device == "cuda" else platform.processor() or "cpu",
             "torch": torch.__version__,
@@ -393,7 +415,7 @@ def main() -> None:
     }
     for name, sparsity in variants:
         checkpoint = export(args.shape, sparsity, args.tokenizer, work / name, args.device)
-        result["variants"].append(run_variant(name, checkpoint, args, scenarios, out_dir))
+        result["variants"] += run_variant(name, checkpoint, args, scenarios, out_dir)
         write_json(out_dir / "serve_gpu.json", result, indent=1)
     (out_dir / "serve_gpu.md").write_text(markdown(result))
     print(markdown(result))
