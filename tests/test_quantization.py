@@ -223,3 +223,18 @@ def test_the_quantize_command(tmp_path):
     assert not (tmp_path / "x").exists()
     taken = run_sliceserve("quantize", checkpoint, "--bits", "8", "--out", out, cwd=tmp_path)
     assert_one_line_error(taken, "exists")
+
+
+def test_hadamard_refuses_a_width_without_a_matrix_before_any_work(tmp_path):
+    """A dense model of width 184 (no construction reaches it): refused with the nearest widths
+    that have one, and nothing is written."""
+    from tiny_models import tiny_config, tiny_model
+
+    config = tiny_config("llama")
+    config.hidden_size, config.num_attention_heads, config.num_key_value_heads = 184, 4, 2  # heads of 46
+    config.head_dim = 46
+    tiny_model(config).save_pretrained(tmp_path / "hf")
+    dense = export_checkpoint(NoTokenizerSource(tmp_path / "hf"), tmp_path / "dense", progress=False)
+    with pytest.raises(SliceserveError, match=r"no Hadamard matrix of order 184 .*\(176 or 180\)"):
+        quantize_checkpoint(dense, tmp_path / "q", bits=4, group_size=16, rotate="hadamard", progress=False)
+    assert not (tmp_path / "q").exists()

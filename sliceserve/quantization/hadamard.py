@@ -83,7 +83,7 @@ def hadamard_matrix(n: int) -> torch.Tensor | None:
     return matrix
 
 
-def widths_without_hadamard(widths: set[int]) -> None:
+def require_hadamard_widths(widths: set[int]) -> None:
     """Raise, naming the nearest widths that have one, if any of `widths` has no construction here."""
     missing = sorted(w for w in widths if construction(w) is None)
     if missing:
@@ -98,7 +98,7 @@ def widths_without_hadamard(widths: set[int]) -> None:
 
 def random_hadamard(width: int, generator: torch.Generator) -> torch.Tensor:
     """QuaRot's randomized Hadamard rotation: diag(random signs) H / sqrt(width), orthogonal."""
-    widths_without_hadamard({width})
+    require_hadamard_widths({width})
     h = hadamard_matrix(width)
     signs = torch.randint(0, 2, (width,), generator=generator).to(torch.float64) * 2 - 1
     return signs[:, None] * h / width**0.5

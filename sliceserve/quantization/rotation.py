@@ -25,7 +25,7 @@ from sliceserve.errors import SliceserveError
 from sliceserve.hf_modeling import loadable_by_transformers
 from sliceserve.model.loader import load_tokenizer
 from sliceserve.model.spec import ATTENTION_READERS, ATTENTION_WRITER, MLP_READERS, MLP_WRITER, DecoderSpec
-from sliceserve.quantization.hadamard import random_hadamard, widths_without_hadamard
+from sliceserve.quantization.hadamard import random_hadamard, require_hadamard_widths
 
 TRANSFORMERS_KEYS = ("model_type", "architectures", "auto_map", "linear_biases")  # written anew with the code
 
@@ -54,7 +54,7 @@ def check_rotation(spec: DecoderSpec, kind: str) -> None:
     if kind not in ROTATIONS:
         raise SliceserveError(f"unknown rotation {kind!r}: {' or '.join(ROTATIONS)}")
     if kind == "hadamard":
-        widths_without_hadamard(stream_widths(spec))
+        require_hadamard_widths(stream_widths(spec))
 
 
 class Bases:
