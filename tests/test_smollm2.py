@@ -56,9 +56,13 @@ def runtime_ppl(path, tokens) -> float:
         return perplexity(model, tokens, seqlen=SEQLEN, max_windows=WINDOWS, progress=False)["ppl"]
 
 
-def test_sparsity_zero_reproduces_dense_perplexity(source, test_tokens, dense_ppl, tmp_path):
+def test_sparsity_zero_reproduces_dense_perplexity(source, test_tokens, dense_ppl, tmp_path, capfd):
     batches = load_calibration("wikitext2", source.tokenizer(), nsamples=4, seqlen=SEQLEN, seed=42, batch_size=4)
     slice_checkpoint(source, tmp_path / "s0", batches, sparsity=0.0, progress=False)
+    shown = capfd.readouterr().err  # the GGUF was dequantized just now: one bar of ours, none of Transformers'
+    assert (
+        "dequantizing SmolLM2-135M-Instruct" in shown and "GGUF tensors" not in shown and "Loading weights" not in shown
+    )
     ppl = runtime_ppl(tmp_path / "s0", test_tokens)
     assert f"{ppl:.4g}" == f"{dense_ppl:.4g}"
     assert abs(ppl - dense_ppl) / dense_ppl < 1e-4

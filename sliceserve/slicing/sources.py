@@ -171,7 +171,8 @@ class GGUFSource(ModelSource):
 
     def tensor(self, name: str) -> torch.Tensor | None:
         if self.state is None:
-            with elapsed_bar(f"dequantizing {self.path.name}"):  # a minute or more on a small CPU, in one call
+            # a minute or more on a small CPU, in one call; Transformers' own bars would interleave with ours
+            with elapsed_bar(f"dequantizing {self.path.name}"), library_bars_hidden():
                 self.state = self.hf_model().state_dict()
         return self.state.get(name)
 
@@ -179,6 +180,32 @@ class GGUFSource(ModelSource):
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(self.path.parent, gguf_file=self.path.name)
+
+
+@contextlib.contextmanager
+def library_bars_hidden() -> Iterator[None]:
+    """No progress bars from Transformers meanwhile: its logging bars (disable_progress_bar), and
+    its GGUF reader's plain tqdm (a module global there, which nothing else turns off)."""
+    import functools
+
+    from transformers.utils import logging as hf_logging
+
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_reader
+    except ImportError:  # another Transformers layout: its bars show, nothing worse
+        gguf_reader = None
+    plain = getattr(gguf_reader, "tqdm", None)
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    if plain is not None:
+        gguf_reader.tqdm = functools.partial(plain, disable=True)
+    try:
+        yield
+    finally:
+        if plain is not None:
+            gguf_reader.tqdm = plain
+        if shown:
+            hf_logging.enable_progress_bar()
 
 
 @contextlib.contextmanager
