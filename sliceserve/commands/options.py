@@ -253,9 +253,9 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
         "--max-tokens-while-decoding",
         type=int,
         metavar="N",
-        help="tokens one step may carry while any request decodes (default and at most: --max-num-batched-tokens); a few "
-        "hundred spread a burst's prompts over the running streams' steps, where they cost little more than "
-        "the decode rows alone",
+        help="tokens one step may carry while any request decodes (default and at most: --max-num-batched-tokens); "
+        "a few hundred spread a burst's prompts over the running streams' steps, where they cost little more "
+        "than the decode rows alone",
     )
     parser.add_argument(
         "--kv-cache-memory",

@@ -61,8 +61,8 @@ class PipeLoop:
     `call_soon_threadsafe(deliver, events)`, from its own thread. Here that call runs `deliver` at
     once; `deliver` calls each request's `on_event`, which is `collector(request_id)`: it notes
     (request_id, event). The step's events then leave as one ("events", [(request_id, event), ...])
-    message, each event packed (engine/event_wire.py). A pipe that is gone raises RuntimeError, as a closed asyncio loop does: the engine then
-    cancels those requests.
+    message, each event packed (engine/event_wire.py). A pipe that is gone raises RuntimeError, as
+    a closed asyncio loop does: the engine then cancels those requests.
     """
 
     def __init__(self, send: Sender):

@@ -48,9 +48,9 @@ def plan_step(
     """The next step's work. Admitted requests are popped from `waiting` (at most `free_slots`)
     and handed to `admit` before their first chunk is planned (it gives them a slot, and may
     find part of their prompt already cached: their chunk starts after it). `decoding_budget`
-    (default `token_budget`) bounds the step instead while any request decodes."""
+    (default `token_budget`, never more) bounds the step instead while any request decodes."""
     plan = StepPlan(decode=[r for r in running if r.decoding])
-    step_tokens = min(token_budget, decoding_budget or token_budget) if plan.decode else token_budget
+    step_tokens = (decoding_budget or token_budget) if plan.decode else token_budget
     budget = step_tokens - len(plan.decode)
 
     def add_chunk(request: Request) -> None:

@@ -29,7 +29,7 @@ from sliceserve.model.quantized import dequantize, pack_nibbles
 from sliceserve.model.spec import BLOCK_LINEARS
 from sliceserve.quantization.gptq import DAMPING, gptq_quantize
 from sliceserve.quantization.grids import round_to_nearest
-from sliceserve.quantization.rotation import ROTATIONS, check_rotation, rotate_checkpoint
+from sliceserve.quantization.rotation import ROTATIONS, rotate_checkpoint
 from sliceserve.quantization.stream import QuantizationStream, block_linears
 from sliceserve.slicing.slicer import Batches
 
@@ -76,11 +76,8 @@ def quantize_checkpoint(
     """Quantize checkpoint `path` into `out`. With `rotate` ("orthogonal" or "hadamard"), its
     stream is first rotated by such matrices (rotation.py, from `seed`) into a temporary
     checkpoint: the same model, whose weights quantize with less error."""
-    config = open_checkpoint(path, verify=False).config
-    if quant_format(config) is not None:
+    if quant_format(open_checkpoint(path, verify=False).config) is not None:
         raise SliceserveError(f"{path} is quantized already")
-    if rotate is not None:
-        check_rotation(checkpoint_spec(config), rotate)
     with contextlib.ExitStack() as stack:
         reading = path
         if rotate:

@@ -58,16 +58,15 @@ def paley(m: int) -> torch.Tensor | None:
     return None
 
 
+def has_paley(m: int) -> bool:
+    """Whether `paley(m)` builds a matrix (without building it)."""
+    return m == 1 or (m % 4 == 0 and any(is_prime(q) and q % 4 == r for q, r in ((m - 1, 3), (m // 2 - 1, 1))))
+
+
 def construction(n: int) -> tuple[int, int] | None:
     """(k, m) with n = 2^k m and a Paley matrix of order m (m as small as can be), or None."""
     k = (n & -n).bit_length() - 1 if n > 0 else 0
-    for doublings in range(k, -1, -1):
-        m = n >> doublings
-        if m == 1 or (m % 4 == 0 and is_prime(m - 1) and (m - 1) % 4 == 3):
-            return doublings, m
-        if m % 4 == 0 and is_prime(m // 2 - 1) and (m // 2 - 1) % 4 == 1:
-            return doublings, m
-    return None
+    return next(((d, n >> d) for d in range(k, -1, -1) if has_paley(n >> d)), None)
 
 
 def hadamard_matrix(n: int) -> torch.Tensor | None:
