@@ -206,9 +206,9 @@ def start_server(
     raise RuntimeError("the server did not come up in 10 minutes")
 
 
-def run_variant(name: str, checkpoint: Path, args, scenarios: list[Scenario], out_dir: Path) -> list[dict]:
+def run_variant(name: str, checkpoint: Path, args, scenarios: list[Scenario], out_dir: Path, done) -> None:
     """One result per server flag set (--sweep-flags, else --server-flags), all divided by the
-    same model level, measured once."""
+    same model level, measured once; `done(result)` after each, so a run cut short keeps what it measured."""
     from sliceserve.fast.model import FastTransformer
     from sliceserve.model.loader import load_model
 
@@ -219,17 +219,15 @@ def run_variant(name: str, checkpoint: Path, args, scenarios: list[Scenario], ou
         torch.cuda.empty_cache()
     swept = args.sweep_flags.split(";") if args.sweep_flags is not None else [""]
     flag_sets = [f"{args.server_flags} {flags}".strip() for flags in swept]  # --server-flags go to each
-    results = []
-    for flags in flag_sets:
+    for index, flags in enumerate(flag_sets):
         label = name if args.sweep_flags is None else f"{name} [{flags or 'defaults'}]"
         result = {"variant": label, "checkpoint": str(checkpoint), "server_flags": flags, "scenarios": []}
         for s in scenarios:
             result["scenarios"].append(
                 {"name": s.name, **({"model_tok_s": levels[s.name]} if s.name in levels else {})}
             )
-        serve_scenarios(result, checkpoint, args, scenarios, out_dir / f"server_{name}_{len(results)}.log")
-        results.append(result)
-    return results
+        serve_scenarios(result, checkpoint, args, scenarios, out_dir / f"server_{name}_{index}.log")
+        done(result)
 
 
 def serve_scenarios(result: dict, checkpoint: Path, args, scenarios: list[Scenario], log: Path) -> None:
@@ -392,6 +390,9 @@ def main() -> None:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     scenarios = QUICK if args.quick else SCENARIOS
     if args.scenarios:
+        unknown = set(args.scenarios.split(",")) - {s.name for s in scenarios}
+        if unknown:
+            parser.error(f"no scenario {', '.join(sorted(unknown))}; there are {', '.join(s.name for s in scenarios)}")
         scenarios = [s for s in scenarios if s.name in args.scenarios.split(",")]
     work, out_dir = Path(args.work), Path(args.out_dir)
     work.mkdir(parents=True, exist_ok=True)
@@ -413,11 +414,18 @@ def main() -> None:
         },
         "variants": [],
     }
+    started = time.perf_counter()
+
+    def done(variant: dict) -> None:
+        result["variants"].append(variant)
+        write_json(out_dir / "serve_gpu.json", result, indent=1)
+        (out_dir / "serve_gpu.md").write_text(markdown(result))
+        print(f"[{time.perf_counter() - started:.0f} s] {variant['variant']} done", flush=True)
+
     for name, sparsity in variants:
         checkpoint = export(args.shape, sparsity, args.tokenizer, work / name, args.device)
-        result["variants"] += run_variant(name, checkpoint, args, scenarios, out_dir)
-        write_json(out_dir / "serve_gpu.json", result, indent=1)
-    (out_dir / "serve_gpu.md").write_text(markdown(result))
+        print(f"[{time.perf_counter() - started:.0f} s] {name} written", flush=True)
+        run_variant(name, checkpoint, args, scenarios, out_dir, done)
     print(markdown(result))
 
 
