@@ -243,7 +243,7 @@ def serve_scenarios(result: dict, checkpoint: Path, args, scenarios: list[Scenar
         for s, row in zip(scenarios, result["scenarios"]):
             if s.name == FIT:
                 fit = min(args.max_batch, cache_fit(args.port, s.input_len + s.output_len))
-                s = Scenario(FIT, fit, s.input_len, s.output_len, 2 * fit, None)
+                s = Scenario(FIT, fit, s.input_len, s.output_len, (args.requests_per_stream or 2) * fit, None)
                 row["concurrency"] = fit
             config = BenchConfig(
                 base_url=f"http://127.0.0.1:{args.port}/v1",
@@ -318,7 +318,7 @@ def markdown(result: dict) -> str:
             )
             util = row.get("gpu_utilisation") or {}
             lines.append(
-                f"| {v['variant']} | {row['name']} (c={row.get('concurrency', s['concurrency'])}) | "
+                f"| {v['variant']} | {row['name']} (c={row.get('concurrency', s['concurrency'])}, {m['completed']} requests) | "
                 f"{s['input_len']} / {s['output_len']} | "
                 f"{row['model_tok_s']:,.0f} | {row['served_tok_s']:,.0f} | {row['served_over_model']:.2f}{verdict} | "
                 f"{m['ttft_ms']['p50']:.0f} / {m['ttft_ms']['p99']:.0f} | {m['tpot_ms']['p50']:.1f} | "
@@ -376,6 +376,12 @@ def main() -> None:
         help="several servers per variant, one per ';'-separated flag set ('' for the defaults), against the same "
         'model level, e.g. ";--max-tokens-while-decoding 512"',
     )
+    parser.add_argument(
+        "--requests-per-stream",
+        type=int,
+        help="each scenario's prompts = this x its concurrency (default: the scenario's own count; closed-loop "
+        "clients with equal lengths arrive in waves, and more of them weigh the first and last less)",
+    )
     parser.add_argument("--quick", action="store_true", help="a CPU smoke run on the tiny shape")
     parser.add_argument("--scenarios", help="comma-separated names of the scenarios to run (default: all)")
     args = parser.parse_args()
@@ -394,6 +400,9 @@ def main() -> None:
         if unknown:
             parser.error(f"no scenario {', '.join(sorted(unknown))}; there are {', '.join(s.name for s in scenarios)}")
         scenarios = [s for s in scenarios if s.name in args.scenarios.split(",")]
+    if args.requests_per_stream:
+        for s in scenarios:
+            s.num_prompts = args.requests_per_stream * s.concurrency  # FIT's is set once it is sized
     work, out_dir = Path(args.work), Path(args.out_dir)
     work.mkdir(parents=True, exist_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)
