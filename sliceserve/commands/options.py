@@ -254,8 +254,8 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
         type=int,
         metavar="N",
         help="tokens one step may carry while any request decodes (default and at most: --max-num-batched-tokens); "
-        "a few hundred spread a burst's prompts over the running streams' steps, where they cost little more "
-        "than the decode rows alone",
+        "a few hundred spread a burst's prompts over the running streams' steps: first tokens come sooner, "
+        "at a cost in throughput (measured in benchmarks/results/serve_gpu_h200.md)",
     )
     parser.add_argument(
         "--kv-cache-memory",
