@@ -51,16 +51,14 @@ def checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def child(checkpoint):
-    running = start_server(engine_process(checkpoint), model_name=MODEL)
-    yield running
-    running.stop()
+    with start_server(engine_process(checkpoint), model_name=MODEL) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
 def local(checkpoint):
-    running = start_server(load_engine(checkpoint, **SETTINGS), model_name=MODEL)
-    yield running
-    running.stop()
+    with start_server(load_engine(checkpoint, **SETTINGS), model_name=MODEL) as running:
+        yield running
 
 
 def client(server) -> openai.OpenAI:

@@ -36,9 +36,8 @@ PROMPTS = [
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     engine = load_engine(checkpoint_path(tmp_path_factory), max_batch=8, max_model_len=MAX_MODEL_LEN)
-    running = start_server(engine, model_name=MODEL)
-    yield running
-    running.stop()
+    with start_server(engine, model_name=MODEL) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

@@ -130,6 +130,12 @@ class RunningServer:
         self.thread.join(timeout=10)
         self.engine.shutdown()
 
+    def __enter__(self) -> RunningServer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
 
 def start_server(engine, **settings) -> RunningServer:
     """Start `engine` and a uvicorn server over it on a free port, configured as `serve` does;
