@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_server_support import build_tokenizer
-from tiny_models import NoTokenizerSource, calibration_batches, random_tokens, save_tiny_model
+from tiny_models import NoTokenizerSource, random_tokens, save_tiny_model, write_tiny_checkpoint
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from sliceserve.checkpoint import open_checkpoint
@@ -38,7 +38,6 @@ from sliceserve.model.loader import load_model, load_tokenizer
 from sliceserve.pruning.checkpoint_writer import prune_checkpoint
 from sliceserve.pruning.pattern import NMPattern
 from sliceserve.quantization.checkpoint_writer import quantize_checkpoint
-from sliceserve.slicing.checkpoint_writer import export_checkpoint, slice_checkpoint
 from sliceserve.slicing.random_checkpoint import export_random_checkpoint
 from sliceserve.slicing.sources import FolderSource
 
@@ -54,11 +53,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def write_checkpoint(variant: str, kind: str, work: Path) -> Path:
     save_tiny_model(variant, work / "hf")
-    source = NoTokenizerSource(work / "hf")
-    if kind == "sliced":
-        batches = calibration_batches()
-        return slice_checkpoint(source, work / kind, batches, sparsity=0.25, dtype=torch.float32, progress=False)
-    return export_checkpoint(source, work / kind, dtype=torch.float32, progress=False)
+    return write_tiny_checkpoint(work / "hf", kind, work / kind, torch.float32)
 
 
 @pytest.fixture(scope="module", params=[(v, k) for v in VARIANTS for k in KINDS], ids="-".join)

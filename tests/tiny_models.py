@@ -191,6 +191,17 @@ def confine_stream(model: torch.nn.Module, rank: int, seed: int = 3) -> None:
                 param.copy_(projector @ param)
 
 
+def write_tiny_checkpoint(hf_folder: Path, kind: str, out: Path, dtype: torch.dtype | None = None) -> Path:
+    """The tiny model saved in `hf_folder` as a sliceserve checkpoint `out`: "dense" (exported)
+    or "sliced" (25%, calibrated on calibration_batches())."""
+    from sliceserve.slicing.checkpoint_writer import export_checkpoint, slice_checkpoint
+
+    source = NoTokenizerSource(hf_folder)
+    if kind == "dense":
+        return export_checkpoint(source, out, dtype=dtype, progress=False)
+    return slice_checkpoint(source, out, calibration_batches(), sparsity=0.25, dtype=dtype, progress=False)
+
+
 class NoTokenizerSource(FolderSource):
     """A tiny model's folder, which has no tokenizer; the checkpoint writers accept None."""
 
