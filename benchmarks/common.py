@@ -1,5 +1,5 @@
 """What the benchmark scripts share: waiting for the GPU, the library versions every result
-records, and writing a result as JSON."""
+records, writing a result as JSON, relative errors and GPU timings."""
 
 from __future__ import annotations
 
@@ -33,6 +33,12 @@ def versions() -> dict[str, str | None]:
 
 def write_json(path: Path, data: dict, indent: int = 2) -> None:
     path.write_text(json.dumps(data, indent=indent) + "\n")
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected||, in float64."""
+    actual, expected = actual.double(), expected.double()
+    return float((actual - expected).norm() / expected.norm())
 
 
 def gpu_ms(fn, repeats: int = 20, warmup: int = 3) -> float:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from common import gpu_ms, graph_ms, versions, write_json
+from common import gpu_ms, graph_ms, relative_error, versions, write_json
 from random_models import SHAPES, llama_spec, random_transformer, weight_bytes
 
 from sliceserve.fast.graphs import DecodeGraphs
@@ -50,11 +50,6 @@ def kernel_overlap(mode: str):
         yield
     finally:
         launch.OVERLAP = saved
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    actual, expected = actual.double(), expected.double()
-    return float((actual - expected).norm() / expected.norm())
 
 
 def ceilings() -> dict:

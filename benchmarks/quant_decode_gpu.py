@@ -52,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
-from common import gpu_ms, graph_ms, sync, versions, write_json  # noqa: E402
+from common import gpu_ms, graph_ms, relative_error, sync, versions, write_json  # noqa: E402
 from random_models import SHAPES, llama_spec, random_transformer  # noqa: E402
 
 from sliceserve.fast.graphs import DecodeGraphs  # noqa: E402
@@ -291,11 +291,6 @@ def check_fast_path(model, fast: FastTransformer, device: str, length: int) -> d
         "prefill_rel_error": relative_error(prefill, expected[:, :-1]),
         "decode_rel_error": relative_error(step, expected[0, -1]),
     }
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    actual, expected = actual.double(), expected.double()
-    return float((actual - expected).norm() / expected.norm())
 
 
 @torch.inference_mode()
