@@ -23,8 +23,6 @@ import openai
 import pytest
 from test_server_support import checkpoint_path
 
-STARTUP_SECONDS = 60
-
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
