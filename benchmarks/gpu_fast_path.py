@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import transformers
 from common import gpu_ms, graph_ms, relative_error, versions, write_json
-from random_models import SHAPES, llama_spec, random_transformer, weight_bytes
+from random_models import hf_llama_config, llama_spec, random_transformer, weight_bytes
 
 from sliceserve.fast.graphs import DecodeGraphs
 from sliceserve.fast.model import FastTransformer
@@ -284,16 +284,7 @@ def time_prefill(fast, spec, length: int, matmul_tflops: float) -> dict:
 
 
 def time_hf_generate(dtype: torch.dtype, batch: int, prompt: int, new_tokens: int) -> dict:
-    s = SHAPES["llama-2-7b"]
-    config = transformers.LlamaConfig(
-        hidden_size=s["width"],
-        intermediate_size=s["intermediate"],
-        num_hidden_layers=s["layers"],
-        num_attention_heads=s["heads"],
-        num_key_value_heads=s["kv_heads"],
-        vocab_size=32000,
-        max_position_embeddings=4096,
-    )
+    config = hf_llama_config("llama-2-7b")
     with torch.device("cuda"):
         model = transformers.LlamaForCausalLM(config).to(dtype).eval()
     tokens = torch.randint(0, 32000, (batch, prompt), device="cuda")
