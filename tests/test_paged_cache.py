@@ -19,7 +19,7 @@ import threading
 import httpx
 import pytest
 import torch
-from cli_support import assert_one_line_error, run_sliceserve
+from cli_support import assert_one_line_error, run_sliceserve, served_url
 from test_server_support import build_checkpoint
 from tiny_models import NoTokenizerSource, save_tiny_model, tiny_config, tiny_model
 
@@ -148,11 +148,7 @@ def test_serve_sizes_the_cache_from_kv_cache_memory(checkpoint, tmp_path):
     ]
     process = subprocess.Popen(command, text=True, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        found = None
-        while found is None and (line := process.stdout.readline()):
-            found = re.search(r"serving .* at (http://\S+)/v1", line)
-        assert found, "the server did not start"
-        url = found.group(1)
+        url = served_url(process)
         answer = httpx.post(url + "/v1/completions", json={"prompt": "ka", "max_tokens": 4}, timeout=30).json()
         assert answer["usage"]["completion_tokens"] == 4
         too_long = httpx.post(url + "/v1/completions", json={"prompt": "ka " * 100, "max_tokens": 60}, timeout=30)

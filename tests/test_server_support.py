@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import torch
 
 CHAT_TEMPLATE = (
@@ -145,6 +146,36 @@ class RunningServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class Stream(threading.Thread):
+    """One streaming completion, its raw SSE lines kept."""
+
+    def __init__(self, url: str, max_tokens: int):
+        super().__init__(daemon=True)
+        self.url, self.max_tokens = url, max_tokens
+        self.lines: list[str] = []
+        self.started = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        body = {"prompt": "kalo mira", "max_tokens": self.max_tokens, "stream": True, "temperature": 0}
+        try:
+            with httpx.stream("POST", self.url + "/v1/completions", json=body, timeout=60) as response:
+                assert response.status_code == 200
+                for line in response.iter_lines():
+                    if line:
+                        self.lines.append(line)
+                        self.started.set()
+        except BaseException as error:  # noqa: BLE001 - reported by the test
+            self.error = error
+        finally:
+            self.started.set()
+
+    def last_two(self) -> tuple[str, str]:
+        assert self.error is None, repr(self.error)
+        assert len(self.lines) >= 3, self.lines
+        return self.lines[-2], self.lines[-1]
 
 
 def start_server(engine, **settings) -> RunningServer:
