@@ -56,6 +56,16 @@ def gpu_ms(fn, repeats: int = 20, warmup: int = 3) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def measured_copy_gbps() -> float:
+    """The device's copy bandwidth (GB/s, read plus write), the roofline a decode step is held to."""
+    n = 1 << 30  # 2 GiB of fp16 each way
+    src = torch.randn(n // 2, device="cuda", dtype=torch.float16).repeat(2)
+    dst = torch.empty_like(src)
+    ms = gpu_ms(lambda: dst.copy_(src))
+    del src, dst
+    return 2 * 2 * n / (ms / 1e3) / 1e9
+
+
 def graph_ms(fn, inner: int = 50, repeats: int = 10) -> float:
     """Median milliseconds of one fn() call, replayed `inner` times from a CUDA graph (no launch gaps)."""
     side = torch.cuda.Stream()

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from common import gpu_ms, graph_ms, relative_error, versions, write_json
+from common import gpu_ms, graph_ms, measured_copy_gbps, relative_error, versions, write_json
 from random_models import hf_llama_config, llama_spec, random_transformer, weight_bytes
 
 from sliceserve.fast.graphs import DecodeGraphs
@@ -53,17 +53,12 @@ def kernel_overlap(mode: str):
 
 
 def ceilings() -> dict:
-    n = 1 << 30  # 2 GiB of fp16 each way
-    src = torch.randn(n // 2, device="cuda", dtype=torch.float16).repeat(2)
-    dst = torch.empty_like(src)
-    copy_ms = gpu_ms(lambda: dst.copy_(src))
-    del src, dst
     rates = {}
     for name, dtype in DTYPES.items():
         a = torch.randn(8192, 8192, device="cuda", dtype=dtype)
         b = torch.randn(8192, 8192, device="cuda", dtype=dtype)
         rates[name] = 2 * 8192**3 / (gpu_ms(lambda: a @ b) / 1e3) / 1e12
-    return {"copy_GBps": 2 * 2 * n / (copy_ms / 1e3) / 1e9, "matmul_TFLOPs": rates}
+    return {"copy_GBps": measured_copy_gbps(), "matmul_TFLOPs": rates}
 
 
 def rotating(make, copies: int):
