@@ -13,6 +13,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -176,6 +177,16 @@ class Stream(threading.Thread):
         assert self.error is None, repr(self.error)
         assert len(self.lines) >= 3, self.lines
         return self.lines[-2], self.lines[-1]
+
+
+@contextmanager
+def shut_down_after(*engines):
+    """Shut the engines down when the block ends, however it ends."""
+    try:
+        yield
+    finally:
+        for engine in engines:
+            engine.shutdown()
 
 
 def start_server(engine, **settings) -> RunningServer:
