@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_server_support import bytes_to_unicode, wide_random_llama
+from test_server_support import bytes_to_unicode, plain_greedy, wide_random_llama
 from tiny_models import calibration_batches, tiny_config, tiny_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
@@ -184,15 +184,6 @@ def run_together(engine: Engine, prompts: list[list[int]], params: list[Sampling
     for _ in prompts:
         assert done.acquire(timeout=60), "a request never finished"
     return outcomes
-
-
-def plain_greedy(model: Transformer, prompt_ids: list[int], steps: int) -> list[int]:
-    """Greedy continuation by the model's forward without a KV cache."""
-    ids = list(prompt_ids)
-    with torch.inference_mode():
-        for _ in range(steps):
-            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    return ids[len(prompt_ids) :]
 
 
 def prompt(ids: list[int], length: int, seed: int) -> list[int]:

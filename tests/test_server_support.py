@@ -179,6 +179,15 @@ class Stream(threading.Thread):
         return self.lines[-2], self.lines[-1]
 
 
+def plain_greedy(model, prompt_ids: list[int], steps: int) -> list[int]:
+    """Greedy continuation by the model's plain forward (no KV cache, no batching)."""
+    ids = list(prompt_ids)
+    with torch.inference_mode():
+        for _ in range(steps):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt_ids) :]
+
+
 @contextmanager
 def shut_down_after(*engines):
     """Shut the engines down when the block ends, however it ends."""
