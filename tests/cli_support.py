@@ -30,6 +30,15 @@ def served_url(process: subprocess.Popen) -> str:
     return found.group(1)
 
 
+def run_cli(capsys, *args: str | Path) -> tuple[int, str, str]:
+    """`sliceserve ARGS` in this process: (exit code, stdout, stderr)."""
+    from sliceserve.cli import main
+
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 def meaningful_lines(stderr: str) -> list[str]:
     """Non-empty stderr lines, less progress bars (they redraw with '\\r')."""
     return [line for line in stderr.split("\n") if line.strip() and "\r" not in line and "%|" not in line]

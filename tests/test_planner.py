@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_support import run_cli
 from tiny_models import save_tiny_model, write_tiny_checkpoint
 
-from sliceserve.cli import main
 from sliceserve.commands.evaluation import checkpoint_summary
 from sliceserve.errors import SliceserveError
 from sliceserve.planning.memory import Workload, stage_costs
@@ -155,12 +155,6 @@ def test_a_card_too_small_says_so():
 
 
 # ---- the command -----------------------------------------------------------------------
-
-
-def run_cli(capsys, *args: str) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_plan_command(capsys):

@@ -154,6 +154,12 @@ def random_tokens(batch: int, length: int, seed: int, vocab: int = VOCAB) -> tor
     return torch.randint(0, vocab, (batch, length), generator=generator)
 
 
+def max_relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """The largest difference relative to the largest expected value (logits of one shape)."""
+    assert actual.shape == expected.shape
+    return float((actual - expected).abs().max() / expected.abs().max())
+
+
 def calibration_batches(seed: int = 1, length: int = 24, pad_token: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Random (tokens, mask) batches; the last batch is right-padded in some rows."""
     batches = []
