@@ -46,8 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
-from common import sync, versions  # noqa: E402
-from gpu_fast_path import relative_error  # noqa: E402
+from common import relative_error, sync, versions  # noqa: E402
 from random_models import (  # noqa: E402
     SHAPES,
     hf_llama_config,
