@@ -1,5 +1,5 @@
 """What the benchmark scripts share: waiting for the GPU, the library versions every result
-records, and writing a result as JSON."""
+records, writing a result as JSON, relative errors and GPU timings."""
 
 from __future__ import annotations
 
@@ -35,6 +35,12 @@ def write_json(path: Path, data: dict, indent: int = 2) -> None:
     path.write_text(json.dumps(data, indent=indent) + "\n")
 
 
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected||, in float64."""
+    actual, expected = actual.double(), expected.double()
+    return float((actual - expected).norm() / expected.norm())
+
+
 def gpu_ms(fn, repeats: int = 20, warmup: int = 3) -> float:
     """Median milliseconds of fn() by CUDA events."""
     for _ in range(warmup):
@@ -48,6 +54,16 @@ def gpu_ms(fn, repeats: int = 20, warmup: int = 3) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end))
     return sorted(times)[len(times) // 2]
+
+
+def measured_copy_gbps() -> float:
+    """The device's copy bandwidth (GB/s, read plus write), the roofline a decode step is held to."""
+    n = 1 << 30  # 2 GiB of fp16 each way
+    src = torch.randn(n // 2, device="cuda", dtype=torch.float16).repeat(2)
+    dst = torch.empty_like(src)
+    ms = gpu_ms(lambda: dst.copy_(src))
+    del src, dst
+    return 2 * 2 * n / (ms / 1e3) / 1e9
 
 
 def graph_ms(fn, inner: int = 50, repeats: int = 10) -> float:

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 import transformers
-from common import gpu_ms, graph_ms, versions, write_json
-from random_models import SHAPES, llama_spec, random_transformer, weight_bytes
+from common import gpu_ms, graph_ms, measured_copy_gbps, relative_error, versions, write_json
+from random_models import hf_llama_config, llama_spec, random_transformer, weight_bytes
 
 from sliceserve.fast.graphs import DecodeGraphs
 from sliceserve.fast.model import FastTransformer
@@ -52,23 +52,13 @@ def kernel_overlap(mode: str):
         launch.OVERLAP = saved
 
 
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    actual, expected = actual.double(), expected.double()
-    return float((actual - expected).norm() / expected.norm())
-
-
 def ceilings() -> dict:
-    n = 1 << 30  # 2 GiB of fp16 each way
-    src = torch.randn(n // 2, device="cuda", dtype=torch.float16).repeat(2)
-    dst = torch.empty_like(src)
-    copy_ms = gpu_ms(lambda: dst.copy_(src))
-    del src, dst
     rates = {}
     for name, dtype in DTYPES.items():
         a = torch.randn(8192, 8192, device="cuda", dtype=dtype)
         b = torch.randn(8192, 8192, device="cuda", dtype=dtype)
         rates[name] = 2 * 8192**3 / (gpu_ms(lambda: a @ b) / 1e3) / 1e12
-    return {"copy_GBps": 2 * 2 * n / (copy_ms / 1e3) / 1e9, "matmul_TFLOPs": rates}
+    return {"copy_GBps": measured_copy_gbps(), "matmul_TFLOPs": rates}
 
 
 def rotating(make, copies: int):
@@ -289,16 +279,7 @@ def time_prefill(fast, spec, length: int, matmul_tflops: float) -> dict:
 
 
 def time_hf_generate(dtype: torch.dtype, batch: int, prompt: int, new_tokens: int) -> dict:
-    s = SHAPES["llama-2-7b"]
-    config = transformers.LlamaConfig(
-        hidden_size=s["width"],
-        intermediate_size=s["intermediate"],
-        num_hidden_layers=s["layers"],
-        num_attention_heads=s["heads"],
-        num_key_value_heads=s["kv_heads"],
-        vocab_size=32000,
-        max_position_embeddings=4096,
-    )
+    config = hf_llama_config("llama-2-7b")
     with torch.device("cuda"):
         model = transformers.LlamaForCausalLM(config).to(dtype).eval()
     tokens = torch.randint(0, 32000, (batch, prompt), device="cuda")

@@ -52,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
-from common import gpu_ms, graph_ms, sync, versions, write_json  # noqa: E402
+from common import graph_ms, measured_copy_gbps, relative_error, sync, versions, write_json  # noqa: E402
 from random_models import SHAPES, llama_spec, random_transformer  # noqa: E402
 
 from sliceserve.fast.graphs import DecodeGraphs  # noqa: E402
@@ -119,15 +119,6 @@ def log(*parts) -> None:
 
 
 # ---- timing -------------------------------------------------------------------------------
-
-
-def copy_gbps() -> float:
-    n = 1 << 30  # 2 GiB of fp16 each way
-    src = torch.randn(n // 2, device="cuda", dtype=torch.float16).repeat(2)
-    dst = torch.empty_like(src)
-    ms = gpu_ms(lambda: dst.copy_(src))
-    del src, dst
-    return 2 * 2 * n / (ms / 1e3) / 1e9
 
 
 # ---- quantized models ---------------------------------------------------------------------
@@ -291,11 +282,6 @@ def check_fast_path(model, fast: FastTransformer, device: str, length: int) -> d
         "prefill_rel_error": relative_error(prefill, expected[:, :-1]),
         "decode_rel_error": relative_error(step, expected[0, -1]),
     }
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    actual, expected = actual.double(), expected.double()
-    return float((actual - expected).norm() / expected.norm())
 
 
 @torch.inference_mode()
@@ -687,7 +673,7 @@ def main() -> None:
 
     copy = None
     if on_gpu:
-        copy = copy_gbps()
+        copy = measured_copy_gbps()
         result["conditions"]["measured_copy_GBps"] = round(copy)
         log("copy GB/s", round(copy))
     tiles: dict[int, TileConfig] = {}

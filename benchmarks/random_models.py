@@ -12,11 +12,12 @@ from __future__ import annotations
 import torch
 
 from sliceserve.model.decoder import Transformer
-from sliceserve.model.spec import DecoderSpec
+from sliceserve.model.spec import BLOCK_LINEARS, DecoderSpec
 from sliceserve.slicing.random_checkpoint import SHAPES, llama_spec, random_tensors, random_weight, weight_shapes
 
 __all__ = [
     "SHAPES",
+    "hf_llama_config",
     "llama_spec",
     "weight_shapes",
     "random_weight",
@@ -26,6 +27,22 @@ __all__ = [
     "prune_decoder_two_four",
     "random_stage",
 ]
+
+
+def hf_llama_config(shape: str):
+    """Transformers' LlamaConfig of a SHAPES entry (vocabulary 32000, 4096 positions)."""
+    import transformers
+
+    s = SHAPES[shape]
+    return transformers.LlamaConfig(
+        hidden_size=s["width"],
+        intermediate_size=s["intermediate"],
+        num_hidden_layers=s["layers"],
+        num_attention_heads=s["heads"],
+        num_key_value_heads=s["kv_heads"],
+        vocab_size=32000,
+        max_position_embeddings=4096,
+    )
 
 
 def random_transformer(
@@ -51,9 +68,6 @@ def weight_bytes(model: Transformer) -> int:
     return total
 
 
-DECODER_LINEARS = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down")
-
-
 def two_four_by_magnitude(weight: torch.Tensor) -> torch.Tensor:
     """Keep the 2 largest |w| of every group of 4 consecutive inputs (rows of an (out, in) weight)."""
     groups = weight.reshape(weight.shape[0], -1, 4)
@@ -67,7 +81,7 @@ def prune_decoder_two_four(model: Transformer) -> None:
     """Magnitude 2:4 pruning, in place, of every decoder linear (embedding and head stay dense):
     the cheap stand-in for SparseGPT 2:4, whose speed is the same for the same pattern."""
     for block in model.layers:
-        for name in DECODER_LINEARS:
+        for name in BLOCK_LINEARS:
             part, projection = name.split(".")
             linear = getattr(getattr(block, part), projection, None)  # ungated MLPs have no gate
             if linear is not None:

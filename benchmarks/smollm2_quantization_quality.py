@@ -21,12 +21,12 @@ from pathlib import Path
 
 import torch
 from quality_results import merge_rows, read_results, write_results
-from smollm2_quality import checkpoint_size, evaluate
+from smollm2_quality import checkpoint_size, evaluate, wikitext2_calibration
 
 from sliceserve.model.loader import load_model
 from sliceserve.perplexity import evaluation_tokens
 from sliceserve.quantization.checkpoint_writer import quantize_checkpoint
-from sliceserve.slicing.calibration import load_calibration, wikitext2_text
+from sliceserve.slicing.calibration import wikitext2_text
 from sliceserve.slicing.checkpoint_writer import export_checkpoint, slice_checkpoint
 from sliceserve.slicing.sources import open_source
 
@@ -82,20 +82,11 @@ def main() -> None:
     if not (bases["dense"] / "config.json").exists():
         export_checkpoint(source, bases["dense"], progress=False)
     if not (bases["SliceGPT 25%"] / "config.json").exists():
-        batches = load_calibration(
-            "wikitext2", tokenizer, nsamples=32, seqlen=2048, seed=42, batch_size=8, data_dir=args.data_dir
-        )
+        batches, _ = wikitext2_calibration(tokenizer, 32, 2048, args.data_dir, batch_size=8)
         slice_checkpoint(source, bases["SliceGPT 25%"], batches, sparsity=0.25, progress=False)
-    gptq_batches = load_calibration(
-        "wikitext2",
-        tokenizer,
-        nsamples=args.gptq_nsamples,
-        seqlen=args.gptq_seqlen,
-        seed=7,
-        batch_size=4,
-        data_dir=args.data_dir,
+    gptq_batches, calibration = wikitext2_calibration(
+        tokenizer, args.gptq_nsamples, args.gptq_seqlen, args.data_dir, seed=7
     )
-    calibration = {"source": "wikitext2", "nsamples": args.gptq_nsamples, "seqlen": args.gptq_seqlen, "seed": 7}
     done = {row["model"] for row in rows}
     for bits, method, shortcuts, rotate in SCHEMES:
         for label, base in bases.items():

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from common import versions
 from quality_results import merge_rows, read_results, write_results
-from smollm2_quality import checkpoint_size
+from smollm2_quality import checkpoint_size, wikitext2_calibration
 
 from sliceserve.checkpoint import read_config
 from sliceserve.finetuning.lora import LoraSettings, finetune_checkpoint
@@ -43,7 +43,6 @@ from sliceserve.perplexity import evaluation_tokens, perplexity
 from sliceserve.slicing.calibration import (
     calibration_batches,
     find_wikitext2,
-    load_calibration,
     token_windows,
     wikitext2_text,
 )
@@ -142,12 +141,10 @@ def main() -> None:
     for sparsity in args.sparsities:
         sliced = work / f"sliced-{sparsity}"
         if not (sliced / "config.json").exists():
-            if calibration is None:
-                calibration = load_calibration(
-                    "wikitext2", tokenizer, nsamples=32, seqlen=2048, seed=42, batch_size=4, data_dir=args.data_dir
-                )
-            meta = {"source": "wikitext2", "nsamples": 32, "seqlen": 2048, "seed": 42}
-            slice_checkpoint(source, sliced, calibration, sparsity=sparsity, progress=False, calibration=meta)
+            if calibration is None:  # (batches, their record), read once for every sparsity
+                calibration = wikitext2_calibration(tokenizer, 32, 2048, args.data_dir)
+            text, meta = calibration
+            slice_checkpoint(source, sliced, text, sparsity=sparsity, progress=False, calibration=meta)
         ids = torch.tensor(tokenizer(train_text(args.data_dir), add_special_tokens=False)["input_ids"])
         nsamples = args.steps * args.batch_size  # each window used once
         batches = calibration_batches(token_windows(ids, nsamples, args.seqlen, seed=0), None, args.batch_size)

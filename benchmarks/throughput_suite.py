@@ -46,9 +46,15 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
-from common import sync, versions  # noqa: E402
-from gpu_fast_path import relative_error  # noqa: E402
-from random_models import SHAPES, llama_spec, prune_decoder_two_four, random_transformer, weight_bytes  # noqa: E402
+from common import relative_error, sync, versions  # noqa: E402
+from random_models import (  # noqa: E402
+    SHAPES,
+    hf_llama_config,
+    llama_spec,
+    prune_decoder_two_four,
+    random_transformer,
+    weight_bytes,
+)
 from throughput_report import GIB, best_of, render_files, render_markdown, write_outputs  # noqa: E402
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}  # float32: CPU checks
@@ -461,16 +467,7 @@ def build_hf_llama(shape: str, dtype: torch.dtype, device: torch.device):
     (gpu_fast_path.time_hf_generate is fixed to the 7B shape and builds in float32 first)."""
     import transformers
 
-    s = SHAPES[shape]
-    config = transformers.LlamaConfig(
-        hidden_size=s["width"],
-        intermediate_size=s["intermediate"],
-        num_hidden_layers=s["layers"],
-        num_attention_heads=s["heads"],
-        num_key_value_heads=s["kv_heads"],
-        vocab_size=32000,
-        max_position_embeddings=4096,
-    )
+    config = hf_llama_config(shape)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # what from_pretrained does: float32 first would need twice the memory
     try:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import signal
 import sys
@@ -240,7 +239,3 @@ COMMANDS = {
     "demo": run_serving,
     "generate": run_serving,
 }
-
-
-def print_json(data: dict) -> None:
-    print(json.dumps(data))

@@ -4,6 +4,7 @@ one-line error it must print, and a tiny Llama folder to run it on."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,24 @@ def run_sliceserve(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess:
     env.update(TQDM_DISABLE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     command = [sys.executable, "-m", "sliceserve", *map(str, args)]
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+
+
+def served_url(process: subprocess.Popen) -> str:
+    """The base URL (http://host:port) that a `sliceserve serve` process prints once it listens."""
+    found = None
+    while found is None and (line := process.stdout.readline()):
+        found = re.search(r"serving .* at (http://\S+)/v1", line)
+    assert found, f"the server did not start: {process.stderr.read() if process.poll() else ''}"
+    return found.group(1)
+
+
+def run_cli(capsys, *args: str | Path) -> tuple[int, str, str]:
+    """`sliceserve ARGS` in this process: (exit code, stdout, stderr)."""
+    from sliceserve.cli import main
+
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 def meaningful_lines(stderr: str) -> list[str]:

@@ -21,6 +21,12 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def generator() -> torch.Generator:
+    """A CPU generator seeded afresh for each test (the kernel tests draw their inputs from it)."""
+    return torch.Generator().manual_seed(0)
+
+
 def pytest_configure(config):
     config.addinivalue_line(
         "markers",

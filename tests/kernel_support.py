@@ -24,5 +24,10 @@ def tolerance(dtype: torch.dtype) -> float:
     return {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
 
 
+def poisoned(shape, dtype: torch.dtype) -> torch.Tensor:
+    """NaN everywhere: an output a kernel fails to write shows."""
+    return torch.full(shape, float("nan"), device=DEVICE, dtype=dtype)
+
+
 def randn(*shape, dtype, scale: float = 1.0, generator=None) -> torch.Tensor:
     return (torch.randn(*shape, generator=generator) * scale).to(DEVICE, dtype)

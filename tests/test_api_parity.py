@@ -199,9 +199,8 @@ def server(tmp_path_factory):
     """The tiny model with a chat template that takes tools (Hermes-style: tests/tool_support.py),
     so that `tools` and `tool_choice` can be honoured; the tools it lists make prompts long."""
     engine = load_engine(tool_checkpoint(tmp_path_factory), max_batch=4, max_model_len=1024)
-    running = start_server(engine, model_name=MODEL)
-    yield running
-    running.stop()
+    with start_server(engine, model_name=MODEL) as running:
+        yield running
 
 
 def example(field: str, overrides: dict) -> tuple[object, dict]:

@@ -36,9 +36,8 @@ class Records(logging.Handler):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     engine = load_engine(checkpoint_path(tmp_path_factory), max_batch=2, max_model_len=128)
-    running = start_server(engine, model_name="tiny")
-    yield running
-    running.stop()
+    with start_server(engine, model_name="tiny") as running:
+        yield running
 
 
 @pytest.fixture

@@ -25,9 +25,8 @@ def engine_path(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(engine_path):
-    running = start_server(load_engine(engine_path, max_batch=2, max_model_len=128), model_name="tiny")
-    yield running
-    running.stop()
+    with start_server(load_engine(engine_path, max_batch=2, max_model_len=128), model_name="tiny") as running:
+        yield running
 
 
 def post(server, headers: dict[str, str], route: str = "/v1/completions") -> httpx.Response:
@@ -66,29 +65,22 @@ def test_the_openai_client_passes(server):
 
 
 def test_allowed_hosts_add_names_and_star_allows_any(engine_path):
-    running = start_server(
+    with start_server(
         load_engine(engine_path, max_batch=2, max_model_len=128), model_name="tiny", allowed_hosts=("box.lan",)
-    )
-    try:
+    ) as running:
         assert post(running, {"Content-Type": "application/json", "Host": "box.lan:8000"}).status_code == 200
         assert post(running, {"Content-Type": "application/json", "Host": "evil.example"}).status_code == 400
-    finally:
-        running.stop()
-    running = start_server(
+    with start_server(
         load_engine(engine_path, max_batch=2, max_model_len=128), model_name="tiny", allowed_hosts=("*",)
-    )
-    try:
+    ) as running:
         assert post(running, {"Content-Type": "application/json", "Host": "evil.example"}).status_code == 200
         assert post(running, {"Content-Type": "text/plain"}).status_code == 415  # still JSON only
-    finally:
-        running.stop()
 
 
 def test_with_an_api_key_neither_check_applies(engine_path):
-    running = start_server(load_engine(engine_path, max_batch=2, max_model_len=128), model_name="tiny", api_key="k")
-    try:
+    with start_server(
+        load_engine(engine_path, max_batch=2, max_model_len=128), model_name="tiny", api_key="k"
+    ) as running:
         auth = {"Authorization": "Bearer k"}
         assert post(running, {**auth, "Content-Type": "text/plain", "Host": "evil.example"}).status_code == 200
         assert post(running, {"Content-Type": "text/plain", "Host": "evil.example"}).status_code == 401
-    finally:
-        running.stop()

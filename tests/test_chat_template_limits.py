@@ -51,9 +51,8 @@ def folder(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(folder: Path):
-    running = start_server(load_engine(folder, max_batch=2, max_model_len=128), model_name="tiny")
-    yield running
-    running.stop()
+    with start_server(load_engine(folder, max_batch=2, max_model_len=128), model_name="tiny") as running:
+        yield running
 
 
 def chat(server, content: str, timeout: float = 30) -> httpx.Response:

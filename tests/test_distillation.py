@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from cli_support import save_tiny_llama
-from tiny_models import VOCAB, NoTokenizerSource, calibration_batches, random_tokens, save_tiny_model, tiny_config
+from tiny_models import VOCAB, calibration_batches, random_tokens, save_tiny_model, tiny_config, write_tiny_checkpoint
 from tiny_models import tiny_model as random_tiny_model
 
 from sliceserve.cli import main
@@ -47,14 +47,7 @@ def kl_of(path: Path, teacher, tokens: torch.Tensor) -> float:
 def work(tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("distill")
     save_tiny_model("llama", work / "dense")
-    slice_checkpoint(
-        NoTokenizerSource(work / "dense"),
-        work / "sliced",
-        calibration_batches(),
-        sparsity=0.25,
-        dtype=torch.float64,
-        progress=False,
-    )
+    write_tiny_checkpoint(work / "dense", "sliced", work / "sliced", torch.float64)
     return work
 
 

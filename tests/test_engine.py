@@ -23,10 +23,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_server_support import bytes_to_unicode
+from test_server_support import bytes_to_unicode, plain_greedy, wide_random_llama
 from tiny_models import calibration_batches, tiny_config, tiny_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 from sliceserve.engine.engine import Engine, QueueFull, RequestRejected
 from sliceserve.engine.requests import GenerationEvent, SamplingParams
@@ -97,29 +97,11 @@ def ascii_ids(tokenizer) -> list[int]:
 
 @pytest.fixture(scope="module")
 def llama_folder(tmp_path_factory, tokenizer, ascii_ids) -> Path:
-    """A random float32 Llama as a Hugging Face folder (with its tokenizer)."""
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=MAX_POSITIONS,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).float().eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" not in name:  # wide logits: no near ties in greedy choices
-                param.normal_(0, 0.35 if name == "lm_head.weight" else 0.15)
-        kept = torch.zeros(len(tokenizer), dtype=torch.bool)
-        kept[ascii_ids] = True
-        model.lm_head.weight[~kept] = 0  # logit 0 while the others spread widely: never chosen greedily
+    """A random float32 Llama as a Hugging Face folder (with its tokenizer); greedy decoding
+    picks ASCII tokens only."""
+    kept = torch.zeros(len(tokenizer), dtype=torch.bool)
+    kept[ascii_ids] = True
+    model = wide_random_llama(tokenizer, ~kept, max_positions=MAX_POSITIONS)
     folder = tmp_path_factory.mktemp("llama")
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -202,15 +184,6 @@ def run_together(engine: Engine, prompts: list[list[int]], params: list[Sampling
     for _ in prompts:
         assert done.acquire(timeout=60), "a request never finished"
     return outcomes
-
-
-def plain_greedy(model: Transformer, prompt_ids: list[int], steps: int) -> list[int]:
-    """Greedy continuation by the model's forward without a KV cache."""
-    ids = list(prompt_ids)
-    with torch.inference_mode():
-        for _ in range(steps):
-            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    return ids[len(prompt_ids) :]
 
 
 def prompt(ids: list[int], length: int, seed: int) -> list[int]:

@@ -21,8 +21,8 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from cli_support import meaningful_lines, run_sliceserve
-from test_server_support import checkpoint_path, start_server
+from cli_support import meaningful_lines, run_sliceserve, served_url
+from test_server_support import Stream, checkpoint_path, start_server
 
 from sliceserve.engine.engine import QueueFull, RequestRejected, ShuttingDown
 from sliceserve.engine.engine_child import PipeLoop
@@ -51,16 +51,14 @@ def checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def child(checkpoint):
-    running = start_server(engine_process(checkpoint), model_name=MODEL)
-    yield running
-    running.stop()
+    with start_server(engine_process(checkpoint), model_name=MODEL) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
 def local(checkpoint):
-    running = start_server(load_engine(checkpoint, **SETTINGS), model_name=MODEL)
-    yield running
-    running.stop()
+    with start_server(load_engine(checkpoint, **SETTINGS), model_name=MODEL) as running:
+        yield running
 
 
 def client(server) -> openai.OpenAI:
@@ -250,25 +248,6 @@ def test_the_cli_reports_a_bad_path_in_one_line_as_in_process(tmp_path):
     assert result.returncode == 2 and meaningful_lines(result.stderr) == [f"sliceserve: error: {here.value}"]
 
 
-class Stream(threading.Thread):
-    """One streaming completion over raw SSE; its lines kept."""
-
-    def __init__(self, url: str, max_tokens: int):
-        super().__init__(daemon=True)
-        self.url, self.max_tokens, self.lines, self.started = url, max_tokens, [], threading.Event()
-
-    def run(self) -> None:
-        body = {"prompt": "kalo mira", "max_tokens": self.max_tokens, "stream": True, "temperature": 0}
-        try:
-            with httpx.stream("POST", self.url + "/v1/completions", json=body, timeout=60) as response:
-                for line in response.iter_lines():
-                    if line:
-                        self.lines.append(line)
-                        self.started.set()
-        finally:
-            self.started.set()
-
-
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_serve_drains_when_its_whole_process_group_is_signalled(checkpoint, sig):
     """As Ctrl-C in a terminal (SIGINT) or a service manager (SIGTERM) signals every process: the
@@ -279,11 +258,7 @@ def test_serve_drains_when_its_whole_process_group_is_signalled(checkpoint, sig)
     pipes = dict(stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     process = subprocess.Popen(command, text=True, env=env, start_new_session=True, **pipes)
     try:
-        found = None
-        while found is None and (line := process.stdout.readline()):
-            found = re.search(r"serving .* at (http://\S+)/v1", line)
-        assert found, "the server did not start"
-        url = found.group(1)
+        url = served_url(process)
         whole = httpx.post(
             url + "/v1/completions", json={"prompt": "ka", "max_tokens": 4, "temperature": 0}, timeout=30
         ).json()

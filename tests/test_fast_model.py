@@ -12,12 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 from kernel_support import DEVICE, ON_GPU, relative_error  # sets TRITON_INTERPRET first
-from tiny_models import NoTokenizerSource, calibration_batches, random_tokens, save_tiny_model
+from tiny_models import random_tokens, save_tiny_model, write_tiny_checkpoint
 
 from sliceserve.fast.model import FastTransformer
 from sliceserve.model.kv_cache import PrefillChunk
 from sliceserve.model.loader import load_model
-from sliceserve.slicing.checkpoint_writer import export_checkpoint, slice_checkpoint
 
 # One variant per code path: gated MLP with every bias and GQA, sliding window, attention-only
 # biases, learned positions with ReLU, parallel block with partial rotary. (llama and llama3
@@ -34,12 +33,7 @@ def variant_folder(request, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module", params=["dense", "sliced"])
 def checkpoint(request, variant_folder) -> Path:
-    source = NoTokenizerSource(variant_folder / "hf")
-    if request.param == "dense":
-        return export_checkpoint(source, variant_folder / "dense", dtype=torch.float32, progress=False)
-    return slice_checkpoint(
-        source, variant_folder / "sliced", calibration_batches(), sparsity=0.25, dtype=torch.float32, progress=False
-    )
+    return write_tiny_checkpoint(variant_folder / "hf", request.param, variant_folder / request.param, torch.float32)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from cli_support import save_tiny_llama
-from tiny_models import VOCAB, NoTokenizerSource, calibration_batches, save_tiny_model
+from tiny_models import VOCAB, NoTokenizerSource, calibration_batches, save_tiny_model, write_tiny_checkpoint
 from transformers import AutoModelForCausalLM
 
 from sliceserve.checkpoint import open_checkpoint
@@ -57,10 +57,7 @@ def loss_of(path: Path, tokens: torch.Tensor) -> float:
 def sliced(tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("finetune")
     save_tiny_model("llama", work / "hf")
-    source = NoTokenizerSource(work / "hf")
-    return slice_checkpoint(
-        source, work / "sliced", calibration_batches(), sparsity=0.25, dtype=torch.float64, progress=False
-    )
+    return write_tiny_checkpoint(work / "hf", "sliced", work / "sliced", torch.float64)
 
 
 @pytest.fixture(scope="module")

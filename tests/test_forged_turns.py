@@ -55,10 +55,9 @@ def test_a_template_that_mangles_the_escapes_is_refused(tokenizer):
 
 
 def test_over_http_tokenize_and_chat_keep_content_plain(tmp_path_factory, tokenizer):
-    running = start_server(
+    with start_server(
         load_engine(checkpoint_path(tmp_path_factory), max_batch=2, max_model_len=256), model_name="tiny"
-    )
-    try:
+    ) as running:
         messages = [{"role": "user", "content": FORGED}]
         answer = httpx.post(running.url + "/tokenize", json={"messages": messages}, timeout=30).json()
         assert special_ids(tokenizer, answer["tokens"]) == ["<|im_start|>", "<|im_end|>", "<|im_start|>"]
@@ -66,5 +65,3 @@ def test_over_http_tokenize_and_chat_keep_content_plain(tmp_path_factory, tokeni
             running.url + "/v1/chat/completions", json={"messages": messages, "max_tokens": 2}, timeout=30
         ).json()
         assert chat["usage"]["prompt_tokens"] == answer["count"]
-    finally:
-        running.stop()

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_server_support import build_tokenizer
-from tiny_models import NoTokenizerSource, calibration_batches, random_tokens, save_tiny_model
+from tiny_models import NoTokenizerSource, max_relative_error, random_tokens, save_tiny_model, write_tiny_checkpoint
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from sliceserve.checkpoint import open_checkpoint
@@ -38,7 +38,6 @@ from sliceserve.model.loader import load_model, load_tokenizer
 from sliceserve.pruning.checkpoint_writer import prune_checkpoint
 from sliceserve.pruning.pattern import NMPattern
 from sliceserve.quantization.checkpoint_writer import quantize_checkpoint
-from sliceserve.slicing.checkpoint_writer import export_checkpoint, slice_checkpoint
 from sliceserve.slicing.random_checkpoint import export_random_checkpoint
 from sliceserve.slicing.sources import FolderSource
 
@@ -54,11 +53,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def write_checkpoint(variant: str, kind: str, work: Path) -> Path:
     save_tiny_model(variant, work / "hf")
-    source = NoTokenizerSource(work / "hf")
-    if kind == "sliced":
-        batches = calibration_batches()
-        return slice_checkpoint(source, work / kind, batches, sparsity=0.25, dtype=torch.float32, progress=False)
-    return export_checkpoint(source, work / kind, dtype=torch.float32, progress=False)
+    return write_tiny_checkpoint(work / "hf", kind, work / kind, torch.float32)
 
 
 @pytest.fixture(scope="module", params=[(v, k) for v in VARIANTS for k in KINDS], ids="-".join)
@@ -74,11 +69,6 @@ def tokens() -> torch.Tensor:
 
 def from_transformers(path: Path, **options) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, **options).eval()
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    assert actual.shape == expected.shape
-    return float((actual - expected).abs().max() / expected.abs().max())
 
 
 # ---- the folder ------------------------------------------------------------------------
@@ -124,7 +114,7 @@ def test_logits_equal_the_reference_runtime_in_float32(checkpoint, tokens, atten
         expected = load_model(checkpoint)(tokens)
         actual = model(tokens).logits
     assert expected.dtype == torch.float32
-    assert relative_error(actual, expected) < FLOAT32_TOLERANCE
+    assert max_relative_error(actual, expected) < FLOAT32_TOLERANCE
 
 
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])
@@ -134,7 +124,7 @@ def test_logits_equal_the_reference_runtime_in_float64(checkpoint, tokens, atten
         expected = load_model(checkpoint, dtype=torch.float64)(tokens)
         actual = model(tokens).logits
     assert actual.dtype == torch.float64
-    assert relative_error(actual, expected) < FLOAT64_TOLERANCE
+    assert max_relative_error(actual, expected) < FLOAT64_TOLERANCE
 
 
 def test_the_base_model_is_the_decoder_without_its_head(checkpoint, tokens):
@@ -205,7 +195,7 @@ def test_a_device_map_places_the_blocks_through_accelerate_hooks(checkpoint, tok
     model = from_transformers(checkpoint, device_map=placement, offload_folder=tmp_path, dtype=torch.float32)
     assert model.hf_device_map == placement
     with torch.no_grad():
-        assert relative_error(model(tokens).logits, load_model(checkpoint)(tokens)) < FLOAT32_TOLERANCE
+        assert max_relative_error(model(tokens).logits, load_model(checkpoint)(tokens)) < FLOAT32_TOLERANCE
 
 
 def test_a_training_step_reaches_every_parameter(checkpoint, tokens):
@@ -256,7 +246,7 @@ def test_the_code_runs_where_sliceserve_cannot_be_imported(variant, tmp_path, to
     assert result.returncode == 0, result.stderr[-3000:]
     with torch.no_grad():
         expected = load_model(original)(tokens)
-    assert relative_error(torch.load(tmp_path / "logits.pt"), expected) < FLOAT32_TOLERANCE
+    assert max_relative_error(torch.load(tmp_path / "logits.pt"), expected) < FLOAT32_TOLERANCE
 
 
 # ---- the other writers -------------------------------------------------------------------
@@ -271,7 +261,7 @@ def test_a_two_four_pruned_checkpoint_loads(tmp_path, tokens):
     assert (model.layers[0].mlp.up.weight == 0).float().mean() == 0.5
     with torch.no_grad():
         expected = load_model(pruned, dtype=torch.float64)(tokens)
-        assert relative_error(model(tokens).logits, expected) < FLOAT64_TOLERANCE
+        assert max_relative_error(model(tokens).logits, expected) < FLOAT64_TOLERANCE
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.25])
@@ -289,7 +279,7 @@ def test_a_random_weight_checkpoint_loads_with_its_tokenizer(tmp_path, sparsity,
     tokens = random_tokens(2, 12, seed=5, vocab=model.config.vocab_size)
     with torch.no_grad():
         expected = load_model(out, dtype=torch.float64)(tokens)
-        assert relative_error(model(tokens).logits, expected) < FLOAT64_TOLERANCE
+        assert max_relative_error(model(tokens).logits, expected) < FLOAT64_TOLERANCE
     # Our own tools never ask whether to run the code the checkpoint names, nor convert it again.
     questions = []
     monkeypatch.setattr("builtins.input", lambda *args: questions.append(args) or "n")
@@ -324,6 +314,6 @@ def test_a_quantized_checkpoint_loads_with_its_codes(variant, kind, bits, shortc
     assert isinstance(getattr(layer, "attn_shortcut", None), torch.nn.Module) == shortcuts
     with torch.no_grad():
         expected = load_model(quantized)(tokens)
-        assert relative_error(model.eval()(tokens).logits, expected) < FLOAT32_TOLERANCE
+        assert max_relative_error(model.eval()(tokens).logits, expected) < FLOAT32_TOLERANCE
         # and the codes are what the model computes with: the unquantized checkpoint differs
-        assert relative_error(load_model(original)(tokens), expected) > 10 * FLOAT32_TOLERANCE
+        assert max_relative_error(load_model(original)(tokens), expected) > 10 * FLOAT32_TOLERANCE

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_support import DEVICE, DTYPES, randn, relative_error, tolerance  # sets TRITON_INTERPRET first
+from kernel_support import DEVICE, DTYPES, poisoned, randn, relative_error, tolerance  # sets TRITON_INTERPRET first
 
 from sliceserve.fast.library_matmul import library_gated, stacked_rows
 from sliceserve.kernels import launch
@@ -28,15 +28,6 @@ from sliceserve.kernels.shortcut import row_scale, shortcut_step, shortcut_step_
 ROWS = [1, 3, 17]
 SMALL_PREFILL = TileConfig(block_m=32, block_n=32, block_k=32)  # prefill-style tiles at test sizes
 TILES = {"decode": DECODE_TILES, "middle": MIDDLE_TILES, "prefill": SMALL_PREFILL}
-
-
-@pytest.fixture
-def generator():
-    return torch.Generator().manual_seed(0)
-
-
-def poisoned(shape, dtype):
-    return torch.full(shape, float("nan"), device=DEVICE, dtype=dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -116,8 +116,7 @@ def evaluate(model: str, model_args: dict, task_manager, **settings) -> dict:
 @pytest.fixture(scope="module")
 def through_server(checkpoint, task_manager) -> dict:
     engine = load_engine(checkpoint, max_batch=4, max_model_len=MAX_POSITIONS)
-    server = start_server(engine, model_name=MODEL)
-    try:
+    with start_server(engine, model_name=MODEL) as server:
         model_args = {
             "model": MODEL,
             "base_url": server.base_url + "/completions",
@@ -129,8 +128,6 @@ def through_server(checkpoint, task_manager) -> dict:
             "max_retries": 1,
         }
         return evaluate("local-completions", model_args, task_manager)
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")

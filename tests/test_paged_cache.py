@@ -19,8 +19,8 @@ import threading
 import httpx
 import pytest
 import torch
-from cli_support import assert_one_line_error, run_sliceserve
-from test_server_support import build_checkpoint
+from cli_support import assert_one_line_error, run_sliceserve, served_url
+from test_server_support import build_checkpoint, shut_down_after
 from tiny_models import NoTokenizerSource, save_tiny_model, tiny_config, tiny_model
 
 from sliceserve.engine.engine import DEFAULT_TOKEN_BUDGET, Engine, RequestRejected
@@ -148,11 +148,7 @@ def test_serve_sizes_the_cache_from_kv_cache_memory(checkpoint, tmp_path):
     ]
     process = subprocess.Popen(command, text=True, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        found = None
-        while found is None and (line := process.stdout.readline()):
-            found = re.search(r"serving .* at (http://\S+)/v1", line)
-        assert found, "the server did not start"
-        url = found.group(1)
+        url = served_url(process)
         answer = httpx.post(url + "/v1/completions", json={"prompt": "ka", "max_tokens": 4}, timeout=30).json()
         assert answer["usage"]["completion_tokens"] == 4
         too_long = httpx.post(url + "/v1/completions", json={"prompt": "ka " * 100, "max_tokens": 60}, timeout=30)
@@ -185,26 +181,20 @@ def test_serve_takes_its_token_budget_from_max_num_batched_tokens(checkpoint):
         ["serve", str(checkpoint), "--max-batch", "4", "--max-num-batched-tokens", "96", "--no-engine-process"]
     )
     engine = make_engine(str(checkpoint), args)
-    try:
+    with shut_down_after(engine):
         assert engine.token_budget == 96 and engine.decoding_budget == 96
-    finally:
-        engine.shutdown()
     args = build_parser().parse_args(
         ["serve", str(checkpoint), "--max-batch", "4", "--max-tokens-while-decoding", "40", "--no-engine-process"]
     )
     engine = make_engine(str(checkpoint), args)
-    try:
+    with shut_down_after(engine):
         assert engine.token_budget == DEFAULT_TOKEN_BUDGET and engine.decoding_budget == 40
-    finally:
-        engine.shutdown()
     default = make_engine(
         str(checkpoint),
         build_parser().parse_args(["serve", str(checkpoint), "--max-batch", "4", "--no-engine-process"]),
     )
-    try:
+    with shut_down_after(default):
         assert default.token_budget == DEFAULT_TOKEN_BUDGET
-    finally:
-        default.shutdown()
 
 
 def test_serve_refuses_a_token_budget_within_the_batch(checkpoint, tmp_path):
@@ -259,7 +249,7 @@ def test_tight_cache_preempts_and_recomputes_to_the_same_outputs(served):
     reserved = Engine(model, tokenizer, max_batch=8, max_model_len=128, prefill_chunk=8)
     # 12 blocks of 16: about two requests' worth, for eight requests of up to 90 tokens
     tight = Engine(model, tokenizer, max_batch=8, max_model_len=128, prefill_chunk=8, kv_blocks=13)
-    try:
+    with shut_down_after(reserved, tight):
         expected = outputs(reserved, prompts, params)
         got = outputs(tight, prompts, params)
         assert got == expected
@@ -267,9 +257,6 @@ def test_tight_cache_preempts_and_recomputes_to_the_same_outputs(served):
         assert tight.stats.preemptions > 0 and reserved.stats.preemptions == 0
         assert tight.blocks.used == 0 and tight.blocks.available == 12  # every block came back
         assert tight.stats.kv_blocks_total == 12
-    finally:
-        reserved.shutdown()
-        tight.shutdown()
 
 
 def test_a_small_decoding_budget_serves_the_same_outputs_in_more_steps(served):
@@ -291,14 +278,11 @@ def test_a_small_decoding_budget_serves_the_same_outputs_in_more_steps(served):
         return step
 
     small.plan = watch
-    try:
+    with shut_down_after(whole, small):
         expected = outputs(whole, prompts, params)
         assert outputs(small, prompts, params) == expected
         assert all(decode + prompt <= 12 for decode, prompt in carried if decode)
         assert any(decode and prompt for decode, prompt in carried)  # prompts did ride along decode rows
-    finally:
-        whole.shutdown()
-        small.shutdown()
 
 
 def test_paged_cache_serves_more_requests_than_reserved_rows_would(served):
@@ -315,23 +299,19 @@ def test_paged_cache_serves_more_requests_than_reserved_rows_would(served):
         peak.append(len(engine.running))
 
     engine.update_gauges = watch
-    try:
+    with shut_down_after(engine):
         outputs(engine, prompts, params)
         assert max(peak) == 8 and engine.stats.preemptions == 0
         assert engine.cache.bytes < model.new_cache(slots=8, max_len=128).bytes
-    finally:
-        engine.shutdown()
 
 
 def test_request_larger_than_the_cache_is_rejected(served):
     model, tokenizer = served
     engine = Engine(model, tokenizer, max_batch=2, max_model_len=128, kv_blocks=5)  # 4 blocks: 64 tokens
-    try:
+    with shut_down_after(engine):
         with pytest.raises(RequestRejected, match="needs more KV cache than the server holds \\(64 tokens\\)"):
             engine.submit([5] * 40, SamplingParams(max_tokens=30), lambda event: None)
         engine.submit([5] * 40, SamplingParams(max_tokens=24), lambda event: None)  # 64: fits
-    finally:
-        engine.shutdown()
 
 
 def test_prompt_logprobs_survive_preemption(served):
@@ -360,9 +340,7 @@ def test_prompt_logprobs_survive_preemption(served):
 
     for name, blocks in (("reserved", None), ("tight", 13)):
         engine = Engine(model, tokenizer, max_batch=8, max_model_len=128, prefill_chunk=8, kv_blocks=blocks)
-        try:
+        with shut_down_after(engine):
             scored[name] = run(engine)
-        finally:
-            engine.shutdown()
     assert scored["tight"] == scored["reserved"]
     assert all(len(s) == len(p) for s, p in zip(scored["tight"], prompts))

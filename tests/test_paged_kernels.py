@@ -12,20 +12,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from kernel_support import DEVICE, DTYPES, randn, relative_error, tolerance  # sets TRITON_INTERPRET first
+from kernel_support import DEVICE, DTYPES, poisoned, randn, relative_error, tolerance  # sets TRITON_INTERPRET first
 
 from sliceserve.kernels.decode_attention import decode_attention, decode_attention_reference
 from sliceserve.kernels.prefill_attention import attention_tiles, prefill_attention, prefill_attention_reference
 from sliceserve.kernels.rope_store import rope_half_tables, rope_store, rope_store_reference
-
-
-@pytest.fixture
-def generator():
-    return torch.Generator().manual_seed(0)
-
-
-def poisoned(shape, dtype):
-    return torch.full(shape, float("nan"), device=DEVICE, dtype=dtype)
 
 
 def shuffled_table(slots: int, blocks_per_row: int, generator) -> tuple[torch.Tensor, int]:

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_support import run_cli
 from test_server_support import build_tokenizer, checkpoint_path
 from tiny_models import calibration_batches, tiny_config, tiny_model
 
-from sliceserve.cli import main
 from sliceserve.engine.engine import Engine
 from sliceserve.engine.requests import SamplingParams
 from sliceserve.errors import SliceserveError
@@ -185,12 +185,6 @@ def test_load_pipeline_refuses_bad_ranges(checkpoints):
 
 
 # ---- the command line ----------------------------------------------------------------------
-
-
-def run_cli(capsys, *args) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_generate_over_two_devices(checkpoints, capsys):

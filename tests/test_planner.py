@@ -17,16 +17,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import NoTokenizerSource, calibration_batches, save_tiny_model
+from cli_support import run_cli
+from tiny_models import save_tiny_model, write_tiny_checkpoint
 
-from sliceserve.cli import main
 from sliceserve.commands.evaluation import checkpoint_summary
 from sliceserve.errors import SliceserveError
 from sliceserve.planning.memory import Workload, stage_costs
 from sliceserve.planning.model_shape import dense_spec, read_model_shape, sliced_spec
 from sliceserve.planning.planner import balanced_stages, fewest_stages
 from sliceserve.planning.sizes import format_size, parse_size
-from sliceserve.slicing.checkpoint_writer import export_checkpoint, slice_checkpoint
 
 CONFIGS = Path(__file__).parent / "configs"
 LLAMA_2_70B = CONFIGS / "llama-2-70b.json"
@@ -158,12 +157,6 @@ def test_a_card_too_small_says_so():
 # ---- the command -----------------------------------------------------------------------
 
 
-def run_cli(capsys, *args: str) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def test_plan_command(capsys):
     import json
 
@@ -235,10 +228,8 @@ def test_planned_bytes_are_the_checkpoints(variant, tmp_path):
     torch.set_num_threads(1)
     folder = tmp_path / "hf"
     save_tiny_model(variant, folder)
-    sliced = slice_checkpoint(
-        NoTokenizerSource(folder), tmp_path / "sliced", calibration_batches(), sparsity=0.25, progress=False
-    )
-    dense = export_checkpoint(NoTokenizerSource(folder), tmp_path / "dense", progress=False)
+    sliced = write_tiny_checkpoint(folder, "sliced", tmp_path / "sliced")
+    dense = write_tiny_checkpoint(folder, "dense", tmp_path / "dense")
     shape = read_model_shape(folder / "config.json")
     planned_sliced, planned_dense = sliced_spec(shape.spec, 0.25), dense_spec(shape.spec)
 
@@ -261,9 +252,7 @@ def test_planned_quantized_bytes_are_the_checkpoints(bits, shortcuts, tmp_path):
 
     torch.set_num_threads(1)
     save_tiny_model("llama", tmp_path / "hf")
-    sliced = slice_checkpoint(
-        NoTokenizerSource(tmp_path / "hf"), tmp_path / "sliced", calibration_batches(), sparsity=0.25, progress=False
-    )
+    sliced = write_tiny_checkpoint(tmp_path / "hf", "sliced", tmp_path / "sliced")
     out = quantize_checkpoint(sliced, tmp_path / "q", bits=bits, group_size=16, shortcuts=shortcuts, progress=False)
     written = 0
     for shard in out.glob("*.safetensors"):

@@ -12,7 +12,7 @@ import random
 
 import pytest
 import torch
-from test_server_support import build_checkpoint
+from test_server_support import build_checkpoint, shut_down_after
 
 from sliceserve.engine.engine import Engine
 from sliceserve.engine.kv_blocks import BlockPool
@@ -87,7 +87,7 @@ def test_engine_reuses_a_system_prompt(served):
     )
     cached.start()
     plain.start()
-    try:
+    with shut_down_after(cached, plain):
         for question in questions:
             for params in (greedy, sampled):
                 assert generate(cached, system + question, **params) == generate(plain, system + question, **params)
@@ -98,9 +98,6 @@ def test_engine_reuses_a_system_prompt(served):
         list(cached.generate(system + questions[0], scored))
         assert cached.stats.prefix_cache_hit_tokens == 48 * (2 * len(questions) - 1)
         assert cached.blocks.used == 0
-    finally:
-        cached.shutdown()
-        plain.shutdown()
 
 
 def test_engine_under_memory_pressure_forgets_and_stays_right(served):
@@ -117,11 +114,8 @@ def test_engine_under_memory_pressure_forgets_and_stays_right(served):
     )
     cached.start()
     plain.start()
-    try:
+    with shut_down_after(cached, plain):
         for prompt in prompts:
             assert generate(cached, prompt, **params) == generate(plain, prompt, **params)
         assert cached.stats.prefix_cache_hit_tokens > 0
         assert cached.blocks.used == 0 and cached.blocks.available == 12
-    finally:
-        cached.shutdown()
-        plain.shutdown()

@@ -13,7 +13,7 @@ import json
 import pytest
 import torch
 from cli_support import assert_one_line_error, run_sliceserve
-from tiny_models import NoTokenizerSource, calibration_batches, random_tokens, save_tiny_model
+from tiny_models import NoTokenizerSource, calibration_batches, random_tokens, save_tiny_model, write_tiny_checkpoint
 
 from sliceserve.checkpoint import open_checkpoint
 from sliceserve.errors import SliceserveError
@@ -23,7 +23,7 @@ from sliceserve.model.quantized import dequantize, pack_nibbles, unpack_nibbles
 from sliceserve.quantization.checkpoint_writer import quantize_checkpoint, relative_output_error
 from sliceserve.quantization.gptq import gptq_quantize
 from sliceserve.quantization.grids import round_to_nearest
-from sliceserve.slicing.checkpoint_writer import export_checkpoint, slice_checkpoint
+from sliceserve.slicing.checkpoint_writer import export_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -72,12 +72,9 @@ def test_gptq_beats_round_to_nearest_on_correlated_inputs(bits):
 def checkpoints(tmp_path_factory):
     work = tmp_path_factory.mktemp("quantize")
     save_tiny_model("llama", work / "hf")
-    source = NoTokenizerSource(work / "hf")
-    dense = export_checkpoint(source, work / "dense", dtype=torch.float64, progress=False)
-    sliced = slice_checkpoint(
-        source, work / "sliced", calibration_batches(), sparsity=0.25, dtype=torch.float64, progress=False
-    )
-    return work, {"dense": dense, "sliced": sliced}
+    return work, {
+        kind: write_tiny_checkpoint(work / "hf", kind, work / kind, torch.float64) for kind in ("dense", "sliced")
+    }
 
 
 def logits_error(path, quantized) -> float:
@@ -168,14 +165,9 @@ def test_a_rotated_checkpoint_is_the_same_model(variant, rotation, tmp_path):
     from sliceserve.quantization.rotation import rotate_checkpoint
 
     save_tiny_model(variant, tmp_path / "hf")
-    source = NoTokenizerSource(tmp_path / "hf")
     tokens = random_tokens(2, 20, seed=9)
-    for kind, path in {
-        "dense": export_checkpoint(source, tmp_path / "dense", dtype=torch.float64, progress=False),
-        "sliced": slice_checkpoint(
-            source, tmp_path / "sliced", calibration_batches(), sparsity=0.25, dtype=torch.float64, progress=False
-        ),
-    }.items():
+    for kind in ("dense", "sliced"):
+        path = write_tiny_checkpoint(tmp_path / "hf", kind, tmp_path / kind, torch.float64)
         rotated = rotate_checkpoint(path, tmp_path / f"{kind}-rotated", seed=1, kind=rotation)
         before, after = load_model(path)(tokens), load_model(rotated)(tokens)
         assert float((after - before).abs().max() / before.abs().max()) < 1e-10, kind

@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 from kernel_support import DEVICE, relative_error  # sets TRITON_INTERPRET first
-from tiny_models import NoTokenizerSource, calibration_batches, random_tokens, save_tiny_model
+from tiny_models import random_tokens, save_tiny_model, write_tiny_checkpoint
 
 from sliceserve.fast.model import FastTransformer
 from sliceserve.fast.quantized_weights import block_weight
@@ -23,7 +23,6 @@ from sliceserve.model.kv_cache import PrefillChunk
 from sliceserve.model.loader import load_model
 from sliceserve.model.quantized import QuantizedWeight
 from sliceserve.quantization.checkpoint_writer import quantize_checkpoint
-from sliceserve.slicing.checkpoint_writer import export_checkpoint, slice_checkpoint
 
 TOLERANCE = 1e-5  # float32 throughout; measured at most 1.4e-6
 FORMATS = {8: 32, 4: 64}  # bits: group size
@@ -33,12 +32,9 @@ FORMATS = {8: 32, 4: 64}  # bits: group size
 def float_checkpoints(tmp_path_factory):
     work = tmp_path_factory.mktemp("quantized-fast")
     save_tiny_model("llama-biases", work / "hf")
-    source = NoTokenizerSource(work / "hf")
-    dense = export_checkpoint(source, work / "dense", dtype=torch.float32, progress=False)
-    sliced = slice_checkpoint(
-        source, work / "sliced", calibration_batches(), sparsity=0.25, dtype=torch.float32, progress=False
-    )
-    return work, {"dense": dense, "sliced": sliced}
+    return work, {
+        kind: write_tiny_checkpoint(work / "hf", kind, work / kind, torch.float32) for kind in ("dense", "sliced")
+    }
 
 
 @pytest.fixture(scope="module", params=[(kind, bits) for kind in ("dense", "sliced") for bits in FORMATS])

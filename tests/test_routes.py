@@ -66,17 +66,15 @@ def byte_server(tmp_path_factory):
     model.save_pretrained(folder / "hf")
     tokenizer.save_pretrained(folder / "hf")
     checkpoint = export_checkpoint(open_source(str(folder / "hf")), folder / "dense", progress=False)
-    running = start_server(load_engine(checkpoint, max_batch=2, max_model_len=MAX_MODEL_LEN), model_name=MODEL)
-    yield running
-    running.stop()
+    with start_server(load_engine(checkpoint, max_batch=2, max_model_len=MAX_MODEL_LEN), model_name=MODEL) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """The shared sliced test model, whose tokenizer has a chat template."""
-    running = start_server(load_engine(checkpoint_path(tmp_path_factory), max_batch=2, max_model_len=64))
-    yield running
-    running.stop()
+    with start_server(load_engine(checkpoint_path(tmp_path_factory), max_batch=2, max_model_len=64)) as running:
+        yield running
 
 
 def post(server, path: str, body: dict) -> httpx.Response:

@@ -26,9 +26,8 @@ MODEL = "tiny-sliced"
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     engine = load_engine(checkpoint_path(tmp_path_factory), max_batch=8, max_model_len=256)
-    running = start_server(engine, model_name=MODEL)
-    yield running
-    running.stop()
+    with start_server(engine, model_name=MODEL) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

@@ -24,9 +24,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def demo_server(tmp_path_factory):
     engine = load_engine(demo_checkpoint_path(tmp_path_factory), max_batch=4, max_model_len=128)
-    running = start_server(engine, model_name="smollm2-dense")
-    yield running
-    running.stop()
+    with start_server(engine, model_name="smollm2-dense") as running:
+        yield running
 
 
 def test_a_concurrent_streaming_run_on_the_demo_model(demo_server, tmp_path):

@@ -14,8 +14,7 @@ import time
 import httpx
 import openai
 import pytest
-import torch
-from test_server_support import checkpoint_path, start_server
+from test_server_support import checkpoint_path, plain_greedy, start_server
 
 from sliceserve.engine.loading import load_engine
 
@@ -36,9 +35,8 @@ PROMPTS = [
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     engine = load_engine(checkpoint_path(tmp_path_factory), max_batch=8, max_model_len=MAX_MODEL_LEN)
-    running = start_server(engine, model_name=MODEL)
-    yield running
-    running.stop()
+    with start_server(engine, model_name=MODEL) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -59,15 +57,6 @@ def chat(client, content: str, **kwargs):
     return client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": content}], **{"max_tokens": 8, "temperature": 0, **kwargs}
     )
-
-
-def plain_greedy(model, prompt_ids: list[int], steps: int) -> list[int]:
-    """Greedy continuation by the model's plain forward (no KV cache, no batching)."""
-    ids = list(prompt_ids)
-    with torch.inference_mode():
-        for _ in range(steps):
-            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    return ids[len(prompt_ids) :]
 
 
 def test_health_and_models(server, client):

@@ -29,9 +29,8 @@ LONG_PROMPT = "kalo mira tensul " * 60  # far more than MAX_MODEL_LEN tokens
 def server(tmp_path_factory):
     """A server that wants an API key, with a short context."""
     engine = load_engine(checkpoint_path(tmp_path_factory), max_batch=2, max_model_len=MAX_MODEL_LEN)
-    running = start_server(engine, model_name=MODEL, api_key=KEY, max_body_bytes=MAX_BODY_BYTES)
-    yield running
-    running.stop()
+    with start_server(engine, model_name=MODEL, api_key=KEY, max_body_bytes=MAX_BODY_BYTES) as running:
+        yield running
 
 
 def without_chat_template(source: Path, target: Path) -> Path:
@@ -51,9 +50,8 @@ def small_server(tmp_path_factory):
     """One slot and a queue of one, for the full-queue test; its tokenizer has no chat template."""
     folder = without_chat_template(checkpoint_path(tmp_path_factory), tmp_path_factory.getbasetemp() / "no_template")
     engine = load_engine(folder, max_batch=1, max_queue=1, max_model_len=1024)
-    running = start_server(engine, model_name=MODEL)
-    yield running
-    running.stop()
+    with start_server(engine, model_name=MODEL) as running:
+        yield running
 
 
 def post(server, route: str, body, headers=AUTH, **kwargs) -> httpx.Response:

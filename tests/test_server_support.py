@@ -13,9 +13,11 @@ from __future__ import annotations
 import random
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import torch
 
 CHAT_TEMPLATE = (
@@ -74,15 +76,13 @@ def bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, map(chr, chars)))
 
 
-def build_checkpoint(folder: Path) -> Path:
-    """A tiny random Llama with the tokenizer above, sliced at 25%, written to `folder`/sliced."""
+def wide_random_llama(tokenizer, silenced, max_positions: int = MAX_POSITIONS, **config):
+    """A random float32 two-layer Llama over `tokenizer`'s vocabulary. Its weights are wide:
+    greedy choices are not near ties, sampling is not uniform. The head rows of the `silenced`
+    tokens (ids or a mask) are zeroed: their logit is 0 while the others spread widely, so
+    greedy decoding never picks them."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from sliceserve.slicing.calibration import calibration_batches
-    from sliceserve.slicing.checkpoint_writer import slice_checkpoint
-    from sliceserve.slicing.sources import open_source
-
-    tokenizer = build_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,
@@ -90,20 +90,32 @@ def build_checkpoint(folder: Path) -> Path:
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=MAX_POSITIONS,
+        max_position_embeddings=max_positions,
         rms_norm_eps=1e-5,
         tie_word_embeddings=False,
         eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,
+        **config,
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).float().eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if "norm" not in name:  # wide logits: greedy choices are not near ties, sampling is not uniform
+            if "norm" not in name:
                 param.normal_(0, 0.35 if name == "lm_head.weight" else 0.15)
-        model.lm_head.weight[tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS)] = 0
+        model.lm_head.weight[silenced] = 0
+    return model
+
+
+def build_checkpoint(folder: Path) -> Path:
+    """A tiny random Llama with the tokenizer above, sliced at 25%, written to `folder`/sliced."""
+    from sliceserve.slicing.calibration import calibration_batches
+    from sliceserve.slicing.checkpoint_writer import slice_checkpoint
+    from sliceserve.slicing.sources import open_source
+
+    tokenizer = build_tokenizer()
+    special = tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS)
+    model = wide_random_llama(tokenizer, special, pad_token_id=tokenizer.pad_token_id)
     dense = folder / "dense"
     model.save_pretrained(dense)
     tokenizer.save_pretrained(dense)
@@ -129,6 +141,61 @@ class RunningServer:
         self.server.should_exit = True
         self.thread.join(timeout=10)
         self.engine.shutdown()
+
+    def __enter__(self) -> RunningServer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class Stream(threading.Thread):
+    """One streaming completion, its raw SSE lines kept."""
+
+    def __init__(self, url: str, max_tokens: int):
+        super().__init__(daemon=True)
+        self.url, self.max_tokens = url, max_tokens
+        self.lines: list[str] = []
+        self.started = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        body = {"prompt": "kalo mira", "max_tokens": self.max_tokens, "stream": True, "temperature": 0}
+        try:
+            with httpx.stream("POST", self.url + "/v1/completions", json=body, timeout=60) as response:
+                assert response.status_code == 200
+                for line in response.iter_lines():
+                    if line:
+                        self.lines.append(line)
+                        self.started.set()
+        except BaseException as error:  # noqa: BLE001 - reported by the test
+            self.error = error
+        finally:
+            self.started.set()
+
+    def last_two(self) -> tuple[str, str]:
+        assert self.error is None, repr(self.error)
+        assert len(self.lines) >= 3, self.lines
+        return self.lines[-2], self.lines[-1]
+
+
+def plain_greedy(model, prompt_ids: list[int], steps: int) -> list[int]:
+    """Greedy continuation by the model's plain forward (no KV cache, no batching)."""
+    ids = list(prompt_ids)
+    with torch.inference_mode():
+        for _ in range(steps):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt_ids) :]
+
+
+@contextmanager
+def shut_down_after(*engines):
+    """Shut the engines down when the block ends, however it ends."""
+    try:
+        yield
+    finally:
+        for engine in engines:
+            engine.shutdown()
 
 
 def start_server(engine, **settings) -> RunningServer:

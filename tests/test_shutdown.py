@@ -21,9 +21,8 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from test_server_support import checkpoint_path
-
-STARTUP_SECONDS = 60
+from cli_support import served_url
+from test_server_support import Stream, checkpoint_path
 
 
 @pytest.fixture(scope="module")
@@ -40,45 +39,11 @@ def serving(checkpoint: Path, grace: float):
     pipes = dict(stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     process = subprocess.Popen(command, text=True, env=env, **pipes)
     try:
-        found = None
-        while found is None and (line := process.stdout.readline()):
-            found = re.search(r"serving .* at (http://\S+)/v1", line)  # printed once listening
-        assert found, f"the server did not start: {process.stderr.read() if process.poll() else ''}"
-        yield process, found.group(1)
+        yield process, served_url(process)
     finally:
         if process.poll() is None:
             process.kill()
         process.wait(timeout=30)
-
-
-class Stream(threading.Thread):
-    """One streaming completion, its raw SSE lines kept."""
-
-    def __init__(self, url: str, max_tokens: int):
-        super().__init__(daemon=True)
-        self.url, self.max_tokens = url, max_tokens
-        self.lines: list[str] = []
-        self.started = threading.Event()
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        body = {"prompt": "kalo mira", "max_tokens": self.max_tokens, "stream": True, "temperature": 0}
-        try:
-            with httpx.stream("POST", self.url + "/v1/completions", json=body, timeout=60) as response:
-                assert response.status_code == 200
-                for line in response.iter_lines():
-                    if line:
-                        self.lines.append(line)
-                        self.started.set()
-        except BaseException as error:  # noqa: BLE001 - reported by the test
-            self.error = error
-        finally:
-            self.started.set()
-
-    def last_two(self) -> tuple[str, str]:
-        assert self.error is None, repr(self.error)
-        assert len(self.lines) >= 3, self.lines
-        return self.lines[-2], self.lines[-1]
 
 
 def start_streams(url: str, count: int, max_tokens: int) -> list[Stream]:

@@ -36,16 +36,14 @@ def start(tmp_path_factory, **settings):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    running = start(tmp_path_factory, max_connections=256)
-    yield running
-    running.stop()
+    with start(tmp_path_factory, max_connections=256) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
 def capped_server(tmp_path_factory):
-    running = start(tmp_path_factory, max_connections=6)
-    yield running
-    running.stop()
+    with start(tmp_path_factory, max_connections=6) as running:
+        yield running
 
 
 def connect(server) -> socket.socket:

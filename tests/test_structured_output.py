@@ -31,9 +31,8 @@ JSON_SCHEMA = {"type": "json_schema", "json_schema": {"name": "person", "schema"
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     engine = load_engine(checkpoint_path(tmp_path_factory), max_batch=8, max_model_len=512)
-    running = start_server(engine, model_name=MODEL)
-    yield running
-    running.stop()
+    with start_server(engine, model_name=MODEL) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -273,8 +272,7 @@ def test_the_demo_model_answers_a_json_schema(tmp_path_factory):
     import jsonschema
 
     engine = load_engine(demo_checkpoint_path(tmp_path_factory), max_batch=2, max_model_len=256)
-    running = start_server(engine, model_name="smollm2-dense")
-    try:
+    with start_server(engine, model_name="smollm2-dense") as running:
         client = openai.OpenAI(base_url=running.base_url, api_key="unused", max_retries=0, timeout=120)
         response_format = {"type": "json_schema", "json_schema": {"name": "country", "schema": COUNTRY}}
         for sampling in ({"temperature": 0}, {"temperature": 1, "seed": 1}):
@@ -296,5 +294,3 @@ def test_the_demo_model_answers_a_json_schema(tmp_path_factory):
                 tools=[{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}],
                 max_tokens=4,
             )
-    finally:
-        running.stop()

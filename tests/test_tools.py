@@ -52,9 +52,8 @@ MESSAGES = [{"role": "user", "content": PROMPT}]
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     engine = load_engine(tool_checkpoint(tmp_path_factory), max_batch=4, max_model_len=1024)
-    running = start_server(engine, model_name=MODEL)
-    yield running
-    running.stop()
+    with start_server(engine, model_name=MODEL) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -65,9 +64,8 @@ def client(server):
 @pytest.fixture(scope="module")
 def plain_server(tmp_path_factory):
     """The same model with the plain ChatML template: no tool support."""
-    running = start_server(load_engine(checkpoint_path(tmp_path_factory), max_batch=2, max_model_len=256))
-    yield running
-    running.stop()
+    with start_server(load_engine(checkpoint_path(tmp_path_factory), max_batch=2, max_model_len=256)) as running:
+        yield running
 
 
 def chat(client, **fields):

@@ -154,6 +154,12 @@ def random_tokens(batch: int, length: int, seed: int, vocab: int = VOCAB) -> tor
     return torch.randint(0, vocab, (batch, length), generator=generator)
 
 
+def max_relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """The largest difference relative to the largest expected value (logits of one shape)."""
+    assert actual.shape == expected.shape
+    return float((actual - expected).abs().max() / expected.abs().max())
+
+
 def calibration_batches(seed: int = 1, length: int = 24, pad_token: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Random (tokens, mask) batches; the last batch is right-padded in some rows."""
     batches = []
@@ -189,6 +195,17 @@ def confine_stream(model: torch.nn.Module, rank: int, seed: int = 3) -> None:
                 param.copy_(param @ projector)
             elif module in STREAM_WRITERS:  # weight (out=D, in); bias (D,)
                 param.copy_(projector @ param)
+
+
+def write_tiny_checkpoint(hf_folder: Path, kind: str, out: Path, dtype: torch.dtype | None = None) -> Path:
+    """The tiny model saved in `hf_folder` as a sliceserve checkpoint `out`: "dense" (exported)
+    or "sliced" (25%, calibrated on calibration_batches())."""
+    from sliceserve.slicing.checkpoint_writer import export_checkpoint, slice_checkpoint
+
+    source = NoTokenizerSource(hf_folder)
+    if kind == "dense":
+        return export_checkpoint(source, out, dtype=dtype, progress=False)
+    return slice_checkpoint(source, out, calibration_batches(), sparsity=0.25, dtype=dtype, progress=False)
 
 
 class NoTokenizerSource(FolderSource):

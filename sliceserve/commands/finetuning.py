@@ -10,12 +10,11 @@ from pathlib import Path
 import torch
 
 from sliceserve.checkpoint import check_destination, checkpoint_spec, read_config
-from sliceserve.commands.slicing import check_device
+from sliceserve.commands.slicing import calibration_text, check_device
 from sliceserve.errors import SliceserveError
 from sliceserve.finetuning.distillation import Distillation, check_teacher_fits, load_teacher
 from sliceserve.finetuning.lora import LoraSettings, finetune_checkpoint, training_dtype
 from sliceserve.model.loader import load_model, load_tokenizer
-from sliceserve.slicing.calibration import load_calibration
 from sliceserve.slicing.checkpoint_writer import DTYPES
 
 log = logging.getLogger("sliceserve")
@@ -59,25 +58,9 @@ def finetune_command(args: argparse.Namespace) -> int:
             return distillation.teacher.model
         return load_model(args.checkpoint, device=args.device, dtype=torch.float32)
 
-    batches = load_calibration(
-        args.data,
-        tokenizer,
-        nsamples=args.nsamples,
-        seqlen=args.seqlen,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        data_dir=args.data_dir,
-        model_loader=text_model,
-    )
-    log.info("training text: %s, %d x %d tokens, seed %d", args.data, args.nsamples, args.seqlen, args.seed)
-    data = {
-        "source": args.data,
-        "nsamples": args.nsamples,
-        "seqlen": args.seqlen,
-        "batch_size": args.batch_size,
-        "seed": args.seed,
-        **({"sampled_from": "teacher"} if distillation is not None and args.data == "generated" else {}),
-    }
+    batches, data = calibration_text(args, tokenizer, text_model, text=args.data, what="training text")
+    if distillation is not None and args.data == "generated":
+        data["sampled_from"] = "teacher"
     out = finetune_checkpoint(
         args.checkpoint,
         args.out,

@@ -64,14 +64,7 @@ def placed_model(path: str, args: argparse.Namespace):
     devices = stage_devices(args)
     ranges = None
     if len(devices) > 1 or budget is not None:  # with a budget, a single device is checked too
-        ranges = checkpoint_stage_ranges(
-            path,
-            len(devices),
-            max_batch=args.max_batch,
-            max_model_len=args.max_model_len,
-            budget=budget,
-            step_tokens=step_tokens(args),
-        )
+        ranges = stage_ranges(path, len(devices), args, budget)
     if budget is not None:
         apply_memory_budget([torch.device(d) for d in devices], budget)
     if len(devices) == 1:
@@ -84,9 +77,16 @@ def placed_model(path: str, args: argparse.Namespace):
     return load_pipeline(path, devices, ranges, runtime=runtime_option(args))
 
 
-def step_tokens(args: argparse.Namespace) -> int | None:
-    """The server's token budget a step (None: the engine's default)."""
-    return getattr(args, "max_num_batched_tokens", None)
+def stage_ranges(path: str, stages: int, args: argparse.Namespace, budget: int | None) -> list[range]:
+    """The checkpoint's layers split over `stages` for the server's batch, context and step."""
+    return checkpoint_stage_ranges(
+        path,
+        stages,
+        max_batch=args.max_batch,
+        max_model_len=args.max_model_len,
+        budget=budget,
+        step_tokens=getattr(args, "max_num_batched_tokens", None),  # the server's token budget a step
+    )
 
 
 def runtime_option(args: argparse.Namespace) -> str:
@@ -109,14 +109,7 @@ def own_stage(path: str, args: argparse.Namespace, process, budget: int | None):
     from sliceserve.parallel.stages import make_stage
     from sliceserve.planning.memory_budget import apply_memory_budget
 
-    ranges = checkpoint_stage_ranges(
-        path,
-        process.world_size,
-        max_batch=args.max_batch,
-        max_model_len=args.max_model_len,
-        budget=budget,
-        step_tokens=step_tokens(args),
-    )
+    ranges = stage_ranges(path, process.world_size, args, budget)
     if budget is not None:
         apply_memory_budget([process.device], budget)
     layers = ranges[process.rank]

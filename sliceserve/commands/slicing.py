@@ -39,10 +39,14 @@ def calibration_from_args(args: argparse.Namespace, source: ModelSource) -> tupl
     return calibration_text(args, tokenizer, lambda: dense_runtime_model(source))
 
 
-def calibration_text(args: argparse.Namespace, tokenizer, model_loader) -> tuple[list, dict]:
-    """calibration_from_args for any tokenizer; `model_loader` gives the model "generated" samples from."""
+def calibration_text(
+    args: argparse.Namespace, tokenizer, model_loader, text: str | None = None, what: str = "calibration"
+) -> tuple[list, dict]:
+    """calibration_from_args for any tokenizer; `model_loader` gives the model "generated" samples from.
+    `text` is where the text comes from (default --calibration), `what` the log's name for it."""
+    text = args.calibration if text is None else text
     batches = load_calibration(
-        args.calibration,
+        text,
         tokenizer,
         nsamples=args.nsamples,
         seqlen=args.seqlen,
@@ -52,9 +56,9 @@ def calibration_text(args: argparse.Namespace, tokenizer, model_loader) -> tuple
         model_loader=model_loader,
     )
     # Logged once the text is found, so a calibration error stays a one-line message.
-    log.info("calibration: %s, %d x %d tokens, seed %d", args.calibration, args.nsamples, args.seqlen, args.seed)
+    log.info("%s: %s, %d x %d tokens, seed %d", what, text, args.nsamples, args.seqlen, args.seed)
     calibration = {
-        "source": args.calibration,
+        "source": text,
         "nsamples": args.nsamples,
         "seqlen": args.seqlen,
         "batch_size": args.batch_size,

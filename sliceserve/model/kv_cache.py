@@ -97,10 +97,6 @@ class KVCache:
     def bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
-    @property
-    def bytes_per_block(self) -> int:
-        return self.bytes // self.num_blocks
-
     def assign_blocks(self, entries: list[tuple[int, int, int]]) -> None:
         """Point table[slot, index] at `block` for every (slot, index, block): one copy to the
         device, ordered on its stream before the next step that reads the table."""

@@ -11,7 +11,8 @@ from sliceserve.checkpoint import checkpoint_spec, is_checkpoint, open_checkpoin
 from sliceserve.errors import SliceserveError
 from sliceserve.model.decoder import Transformer
 from sliceserve.model.quant_format import quant_format
-from sliceserve.model.quantized import QuantizedWeight, in_features_of
+from sliceserve.model.quantized import QuantizedWeight
+from sliceserve.model.spec_checks import expected_tensors
 
 QUANTIZED_WEIGHTS = ("auto", "dequantize", "both", "codes")
 
@@ -41,6 +42,7 @@ def load_model(
     checkpoint = open_checkpoint(path, verify=verify)
     spec = checkpoint_spec(checkpoint.config)
     quantized = quant_format(checkpoint.config)
+    shapes, _ = expected_tensors(spec)  # a quantized linear's codes are packed: its width comes from here
     kept: dict[str, QuantizedWeight] = {}
 
     def get(name: str) -> torch.Tensor | None:
@@ -53,7 +55,7 @@ def load_model(
                 zeros=zeros,
                 bits=quantized.bits,
                 group_size=quantized.group_size,
-                in_features=in_features_of(spec, stem),
+                in_features=shapes[name][1],
             )
             if quantized_weights != "dequantize":
                 kept[stem] = weight

@@ -98,20 +98,3 @@ def dequantize(
         codes = codes - zeros.to(wide).repeat_interleave(fmt.group_size, dim=1)[:, :in_features]
     weight = codes * scales.to(wide).repeat_interleave(fmt.group_size, dim=1)[:, :in_features]
     return weight.to(dtype)
-
-
-def in_features_of(spec, name: str) -> int:
-    """Inputs of a block linear `layers.{i}.{linear}` of `spec` (from the layer's widths)."""
-    _, index, *rest = name.split(".")
-    linear, layer = ".".join(rest), spec.layers[int(index)]
-    if linear in ("attn_shortcut", "shortcut"):
-        return layer.input_width
-    if linear == "mlp_shortcut":
-        return layer.middle_width
-    if linear in ("attn.q", "attn.k", "attn.v"):
-        return layer.input_width
-    if linear == "attn.o":
-        return spec.num_heads * spec.head_dim
-    if linear in ("mlp.gate", "mlp.up"):
-        return layer.input_width if spec.parallel_block else layer.middle_width
-    return spec.intermediate_size

@@ -69,7 +69,3 @@ def nonzeros_per_group(weight: torch.Tensor, pattern: NMPattern) -> torch.Tensor
     """(out, in / M) counts of non-zero weights in each group."""
     rows, columns = weight.shape
     return (weight.reshape(rows, columns // pattern.group, pattern.group) != 0).sum(-1)
-
-
-def holds_pattern(weight: torch.Tensor, pattern: NMPattern) -> bool:
-    return bool((nonzeros_per_group(weight, pattern) <= pattern.kept).all())

@@ -26,6 +26,7 @@ from sliceserve.errors import SliceserveError
 from sliceserve.hf_modeling import loadable_by_transformers
 from sliceserve.model.loader import load_tokenizer
 from sliceserve.model.spec import DecoderSpec, LayerWidths, RopeSpec
+from sliceserve.model.spec_checks import expected_tensors
 from sliceserve.slicing.checkpoint_writer import library_versions
 from sliceserve.slicing.slicer import kept_width
 
@@ -76,27 +77,11 @@ def llama_spec(shape: str, sparsity: float = 0.0, layers: int | None = None) -> 
 
 
 def weight_shapes(spec: DecoderSpec) -> dict[str, tuple[int, ...]]:
-    """Every tensor of a sequential gated decoder (no biases), by its checkpoint name."""
-    hq, hkv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
-    shapes = {"embed.weight": (spec.vocab_size, spec.embedding_width)}
-    for i, w in enumerate(spec.layers):
-        p = f"layers.{i}"
-        shapes |= {
-            f"{p}.attn.q.weight": (hq, w.input_width),
-            f"{p}.attn.k.weight": (hkv, w.input_width),
-            f"{p}.attn.v.weight": (hkv, w.input_width),
-            f"{p}.attn.o.weight": (w.middle_width, hq),
-            f"{p}.mlp.gate.weight": (spec.intermediate_size, w.middle_width),
-            f"{p}.mlp.up.weight": (spec.intermediate_size, w.middle_width),
-            f"{p}.mlp.down.weight": (w.output_width, spec.intermediate_size),
-        }
-        if spec.has_shortcuts:
-            shapes |= {
-                f"{p}.attn_shortcut": (w.middle_width, w.input_width),
-                f"{p}.mlp_shortcut": (w.output_width, w.middle_width),
-            }
-    shapes["head.weight"] = (spec.vocab_size, spec.head_width)
-    return shapes
+    """Every tensor the decoder needs (no biases), by its checkpoint name: the embedding, each
+    layer's in turn, then the head (the order the random weights are drawn in)."""
+    shapes, _ = expected_tensors(spec)
+    head = shapes.pop("head.weight")
+    return shapes | {"head.weight": head}
 
 
 def random_weight(
