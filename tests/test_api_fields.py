@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 import torch
-from test_server_support import checkpoint_path, start_server
+from server_support import checkpoint_path, start_server
 
 from sliceserve.engine.loading import load_engine
 

@@ -16,7 +16,7 @@ import httpx
 import pytest
 from openai.types import completion_create_params
 from openai.types.chat import completion_create_params as chat_create_params
-from test_server_support import start_server
+from server_support import start_server
 from tool_support import tool_checkpoint
 
 from sliceserve.engine.loading import load_engine

@@ -11,7 +11,7 @@ import json
 import httpx
 import openai
 import pytest
-from test_server_support import checkpoint_path, start_server
+from server_support import checkpoint_path, start_server
 
 from sliceserve.engine.loading import load_engine
 

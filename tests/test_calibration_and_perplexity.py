@@ -291,7 +291,7 @@ def test_load_calibration_generated_loads_model_only_when_needed(tiny_llama, tmp
 
 
 def test_generated_text_starts_in_the_chat_format_when_there_is_a_template(tmp_path):
-    from test_server_support import build_tokenizer
+    from server_support import build_tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from sliceserve.slicing.self_calibration import chat_prefix_ids

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 from cli_support import assert_one_line_error, run_sliceserve
-from test_server_support import CHAT_TEMPLATE, checkpoint_path, start_server
+from server_support import CHAT_TEMPLATE, checkpoint_path, start_server
 
 from sliceserve.cli import main
 from sliceserve.engine.loading import load_engine

@@ -17,7 +17,7 @@ import pytest
 import torch
 from cli_support import assert_one_line_error, run_sliceserve
 from safetensors.torch import load_file, save_file
-from test_server_support import checkpoint_path
+from server_support import checkpoint_path
 
 from sliceserve.checkpoint import INDEX_FILE, open_checkpoint, sha256_of_file
 from sliceserve.cli import main

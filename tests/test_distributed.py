@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_server_support import checkpoint_path
+from server_support import checkpoint_path
 from torchrun_support import environment, free_port, torchrun_command
 
 from sliceserve.engine.engine import Engine

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_server_support import bytes_to_unicode, plain_greedy, wide_random_llama
+from server_support import bytes_to_unicode, plain_greedy, wide_random_llama
 from tiny_models import calibration_batches, tiny_config, tiny_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast

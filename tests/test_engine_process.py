@@ -22,7 +22,7 @@ import httpx
 import openai
 import pytest
 from cli_support import meaningful_lines, run_sliceserve, served_url
-from test_server_support import Stream, checkpoint_path, start_server
+from server_support import Stream, checkpoint_path, start_server
 
 from sliceserve.engine.engine import QueueFull, RequestRejected, ShuttingDown
 from sliceserve.engine.engine_child import PipeLoop

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from kernel_support import DEVICE  # sets TRITON_INTERPRET first
-from test_server_support import checkpoint_path
+from server_support import checkpoint_path
 from torchrun_support import environment, torchrun_command
 
 from sliceserve.checkpoint import checkpoint_spec, open_checkpoint

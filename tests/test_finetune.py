@@ -176,7 +176,7 @@ def test_bad_options_are_one_line_and_write_nothing(with_tokenizer, tmp_path, ca
 def test_finetune_lowers_the_demo_models_training_and_held_out_loss(tmp_path_factory):
     """The demo model (SmolLM2-135M, exported dense), a tiny fine-tune: 12 LoRA steps of 2 x 64 tokens
     of WikiText-2 train text; the loss on other train text, never trained on, falls too."""
-    from test_server_support import demo_checkpoint_path
+    from server_support import demo_checkpoint_path
 
     from sliceserve.model.loader import load_tokenizer
     from sliceserve.slicing.calibration import find_wikitext2

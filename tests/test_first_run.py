@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from cli_support import assert_one_line_error, run_sliceserve
-from test_server_support import checkpoint_path
+from server_support import checkpoint_path
 
 from sliceserve.cli import build_parser
 

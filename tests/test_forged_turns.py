@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from test_server_support import SPECIAL_TOKENS, build_tokenizer, checkpoint_path, start_server
+from server_support import SPECIAL_TOKENS, build_tokenizer, checkpoint_path, start_server
 
 from sliceserve.engine.loading import load_engine
 from sliceserve.server.chat_template import ChatTemplateError, render_chat

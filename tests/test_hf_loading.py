@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_server_support import build_tokenizer
+from server_support import build_tokenizer
 from tiny_models import NoTokenizerSource, max_relative_error, random_tokens, save_tiny_model, write_tiny_checkpoint
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 

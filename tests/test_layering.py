@@ -128,6 +128,29 @@ def test_every_import_points_down_the_layers():
     assert upward_imports(import_graph()) == []
 
 
+def test_no_test_module_imports_another():
+    """Shared helpers live in conftest.py and the *_support / tiny_models modules, never in a test module."""
+    tests = Path(__file__).parent
+    test_modules = {p.stem for p in tests.glob("test_*.py")}
+    offenders = sorted(
+        f"{path.name} imports {name}"
+        for path in tests.glob("*.py")
+        for name in imported_test_modules(path)
+        if name in test_modules
+    )
+    assert offenders == []
+
+
+def imported_test_modules(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+    return found
+
+
 def folder_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
     folders = defaultdict(set)
     for module, imports in graph.items():

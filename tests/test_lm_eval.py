@@ -27,7 +27,7 @@ from pathlib import Path
 import lm_eval
 import pytest
 from cli_support import assert_one_line_error, run_sliceserve
-from test_server_support import MAX_POSITIONS, checkpoint_path, start_server
+from server_support import MAX_POSITIONS, checkpoint_path, start_server
 
 from sliceserve.engine.loading import load_engine
 from sliceserve.slicing.calibration import find_wikitext2

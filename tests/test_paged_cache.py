@@ -3,7 +3,7 @@ blocks, wait for them, and are preempted and recomputed when they run out.
 
 Model level: every family's reference decoder gives the same logits, bit for bit, whether its
 keys live in reserved rows or in blocks scattered over a shuffled table. Engine level: a
-tiny sliced Llama (test_server_support) serves the same greedy and seeded outputs with a
+tiny sliced Llama (server_support) serves the same greedy and seeded outputs with a
 cache far too small for all its requests at once as with a reserved one.
 """
 
@@ -20,7 +20,7 @@ import httpx
 import pytest
 import torch
 from cli_support import assert_one_line_error, run_sliceserve, served_url
-from test_server_support import build_checkpoint, shut_down_after
+from server_support import build_checkpoint, shut_down_after
 from tiny_models import NoTokenizerSource, save_tiny_model, tiny_config, tiny_model
 
 from sliceserve.engine.engine import DEFAULT_TOKEN_BUDGET, Engine, RequestRejected

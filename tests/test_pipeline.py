@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from cli_support import run_cli
-from test_server_support import build_tokenizer, checkpoint_path
+from server_support import build_tokenizer, checkpoint_path
 from tiny_models import calibration_batches, tiny_config, tiny_model
 
 from sliceserve.engine.engine import Engine

@@ -1,7 +1,7 @@
 """Prefix caching: requests whose prompts begin with the same full blocks share those blocks.
 
 The pool's bookkeeping on its own (shared blocks counted, kept after release, forgotten least
-recently released first), then the engine over a tiny sliced Llama (test_server_support): a
+recently released first), then the engine over a tiny sliced Llama (server_support): a
 later request with a known prefix computes only its own tokens, and generates what it
 generates without the cache.
 """
@@ -12,7 +12,7 @@ import random
 
 import pytest
 import torch
-from test_server_support import build_checkpoint, shut_down_after
+from server_support import build_checkpoint, shut_down_after
 
 from sliceserve.engine.engine import Engine
 from sliceserve.engine.kv_blocks import BlockPool

@@ -188,7 +188,7 @@ def test_rotated_quantization_records_its_rotation(checkpoints, tmp_path):
 
 
 def test_the_quantize_command(tmp_path):
-    from test_server_support import build_checkpoint, training_words
+    from server_support import build_checkpoint, training_words
 
     checkpoint = build_checkpoint(tmp_path / "ck")  # a tiny sliced model with a tokenizer
     text = tmp_path / "calibration.txt"

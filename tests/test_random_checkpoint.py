@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_server_support import build_tokenizer
+from server_support import build_tokenizer
 
 from sliceserve.checkpoint import open_checkpoint
 from sliceserve.cli import main

@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 import torch
-from test_server_support import CHAT_TEMPLATE, SPECIAL_TOKENS, bytes_to_unicode, checkpoint_path, start_server
+from server_support import CHAT_TEMPLATE, SPECIAL_TOKENS, bytes_to_unicode, checkpoint_path, start_server
 
 import sliceserve
 from sliceserve.engine.loading import load_engine

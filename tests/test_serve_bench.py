@@ -1,5 +1,5 @@
 """benchmarks/serve_bench.py against a real server: uvicorn on 127.0.0.1 over the engine and
-the tiny sliced checkpoint of test_server_support, driven over real HTTP by the benchmark's
+the tiny sliced checkpoint of server_support, driven over real HTTP by the benchmark's
 own client (aiohttp). The figures are CPU timings of a toy model: only their consistency is
 checked (no failures, exact token counts under ignore_eos, ordered percentiles), not values."""
 
@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_server_support import checkpoint_path, start_server
+from server_support import checkpoint_path, start_server
 
 from sliceserve.engine.loading import load_engine
 

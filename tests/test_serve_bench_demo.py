@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_server_support import demo_checkpoint_path, start_server
+from server_support import demo_checkpoint_path, start_server
 
 from sliceserve.engine.loading import load_engine
 

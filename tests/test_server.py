@@ -14,7 +14,7 @@ import time
 import httpx
 import openai
 import pytest
-from test_server_support import checkpoint_path, plain_greedy, start_server
+from server_support import checkpoint_path, plain_greedy, start_server
 
 from sliceserve.engine.loading import load_engine
 

@@ -22,7 +22,7 @@ import httpx
 import openai
 import pytest
 from cli_support import served_url
-from test_server_support import Stream, checkpoint_path
+from server_support import Stream, checkpoint_path
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import time
 
 import httpx
 import pytest
-from test_server_support import checkpoint_path, start_server
+from server_support import checkpoint_path, start_server
 
 from sliceserve.engine.loading import load_engine
 

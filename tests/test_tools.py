@@ -14,7 +14,7 @@ import httpx
 import jsonschema
 import openai
 import pytest
-from test_server_support import build_tokenizer, checkpoint_path, start_server
+from server_support import build_tokenizer, checkpoint_path, start_server
 from tool_support import tool_checkpoint
 
 from sliceserve.engine.loading import load_engine

@@ -1,14 +1,14 @@
 """A copy of the server tests' tiny checkpoint whose chat template has Hermes-style tool support
 (Qwen2.5's tool template, its words shortened: the tools in the system turn, calls in <tool_call> tags, tool
 results in <tool_response> tags inside a user turn). Without tools it renders as the plain
-ChatML template of test_server_support, so every other field behaves as there."""
+ChatML template of server_support, so every other field behaves as there."""
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
 
-from test_server_support import checkpoint_path
+from server_support import checkpoint_path
 
 HERMES_TEMPLATE = """\
 {%- if tools %}
