@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -397,13 +397,13 @@ def main() -> None:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     scenarios = QUICK if args.quick else SCENARIOS
     if args.scenarios:
-        unknown = set(args.scenarios.split(",")) - {s.name for s in scenarios}
+        wanted = args.scenarios.split(",")
+        unknown = set(wanted) - {s.name for s in scenarios}
         if unknown:
             parser.error(f"no scenario {', '.join(sorted(unknown))}; there are {', '.join(s.name for s in scenarios)}")
-        scenarios = [s for s in scenarios if s.name in args.scenarios.split(",")]
-    if args.requests_per_stream:
-        for s in scenarios:
-            s.num_prompts = args.requests_per_stream * s.concurrency  # FIT's is set once it is sized
+        scenarios = [s for s in scenarios if s.name in wanted]
+    if args.requests_per_stream:  # FIT's count is set once it is sized
+        scenarios = [replace(s, num_prompts=args.requests_per_stream * s.concurrency) for s in scenarios]
     work, out_dir = Path(args.work), Path(args.out_dir)
     work.mkdir(parents=True, exist_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -42,7 +42,8 @@ def load_model(
     checkpoint = open_checkpoint(path, verify=verify)
     spec = checkpoint_spec(checkpoint.config)
     quantized = quant_format(checkpoint.config)
-    shapes, _ = expected_tensors(spec)  # a quantized linear's codes are packed: its width comes from here
+    # a quantized linear's codes are packed: its input width comes from the description
+    shapes = expected_tensors(spec)[0] if quantized is not None else {}
     kept: dict[str, QuantizedWeight] = {}
 
     def get(name: str) -> torch.Tensor | None:
